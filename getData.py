@@ -1,0 +1,735 @@
+"""MSLD v2.0 data: find it, audit it, load it, cache it, or generate a synthetic stand-in.
+
+    python getData.py --data-root PATH            # table of images per class/fold/split + audit
+    python getData.py --data-root PATH --report audit.json
+    python getData.py --synthetic [PATH] --seed 0 # small generated dataset in the MSLD layout
+    python getData.py --download URL|kaggle       # fetch and safely extract a zip
+
+Everything else in the repository imports its data from here: the class list, `load_image`
+(EXIF, odd modes, pixel limit), the fold/split index, `MSLDDataset` and its in-memory uint8 cache.
+"""
+import argparse
+import base64
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from tqdm import tqdm
+
+DEFAULTS = dict(
+    data_root="data",
+    synthetic_root="data/synthetic",
+    seed=0,
+)
+
+FOLDS = (1, 2, 3, 4, 5)
+SPLITS = ("Train", "Valid", "Test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# File-name prefix -> class folder, from the dataset's naming key (Keywords.jpg).
+PREFIX_CLASS = {"MKP": "Monkeypox", "CHP": "Chickenpox", "CWP": "Cowpox", "MSL": "Measles",
+                "HFMD": "HFMD", "HEALTHY": "Healthy"}
+POSITIVE_CLASS = "Monkeypox"  # the clinical question is Mpox vs the rest
+# Phone photos are 12-50 MP; anything far above that is a decompression bomb, not a lesion photo.
+MAX_PIXELS = 64_000_000
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+AUG_TAG = "__aug"  # augment.py names copies NAME__augNN.ext so their origin stays traceable
+KAGGLE_API = "https://www.kaggle.com/api/v1"
+KAGGLE_DATASET = "joydippaul/mpox-skin-lesion-dataset-version-20-msld-v20"
+
+
+class DataError(Exception):
+    """A problem with the user's data or paths, reported as one line without a traceback."""
+
+
+# ----------------------------------------------------------------------------- seeding
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: derive NumPy/random seeds from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def derived_seed(*keys: int) -> int:
+    """An independent 63-bit seed for a stream named by integers, e.g. (seed, epoch, rank)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- layout
+def _has_folds(path: Path) -> bool:
+    return path.is_dir() and all((path / f"fold{k}").is_dir() for k in FOLDS)
+
+
+def _layouts(base: Path):
+    """The places a FOLDS folder sits in after users unzip MSLD v2.0."""
+    yield base
+    yield base / "FOLDS"
+    yield base / "Original Images" / "FOLDS"
+    yield base / "Original Images" / "Original Images" / "FOLDS"
+
+
+def find_folds_root(data_root) -> Path:
+    """Return the folder holding fold1..fold5 under `data_root` (or one level below it).
+
+    Real datasets win over the synthetic one when both are present.
+    """
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; pass --data-root with your MSLD v2.0 download "
+                        "or run `python getData.py --synthetic`")
+    bases = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    found = [p for b in bases for p in _layouts(b) if _has_folds(p)]
+    if not found:
+        partial = [p for b in bases for p in _layouts(b) if (p / "fold1").is_dir()]
+        if partial:
+            missing = [f"fold{k}" for k in FOLDS if not (partial[0] / f"fold{k}").is_dir()]
+            raise DataError(f"{partial[0]}: missing {', '.join(missing)}; "
+                            "MSLD v2.0 has fold1..fold5, re-extract the download")
+        raise DataError(f"{root}: no MSLD v2.0 layout found (expected "
+                        "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/'); "
+                        "check --data-root or run `python getData.py --synthetic`")
+    real = [p for p in found if not is_synthetic(p)]
+    return (real or found)[0]
+
+
+def is_synthetic(folds_root: Path) -> bool:
+    return (Path(folds_root) / SYNTHETIC_MARKER).exists()
+
+
+def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed=0) -> Path:
+    """The main commands' data policy: use the dataset if one is found, else the synthetic set.
+
+    Only the default location falls back; an explicit path that holds no dataset is an error.
+    """
+    try:
+        return find_folds_root(data_root)
+    except DataError:
+        if str(data_root) != DEFAULTS["data_root"]:
+            raise
+    print(f"no MSLD v2.0 found under {data_root}/: using the synthetic demo set in {synthetic_root}/ "
+          "(see README to get the real data)")
+    if not _has_folds(Path(synthetic_root)):
+        make_synthetic(synthetic_root, seed=seed)
+    return Path(synthetic_root)
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_classes(folds_root) -> list[str]:
+    """Class names = sorted class-folder names: the same index mapping in every script."""
+    names = {d.name for k in FOLDS for s in SPLITS
+             for d in (Path(folds_root) / f"fold{k}" / s).glob("*") if d.is_dir()}
+    if not names:
+        raise DataError(f"{folds_root}: no class folders under fold1..5/{{Train,Valid,Test}}/")
+    return sorted(names)
+
+
+def list_images(folder) -> list[Path]:
+    """Image files directly in `folder`, sorted, so every index is reproducible."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if _is_image_file(p)) if folder.is_dir() else []
+
+
+def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) -> list[tuple[Path, int]]:
+    """(path, label) pairs for one fold and split; `extra_dirs` add <Class>/ folders (augmented copies)."""
+    if fold not in FOLDS:
+        raise DataError(f"fold {fold} does not exist: MSLD v2.0 has folds 1..5")
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} does not exist: use one of {', '.join(SPLITS)}")
+    classes = classes or list_classes(folds_root)
+    dirs = [Path(folds_root) / f"fold{fold}" / split, *map(Path, extra_dirs)]
+    for d in dirs[1:]:
+        unknown = sorted({p.name for p in d.iterdir() if p.is_dir()} - set(classes)) if d.is_dir() else []
+        if not d.is_dir() or unknown:
+            raise DataError(f"{d}: expected class folders {classes}" + (f", found {unknown}" if unknown else ""))
+    return [(p, label) for d in dirs for label, c in enumerate(classes) for p in list_images(d / c)]
+
+
+# ----------------------------------------------------------------------------- decoding
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, CMYK/palette/grey converted, 16-bit rescaled."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        a = np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_image(source, name: str | None = None) -> Image.Image:
+    """Decode one image safely: a path, bytes or file object in, an upright RGB PIL image out.
+
+    Raises DataError (naming the file) for anything that is not a whole, readable image or whose
+    pixel count exceeds MAX_PIXELS, checked from the header before any pixel is decoded.
+    """
+    name = name or (str(source) if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, (bytes, bytearray)):
+        import io
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} "
+                                "limit (decompression bomb?); resize the photo")
+            im.load()  # raises on truncated data
+            return _to_rgb(ImageOps.exif_transpose(im))
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: not a readable image ({e})") from None
+
+
+def resize_size(input_size: int) -> int:
+    """Side of the square images are stored at: the usual resize-256/crop-224 ratio (0.875)."""
+    return int(round(input_size / 0.875))
+
+
+def prepare(im: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to `size`, centre-crop a square: uint8 tensor (3, size, size)."""
+    im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_all(paths, size: int, workers: int | None = None, desc="decode") -> torch.Tensor:
+    """Decode every image once into a uint8 tensor (N, 3, size, size). Threads: PIL frees the GIL."""
+    paths = list(paths)
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+
+    def work(i):
+        out[i] = prepare(load_image(paths[i]), size)
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc,
+                      leave=False, disable=len(paths) < 200):
+            pass
+    return out
+
+
+class MSLDDataset(torch.utils.data.Dataset):
+    """One fold and split of MSLD v2.0.
+
+    Without `cache_size`, items are (transform(PIL image), label). With it, every image is decoded
+    once into `self.images`, a uint8 tensor (N, 3, S, S), and items are (transform(uint8 tensor), label).
+    `return_path=True` appends the file path to each item.
+    """
+
+    def __init__(self, data_root, fold: int, split: str, transform=None, *, cache_size: int | None = None,
+                 return_path: bool = False, extra_dirs=(), classes=None):
+        self.folds_root = find_folds_root(data_root) if not _has_folds(Path(data_root)) else Path(data_root)
+        self.classes = classes or list_classes(self.folds_root)
+        samples = index_split(self.folds_root, fold, split, self.classes, extra_dirs)
+        if not samples:
+            raise DataError(f"{self.folds_root}/fold{fold}/{split}: no images found")
+        self.paths = [p for p, _ in samples]
+        self.targets = torch.tensor([y for _, y in samples], dtype=torch.long)
+        self.fold, self.split, self.transform, self.return_path = fold, split, transform, return_path
+        self.images = decode_all(self.paths, cache_size, desc=f"fold{fold}/{split}") if cache_size else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        x = self.images[i] if self.images is not None else load_image(self.paths[i])
+        if self.transform is not None:
+            x = self.transform(x)
+        y = int(self.targets[i])
+        return (x, y, str(self.paths[i])) if self.return_path else (x, y)
+
+
+# ----------------------------------------------------------------------------- names
+NAME_RE = re.compile(r"^(?P<code>[A-Za-z]+)_(?P<patient>\d+)_(?P<image>\d+)$")
+
+
+def origin_stem(path) -> str:
+    """The stem of the original image an (augmented) file derives from: MKP_17_01__aug03 -> MKP_17_01."""
+    return Path(path).stem.split(AUG_TAG)[0]
+
+
+def patient_id(path) -> str | None:
+    """'MKP_17' for MKP_17_01.jpg (or any augmented copy of it); None when the name has no patient."""
+    m = NAME_RE.match(origin_stem(path))
+    return f"{m['code'].upper()}_{int(m['patient'])}" if m else None
+
+
+# ----------------------------------------------------------------------------- audit
+def _hash_file(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def _scan(folds_root: Path, aug_dirs: dict | None):
+    """Every file of every fold/split: records with fold, split, class, path, content hash."""
+    records = []
+    for k in FOLDS:
+        for s in SPLITS:
+            for d in sorted((folds_root / f"fold{k}" / s).glob("*")):
+                if d.is_dir():
+                    records += [dict(fold=k, split=s, cls=d.name, path=p) for p in sorted(d.iterdir()) if p.is_file()]
+    for k, d in (aug_dirs or {}).items():
+        for c in sorted(Path(d).glob("*")):
+            if c.is_dir():
+                records += [dict(fold=k, split="Train", cls=c.name, path=p, aug=True)
+                            for p in sorted(c.iterdir()) if p.is_file()]
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(lambda r: _hash_file(r["path"]), records))
+    for r, h in zip(records, hashes):
+        r["hash"] = h
+    return records
+
+
+def _check(name, ok, detail, items=(), fail_verdict="WARN"):
+    return dict(check=name, verdict="PASS" if ok else fail_verdict, detail=detail, items=list(items)[:50],
+                count=len(items))
+
+
+def _check_readable(records):
+    first = {}
+    for r in records:
+        first.setdefault(r["hash"], r["path"])
+
+    def bad(item):
+        h, path = item
+        try:
+            load_image(path)
+            return None
+        except DataError as e:
+            return h, str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        broken = dict(b for b in pool.map(bad, first.items()) if b)
+    items = [f"{r['path']}: {broken[r['hash']].split(': ', 1)[-1]}" for r in records if r["hash"] in broken]
+    ext = [str(r["path"]) for r in records if r["path"].suffix.lower() not in IMAGE_EXTENSIONS]
+    return _check("readable images", not items, f"{len(items)} unreadable file(s), {len(ext)} non-image name(s)",
+                  items + [f"{p}: not an image extension" for p in ext]), {r["hash"] for r in records if r["hash"] in broken}
+
+
+def _check_duplicates(records):
+    items = []
+    for k in FOLDS:
+        by_hash = defaultdict(list)
+        for r in records:
+            if r["fold"] == k and not r.get("aug"):
+                by_hash[r["hash"]].append(r)
+        for rs in by_hash.values():
+            if len(rs) > 1:
+                where = ", ".join(f"{r['split']}/{r['cls']}/{r['path'].name}" for r in rs)
+                kind = "in two splits" if len({r["split"] for r in rs}) > 1 else "under two names"
+                items.append(f"fold{k}: same content {kind}: {where}")
+    return _check("duplicate content", not items, f"{len(items)} group(s) of identical files within a fold", items)
+
+
+def _check_patients(records):
+    items = []
+    for k in FOLDS:
+        patients = defaultdict(set)
+        for r in records:
+            if r["fold"] == k and patient_id(r["path"]):
+                patients[r["split"]].add(patient_id(r["path"]))
+        for a, b in (("Train", "Valid"), ("Train", "Test"), ("Valid", "Test")):
+            shared = sorted(patients[a] & patients[b])
+            if shared:
+                items.append(f"fold{k}: {len(shared)} patient(s) in both {a} and {b}: {', '.join(shared[:8])}"
+                             + (" ..." if len(shared) > 8 else ""))
+    detail = (f"{len(items)} split pair(s) share patients: scores on them are optimistic" if items
+              else "no patient appears in two splits of a fold")
+    return _check("patient overlap between splits", not items, detail, items)
+
+
+def _check_test_folds(records):
+    tests = {k: {r["hash"] for r in records if r["fold"] == k and r["split"] == "Test"} for k in FOLDS}
+    everything = {r["hash"] for r in records if not r.get("aug")}
+    overlaps = [f"fold{a} and fold{b} Test sets share {len(tests[a] & tests[b])} image(s)"
+                for a in FOLDS for b in FOLDS if a < b and tests[a] & tests[b]]
+    never = everything - set().union(*tests.values())
+    items = overlaps + ([f"{len(never)} of {len(everything)} images are in no fold's Test set"] if never else [])
+    detail = (f"Test sets {'overlap' if overlaps else 'are pairwise disjoint'}; "
+              f"{len(never)} of {len(everything)} images never tested")
+    if items:
+        detail += "; the fold scores are not independent estimates over the whole dataset"
+    return _check("test sets across folds", not items, detail, items)
+
+
+def _check_prefixes(records):
+    items = []
+    for r in records:
+        m = NAME_RE.match(origin_stem(r["path"]))
+        code = m["code"].upper() if m else None
+        expected = PREFIX_CLASS.get(code)
+        if expected != r["cls"]:
+            why = f"prefix {code} means {expected}" if expected else "name is not CODE_PATIENT_IMAGE with a known code"
+            items.append(f"fold{r['fold']}/{r['split']}/{r['cls']}/{r['path'].name}: {why}")
+    return _check("file-name prefix vs class folder", not items, f"{len(items)} mismatch(es)", items)
+
+
+def _check_augmented(records):
+    items = []
+    for k in FOLDS:
+        held_out = {origin_stem(r["path"]): r["split"] for r in records
+                    if r["fold"] == k and r["split"] != "Train" and AUG_TAG not in r["path"].stem}
+        for r in records:
+            if r["fold"] == k and r["split"] == "Train" and AUG_TAG in r["path"].stem:
+                origin = origin_stem(r["path"])
+                if origin in held_out:
+                    items.append(f"fold{k}: {r['path'].name} in Train is a copy of {held_out[origin]} image {origin}")
+    return _check("augmented copies of held-out images", not items,
+                  f"{len(items)} augmented Train file(s) derive from Valid/Test images", items, fail_verdict="FAIL")
+
+
+def structure_problems(folds_root: Path, classes: list[str]) -> list[str]:
+    """Problems that make the dataset unusable: a missing split folder or an empty class."""
+    problems = []
+    for k in FOLDS:
+        for s in SPLITS:
+            d = folds_root / f"fold{k}" / s
+            if not d.is_dir():
+                problems.append(f"{d}: missing")
+                continue
+            empty = [c for c in classes if not list_images(d / c)]
+            if empty:
+                problems.append(f"{d}: no images for class {', '.join(empty)}")
+    return problems
+
+
+def count_table(folds_root: Path, classes: list[str]) -> dict:
+    return {f"fold{k}": {s: {c: len(list_images(folds_root / f"fold{k}" / s / c)) for c in classes}
+                         for s in SPLITS} for k in FOLDS}
+
+
+def audit(folds_root, aug_dirs: dict | None = None) -> dict:
+    """Run every check; returns a JSON-ready report. `aug_dirs` maps fold -> augment.py output folder."""
+    folds_root = Path(folds_root)
+    classes = list_classes(folds_root)
+    records = _scan(folds_root, aug_dirs)
+    readable, _ = _check_readable(records)
+    checks = [readable, _check_duplicates(records), _check_patients(records), _check_test_folds(records),
+              _check_prefixes(records), _check_augmented(records)]
+    problems = structure_problems(folds_root, classes)
+    return dict(folds_root=str(folds_root), synthetic=is_synthetic(folds_root), classes=classes,
+                counts=count_table(folds_root, classes), checks=checks, problems=problems,
+                usable=not problems and any(c for f in count_table(folds_root, classes).values()
+                                            for s in f.values() for c in s.values()))
+
+
+def format_report(report: dict) -> str:
+    classes = report["classes"]
+    lines = [f"dataset: {report['folds_root']}" + ("  (synthetic)" if report["synthetic"] else ""),
+             "", "classes: " + ", ".join(f"{i}={c}" for i, c in enumerate(classes)), "",
+             "images per class, Train/Valid/Test:"]
+    head = f"{'class':<12}" + "".join(f"{f:>16}" for f in report["counts"])
+    lines += [head, "-" * len(head)]
+    for c in classes + ["total"]:
+        cells = []
+        for f in report["counts"].values():
+            n = [sum(f[s].values()) if c == "total" else f[s][c] for s in SPLITS]
+            cells.append(f"{'/'.join(map(str, n)):>16}")
+        lines.append(f"{c:<12}" + "".join(cells))
+    lines += ["", "audit:"]
+    for ch in report["checks"]:
+        lines.append(f"  [{ch['verdict']}] {ch['check']}: {ch['detail']}")
+        lines += [f"         {it}" for it in ch["items"][:10]]
+        if ch["count"] > 10:
+            lines.append(f"         ... {ch['count'] - 10} more (see --report)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+# Skin tones from light to dark (approximate Fitzpatrick I-VI sRGB values).
+SKIN_TONES = np.array([[241, 206, 180], [224, 172, 138], [198, 140, 103], [161, 102, 68],
+                       [112, 72, 48], [72, 46, 34]], dtype=np.float32)
+SYNTHETIC_PATIENTS = {"Chickenpox": 14, "Cowpox": 10, "HFMD": 15, "Healthy": 14, "Measles": 9, "Monkeypox": 22}
+SYNTHETIC_CODES = {v: k for k, v in PREFIX_CLASS.items()}
+
+
+def _skin(rng, size):
+    h, w = size
+    tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.9, 1.1, 3)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    light = 1 + rng.uniform(-0.15, 0.15) * (xx - 0.5) + rng.uniform(-0.15, 0.15) * (yy - 0.5)
+    img = tone[None, None] * light[..., None] + rng.normal(0, 6, (h, w, 1))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), tone
+
+
+def _shade(tone, rgb, amount):
+    return tuple(int(v) for v in np.clip(tone * (1 - amount) + np.array(rgb) * amount, 0, 255))
+
+
+def _lesions(draw, rng, cls, tone, size):
+    """Each class has its own lesion shape and pattern; counts and sizes overlap between classes."""
+    h, w = size
+    s = min(h, w)
+
+    def spot():
+        return rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+
+    if cls == "Monkeypox":  # few large umbilicated pustules: pale ring, dark centre
+        for _ in range(rng.integers(2, 6)):
+            x, y = spot(); r = s * rng.uniform(0.06, 0.11)
+            draw.ellipse([x - r * 1.3, y - r * 1.3, x + r * 1.3, y + r * 1.3], fill=_shade(tone, (190, 60, 60), 0.4))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (235, 225, 190), 0.7))
+            draw.ellipse([x - r * 0.35, y - r * 0.35, x + r * 0.35, y + r * 0.35], fill=_shade(tone, (60, 40, 30), 0.7))
+    elif cls == "Chickenpox":  # many small clear vesicles on a red halo ("dewdrop on a rose petal")
+        for _ in range(rng.integers(8, 18)):
+            x, y = spot(); r = s * rng.uniform(0.02, 0.045)
+            draw.ellipse([x - r * 1.6, y - r * 1.6, x + r * 1.6, y + r * 1.6], fill=_shade(tone, (210, 50, 50), 0.45))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (250, 245, 235), 0.6))
+    elif cls == "Cowpox":  # one or two large dark eschars with a red rim
+        for _ in range(rng.integers(1, 3)):
+            x, y = spot(); r = s * rng.uniform(0.09, 0.16)
+            draw.ellipse([x - r * 1.25, y - r * 1.25, x + r * 1.25, y + r * 1.25], fill=_shade(tone, (170, 40, 40), 0.55))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (25, 15, 10), 0.8))
+    elif cls == "Measles":  # many flat, irregular red blotches that merge
+        for _ in range(rng.integers(12, 30)):
+            x, y = spot(); r = s * rng.uniform(0.025, 0.06)
+            pts = [(x + r * rng.uniform(0.6, 1.3) * np.cos(a), y + r * rng.uniform(0.6, 1.3) * np.sin(a))
+                   for a in np.linspace(0, 2 * np.pi, 7)[:-1]]
+            draw.polygon(pts, fill=_shade(tone, (200, 40, 40), rng.uniform(0.35, 0.55)))
+    elif cls == "HFMD":  # elongated grey oval blisters with a red halo
+        for _ in range(rng.integers(4, 10)):
+            x, y = spot(); a = s * rng.uniform(0.04, 0.08); b = a * rng.uniform(0.35, 0.5)
+            if rng.random() < 0.5:
+                a, b = b, a
+            draw.ellipse([x - a * 1.4, y - b * 1.4, x + a * 1.4, y + b * 1.4], fill=_shade(tone, (200, 60, 60), 0.45))
+            draw.ellipse([x - a, y - b, x + a, y + b], fill=_shade(tone, (200, 200, 195), 0.6))
+    else:  # Healthy: a few freckles or hairs at most
+        for _ in range(rng.integers(0, 5)):
+            x, y = spot(); r = s * rng.uniform(0.008, 0.02)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (70, 45, 30), 0.5))
+
+
+def synthetic_image(cls: str, rng: np.random.Generator) -> Image.Image:
+    size = (int(rng.integers(88, 136)), int(rng.integers(88, 136)))  # varied sizes, like the real set
+    img, tone = _skin(rng, size)
+    _lesions(ImageDraw.Draw(img), rng, cls, tone, size)
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(3, 12), (size[0], size[1], 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _synthetic_patients(rng):
+    """Patients per class, each with 1-3 images, assigned round-robin to 5 groups (stratified)."""
+    patients = []
+    for cls, n in SYNTHETIC_PATIENTS.items():
+        groups = rng.permutation(np.arange(n) % len(FOLDS))
+        patients += [(cls, p + 1, int(rng.integers(1, 4)), int(g)) for p, g in zip(range(n), groups)]
+    return patients
+
+
+def make_synthetic(path, seed: int = 0) -> Path:
+    """Write a small, deterministic dataset in the MSLD v2.0 layout (FOLDS/fold1..5/{Train,Valid,Test}).
+
+    Patient-grouped 5-fold split: fold k tests group k, validates on group k+1, trains on the rest,
+    so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise DataError(f"{path}: exists and is not empty; choose another folder or delete it")
+    rng = np.random.default_rng(seed)
+    images = []
+    for cls, patient, n_images, group in _synthetic_patients(rng):
+        for i in range(1, n_images + 1):
+            name = f"{SYNTHETIC_CODES[cls]}_{patient:02d}_{i:02d}.jpg"
+            images.append((cls, name, group, synthetic_image(cls, rng)))
+    tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=path.parent if path.parent.exists() else None))
+    try:
+        for k in FOLDS:
+            test_group, valid_group = k - 1, k % len(FOLDS)
+            for cls, name, group, img in images:
+                split = "Test" if group == test_group else "Valid" if group == valid_group else "Train"
+                out = tmp / f"fold{k}" / split / cls / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                img.save(out, quality=92)
+        (tmp / SYNTHETIC_MARKER).write_text(f"Generated by `python getData.py --synthetic --seed {seed}`: "
+                                            "not medical data.\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {len(images)} synthetic images x 5 folds to {path}/")
+    return path
+
+
+# ----------------------------------------------------------------------------- download
+def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
+    """Download `url` to `part`, resuming with an HTTP Range request after a broken transfer."""
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        req = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                if have and resp.status != 206:  # server ignored the range: start again
+                    have = 0
+                total = have + int(resp.headers.get("Content-Length") or 0)
+                with open(part, "ab" if have else "wb") as f, \
+                        tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem) as bar:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                if total and part.stat().st_size < total:
+                    raise ConnectionError(f"transfer ended at {part.stat().st_size} of {total} bytes")
+                return
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # range past the end: the part file is already complete
+                return
+            if e.code in (401, 403, 404):
+                raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (and credentials)") from None
+            error = e
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            error = e
+        if attempt < retries:
+            time.sleep(min(2 ** attempt, 10) * 0.1)
+    raise DataError(f"{url}: download failed after {retries + 1} tries ({error}); run the same command "
+                    f"again to resume from {part}")
+
+
+def safe_extract(archive: Path, target: Path) -> Path:
+    """Extract a zip into `target` atomically: into a temp folder first, then renamed into place.
+
+    Refuses members that would land outside the target (absolute paths, '..', symlinks).
+    """
+    if target.exists():
+        raise DataError(f"{target}: already exists; remove it or choose another --data-root")
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise DataError(f"{archive}: not a zip file; delete it and download again") from None
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=target.parent))
+    try:
+        with zf:
+            for m in zf.infolist():
+                dest = (tmp / m.filename).resolve()
+                is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+                if is_link or os.path.isabs(m.filename) or not dest.is_relative_to(tmp.resolve()):
+                    raise DataError(f"{archive}: member {m.filename!r} would escape the target folder; "
+                                    "refusing to extract this archive")
+            bad = zf.testzip()
+            if bad:
+                raise DataError(f"{archive}: member {bad} is corrupt; delete the file and download again")
+            zf.extractall(tmp)
+        os.replace(tmp, target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kaggle_credentials() -> tuple[str, str]:
+    user, key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+    cfg = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json"
+    if not (user and key) and cfg.exists():
+        try:
+            data = json.loads(cfg.read_text())
+            user, key = data["username"], data["key"]
+        except (ValueError, KeyError):
+            raise DataError(f"{cfg}: expected {{\"username\": ..., \"key\": ...}}") from None
+    if not (user and key):
+        raise DataError("no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY or create ~/.kaggle/kaggle.json")
+    return user, key
+
+
+def download(url: str, data_root) -> Path:
+    """Fetch a zip (or the Kaggle MSLD v2.0 dataset) and extract it under `data_root`."""
+    data_root = Path(data_root)
+    data_root.mkdir(parents=True, exist_ok=True)
+    headers = {"User-Agent": "mpox-lesion"}
+    if url == "kaggle":
+        user, key = kaggle_credentials()
+        url = f"{KAGGLE_API}/datasets/download/{KAGGLE_DATASET}"
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()
+        name = "MSLD v2.0"
+    else:
+        if not url.startswith(("http://", "https://")):
+            raise DataError(f"{url}: not an http(s) URL; pass --download https://.../file.zip or --download kaggle")
+        name = Path(urllib.request.url2pathname(url.split("?")[0].rsplit("/", 1)[-1])).stem or "dataset"
+    part = data_root / f".{name}.zip.part"
+    _fetch(url, part, headers)
+    target = safe_extract(part, data_root / name)
+    part.unlink()
+    return target
+
+
+# ----------------------------------------------------------------------------- CLI
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--data-root", default=DEFAULTS["data_root"], help="folder holding MSLD v2.0 (any unzip layout)")
+    p.add_argument("--report", help="also write the audit as JSON to this file")
+    p.add_argument("--aug-dir", action="append", default=[], metavar="K=PATH",
+                   help="augment.py output folder to audit as part of fold K's Train (repeatable)")
+    p.add_argument("--synthetic", nargs="?", const=DEFAULTS["synthetic_root"], metavar="PATH",
+                   help=f"write the synthetic demo dataset (default {DEFAULTS['synthetic_root']})")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--download", metavar="URL", help="zip URL to fetch into --data-root, or 'kaggle'")
+    return p.parse_args(argv)
+
+
+def _aug_dirs(specs) -> dict:
+    dirs = {}
+    for spec in specs:
+        k, sep, path = spec.partition("=")
+        if not sep or not k.isdigit() or int(k) not in FOLDS:
+            raise DataError(f"--aug-dir {spec}: expected K=PATH with K in 1..5")
+        dirs[int(k)] = path
+    return dirs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.synthetic:
+            make_synthetic(args.synthetic, seed=args.seed)
+            return 0
+        if args.download:
+            print(f"extracted to {download(args.download, args.data_root)}")
+            return 0
+        report = audit(find_folds_root(args.data_root), _aug_dirs(args.aug_dir))
+        print(format_report(report))
+        if args.report:
+            atomic_write_text(args.report, json.dumps(report, indent=2, default=str))
+        if not report["usable"]:
+            print(f"error: dataset not usable: {report['problems'][0] if report['problems'] else 'no images'}",
+                  file=sys.stderr)
+            return 2
+        return 0
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: one synthetic dataset per session, the real data when it sits beside the checkout."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests import the top-level scripts as modules
+
+from getData import find_folds_root, make_synthetic  # noqa: E402
+
+REAL_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Path:
+    """The synthetic MSLD-layout dataset, generated once (seed 0)."""
+    return make_synthetic(tmp_path_factory.mktemp("data") / "synthetic", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The real MSLD v2.0 folds root; the test is skipped on a clone without ../shared/data."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("real MSLD v2.0 data not present (../shared/data)")
+    return find_folds_root(REAL_DATA)
+
+
+def run_script(*args, cwd=REPO, timeout=600):
+    """Run a repository script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+    """A user mistake: non-zero exit, one 'error:' line on stderr, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]

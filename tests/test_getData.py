@@ -1,0 +1,383 @@
+import http.server
+import io
+import json
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import getData
+from conftest import assert_one_line_error, run_script
+from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, index_split, list_classes,
+                     load_image, make_synthetic, origin_stem, patient_id)
+
+CLASSES = ["Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"]
+
+
+# ----------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("layout", ["Original Images/Original Images/FOLDS", "Original Images/FOLDS", "FOLDS",
+                                    "MSLD v2.0/Original Images/Original Images/FOLDS"])
+def test_finds_every_unzip_layout(tmp_path, synthetic, layout):
+    target = tmp_path / layout
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(synthetic, target_is_directory=True)
+    assert find_folds_root(tmp_path) == target
+
+
+def test_real_dataset_preferred_over_synthetic(tmp_path, synthetic):
+    (tmp_path / "synthetic").symlink_to(synthetic, target_is_directory=True)
+    real = tmp_path / "zz-real" / "FOLDS"
+    shutil.copytree(synthetic, real, ignore=shutil.ignore_patterns(getData.SYNTHETIC_MARKER))
+    assert find_folds_root(tmp_path) == real
+
+
+def test_missing_fold_and_unknown_layout_are_clear_errors(tmp_path, synthetic):
+    with pytest.raises(DataError, match="no MSLD v2.0 layout"):
+        find_folds_root(tmp_path)
+    shutil.copytree(synthetic, tmp_path / "FOLDS")
+    shutil.rmtree(tmp_path / "FOLDS" / "fold5")
+    with pytest.raises(DataError, match="missing fold5"):
+        find_folds_root(tmp_path)
+
+
+def test_cli_errors_are_one_line(tmp_path, synthetic):
+    assert_one_line_error(run_script("getData.py", "--data-root", tmp_path / "nope"), "no such folder")
+    bad = tmp_path / "FOLDS"
+    shutil.copytree(synthetic, bad)
+    for p in (bad / "fold3" / "Valid" / "Measles").iterdir():
+        p.unlink()
+    proc = run_script("getData.py", "--data-root", tmp_path)
+    assert_one_line_error(proc, "not usable", "Measles")
+    assert "audit:" in proc.stdout  # the table and audit still print
+
+
+def test_unknown_flag_is_an_error():
+    proc = run_script("getData.py", "--no-such-flag")
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- synthetic set
+def test_synthetic_layout_counts_and_split(synthetic):
+    assert list_classes(synthetic) == CLASSES
+    names = {p.name for c in CLASSES for p in (synthetic / "fold1" / "Train" / c).iterdir()}
+    per_fold = []
+    for k in FOLDS:
+        splits = {s: {p.name for p, _ in index_split(synthetic, k, s)} for s in SPLITS}
+        assert all(splits.values()), f"fold{k} has an empty split"
+        assert not (splits["Train"] & splits["Test"]) and not (splits["Valid"] & splits["Test"])
+        per_fold.append(splits)
+        names |= set().union(*splits.values())
+    assert all(len(set().union(*f.values())) == len(names) for f in per_fold)  # every fold holds every image
+    tests = [f["Test"] for f in per_fold]
+    assert sum(map(len, tests)) == len(names) == len(set().union(*tests))  # each image tested exactly once
+    for k in FOLDS:  # every class is present in every split
+        for s in SPLITS:
+            assert {y for _, y in index_split(synthetic, k, s)} == set(range(len(CLASSES)))
+
+
+def test_synthetic_is_deterministic_per_seed(tmp_path):
+    a, b, c = (make_synthetic(tmp_path / n, seed=s) for n, s in (("a", 3), ("b", 3), ("c", 4)))
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.jpg"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if (c / f).exists())
+
+
+def test_synthetic_refuses_non_empty_folder(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        make_synthetic(tmp_path / "x")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- audit
+def _copy(synthetic, tmp_path):
+    root = tmp_path / "FOLDS"
+    shutil.copytree(synthetic, root)
+    return root
+
+
+def _first(root, fold, split, cls):
+    return sorted((root / f"fold{fold}" / split / cls).iterdir())[0]
+
+
+def _variant(src, dst):
+    """A new photo of the same lesion: different bytes, so only name-based checks can link it to src."""
+    Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(dst)
+
+
+def _corrupt(root):
+    _first(root, 1, "Train", "Cowpox").write_bytes(b"")  # zero bytes
+    p = _first(root, 2, "Valid", "HFMD")
+    p.write_bytes(p.read_bytes()[:300])  # truncated JPEG
+    (root / "fold3" / "Test" / "Measles" / "MSL_99_01.jpg").write_text("not an image")
+    return ["fold1/Train/Cowpox", "fold2/Valid/HFMD", "MSL_99_01.jpg"]
+
+
+def _duplicate(root):
+    src = _first(root, 1, "Test", "Healthy")
+    shutil.copy(src, root / "fold1" / "Train" / "Healthy" / "HEALTHY_98_01.jpg")
+    return ["HEALTHY_98_01.jpg", "in two splits"]
+
+
+def _patients(root):
+    test_patient = patient_id(_first(root, 1, "Test", "Monkeypox"))
+    _variant(_first(root, 1, "Train", "Monkeypox"), root / "fold1" / "Train" / "Monkeypox" / f"{test_patient}_09.jpg")
+    return [test_patient, "Train and Test"]
+
+
+def _test_overlap(root):
+    src = _first(root, 1, "Test", "Chickenpox")
+    for split in ("Train", "Valid"):
+        (root / "fold2" / split / "Chickenpox" / src.name).unlink(missing_ok=True)
+    shutil.copy(src, root / "fold2" / "Test" / "Chickenpox" / src.name)
+    return ["fold1 and fold2"]
+
+
+def _prefix(root):
+    src = _first(root, 4, "Train", "Chickenpox")
+    shutil.move(src, root / "fold4" / "Train" / "Monkeypox" / src.name)
+    return [src.name, "prefix CHP means Chickenpox"]
+
+
+def _augmented(root):
+    src = _first(root, 5, "Test", "Measles")
+    _variant(src, root / "fold5" / "Train" / "Measles" / f"{src.stem}__aug02.jpg")
+    return [f"{src.stem}__aug02.jpg", "copy of Test"]
+
+
+# check -> (defect maker, other checks the same defect legitimately trips)
+ADDS = "test sets across folds"  # an image added to one fold only is never tested
+DEFECTS = {"readable images": (_corrupt, {ADDS, "file-name prefix vs class folder"}),
+           "duplicate content": (_duplicate, {ADDS, "patient overlap between splits"}),
+           "patient overlap between splits": (_patients, {ADDS}),
+           "test sets across folds": (_test_overlap, {"patient overlap between splits"}),
+           "file-name prefix vs class folder": (_prefix, set()),
+           "augmented copies of held-out images": (_augmented, {ADDS, "patient overlap between splits"})}
+
+
+def test_audit_clean_dataset_passes_every_check(synthetic):
+    report = audit(synthetic)
+    assert report["usable"] and report["synthetic"]
+    assert {c["check"]: c["verdict"] for c in report["checks"]} == dict.fromkeys(DEFECTS, "PASS")
+
+
+@pytest.mark.parametrize("check", list(DEFECTS))
+def test_each_audit_check_fires_on_its_defect(tmp_path, synthetic, check):
+    root = _copy(synthetic, tmp_path)
+    make_defect, also_fires = DEFECTS[check]
+    fragments = make_defect(root)
+    verdicts = {c["check"]: c for c in audit(root)["checks"]}
+    fired = verdicts.pop(check)
+    assert fired["verdict"] in ("WARN", "FAIL")
+    text = "\n".join(fired["items"])
+    assert all(f in text for f in fragments), text
+    quiet = {name: c["verdict"] for name, c in verdicts.items() if name not in also_fires}
+    assert set(quiet.values()) == {"PASS"}, quiet
+
+
+def test_audit_sees_augment_output_dirs(tmp_path, synthetic):
+    src = _first(synthetic, 2, "Valid", "Cowpox")
+    aug = tmp_path / "aug" / "Cowpox"
+    aug.mkdir(parents=True)
+    shutil.copy(src, aug / f"{src.stem}__aug00.jpg")
+    report = audit(synthetic, aug_dirs={2: tmp_path / "aug"})
+    leak = next(c for c in report["checks"] if c["check"] == "augmented copies of held-out images")
+    assert leak["verdict"] == "FAIL" and "copy of Valid" in leak["items"][0]
+
+
+def test_cli_report_json(tmp_path, synthetic):
+    out = tmp_path / "r" / "audit.json"
+    proc = run_script("getData.py", "--data-root", synthetic, "--report", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["classes"] == CLASSES and len(report["checks"]) == 6
+    assert "0=Chickenpox" in proc.stdout and "fold5" in proc.stdout
+
+
+def test_names_map_to_patient_and_origin():
+    assert patient_id("x/MKP_17_01.jpg") == "MKP_17"
+    assert patient_id("HFMD_03_02__aug11.jpg") == patient_id("HFMD_3_9.jpg") == "HFMD_3"
+    assert origin_stem("MKP_17_01__aug03.jpg") == "MKP_17_01"
+    assert patient_id("holiday.jpg") is None
+
+
+# ----------------------------------------------------------------------------- decoding
+def _save(im, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_load_image_applies_exif_orientation():
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = load_image(_save(im, "JPEG", exif=exif))
+    assert out.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "I;16", "1", "LA"])
+def test_load_image_converts_modes_to_rgb(mode):
+    im = Image.new("RGB", (16, 16), (200, 100, 50)).convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
+    out = load_image(_save(im, fmt))
+    assert out.mode == "RGB" and out.size == (16, 16)
+
+
+def test_transparent_pixels_become_white():
+    im = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert load_image(_save(im)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_load_image_rejects_bad_files(tmp_path):
+    good = _save(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    for name, data, fragment in [("empty.jpg", b"", "not a readable image"),
+                                 ("cut.jpg", good[: len(good) // 2], "not a readable image"),
+                                 ("text.jpg", b"hello", "not a readable image")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=fragment) as e:
+            load_image(tmp_path / name)
+        assert name in str(e.value)
+    bomb = _save(Image.new("1", (9000, 9000)))  # 81 MP, a few kB on disk
+    with pytest.raises(DataError, match="limit"):
+        load_image(bomb, name="bomb.png")
+
+
+def test_dataset_cache_matches_uncached_and_returns_paths(synthetic):
+    plain = MSLDDataset(synthetic, 1, "Valid", return_path=True)
+    cached = MSLDDataset(synthetic, 1, "Valid", cache_size=40)
+    assert len(plain) == len(cached) and torch.equal(plain.targets, cached.targets)
+    assert cached.images.shape == (len(cached), 3, 40, 40) and cached.images.dtype == torch.uint8
+    img, label, path = plain[3]
+    x, y = cached[3]
+    assert isinstance(img, Image.Image) and label == y and Path(path).parent.name == CLASSES[y]
+    assert torch.equal(x, getData.prepare(img, 40))
+
+
+def test_dataset_bad_fold_and_split(synthetic):
+    with pytest.raises(DataError, match="fold 7"):
+        MSLDDataset(synthetic, 7, "Train")
+    with pytest.raises(DataError, match="split"):
+        MSLDDataset(synthetic, 1, "Training")
+
+
+# ----------------------------------------------------------------------------- download
+def _zip_bytes(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+class _Server:
+    """A local HTTP server for one payload; `cut_first` drops the first response half-way."""
+
+    def __init__(self, payload: bytes, cut_first=False, need_auth=None):
+        self.payload, self.cut_first, self.need_auth, self.requests = payload, cut_first, need_auth, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.requests.append((self.path, dict(self.headers)))
+                if outer.need_auth and self.headers.get("Authorization") != outer.need_auth:
+                    self.send_error(401)
+                    return
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
+                body = outer.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut_first and len(outer.requests) == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_and_extract(tmp_path):
+    payload = _zip_bytes({"FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg": b"x" * 1000})
+    with _Server(payload) as srv:
+        target = getData.download(f"{srv.url}/msld.zip", tmp_path)
+    assert target == tmp_path / "msld"
+    assert (target / "FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg").read_bytes() == b"x" * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["msld"]  # no part file, no temp folder left
+
+
+def test_interrupted_download_resumes_with_range(tmp_path):
+    payload = _zip_bytes({f"d/f{i}.bin": bytes(np.random.default_rng(i).integers(0, 255, 5000, np.uint8))
+                          for i in range(20)})
+    with _Server(payload, cut_first=True) as srv:
+        target = getData.download(f"{srv.url}/big.zip", tmp_path)
+    assert len(srv.requests) == 2 and "Range" in srv.requests[1][1]
+    assert sorted(p.name for p in (target / "d").iterdir()) == sorted(f"f{i}.bin" for i in range(20))
+
+
+def test_zip_slip_is_refused_and_nothing_is_left(tmp_path):
+    payload = _zip_bytes({"ok.txt": b"fine", "../../escaped.txt": b"evil"})
+    with _Server(payload) as srv, pytest.raises(DataError, match="escape"):
+        getData.download(f"{srv.url}/evil.zip", tmp_path / "data")
+    assert not (tmp_path / "escaped.txt").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [".evil.zip.part"]  # no half-extracted folder
+
+
+def test_kaggle_download_sends_credentials(tmp_path, monkeypatch):
+    payload = _zip_bytes({"Original Images/FOLDS/readme.txt": b"hi"})
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", "s3cret")
+    expected = "Basic " + __import__("base64").b64encode(b"alice:s3cret").decode()
+    with _Server(payload, need_auth=expected) as srv:
+        monkeypatch.setattr(getData, "KAGGLE_API", srv.url)
+        target = getData.download("kaggle", tmp_path)
+    assert srv.requests[0][0] == f"/datasets/download/{getData.KAGGLE_DATASET}"
+    assert (target / "Original Images/FOLDS/readme.txt").read_text() == "hi"
+
+
+def test_kaggle_without_credentials_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(DataError, match="Kaggle credentials"):
+        getData.download("kaggle", tmp_path)
+
+
+# ----------------------------------------------------------------------------- real data
+def test_real_layout_counts_and_known_defects(real_root):
+    assert list_classes(real_root) == CLASSES
+    for k in FOLDS:
+        assert sum(len(index_split(real_root, k, s)) for s in SPLITS) == 755
+    report = audit(real_root)
+    assert report["usable"] and not report["synthetic"]
+    checks = {c["check"]: c for c in report["checks"]}
+    assert checks["readable images"]["verdict"] == "PASS"
+    # MSLD v2.0 ships one Chickenpox photo under two names, which lands in two splits of some folds.
+    assert any("CHP_26_01.jpg" in it and "CHP_62_01.jpg" in it for it in checks["duplicate content"]["items"])
+    assert checks["test sets across folds"]["verdict"] == "WARN"
+
+
+def test_real_cli_prints_table_and_audit(real_root):
+    proc = run_script("getData.py", "--data-root", Path(__file__).resolve().parents[2] / "shared" / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert "Monkeypox          202/55/27" in proc.stdout and "[WARN] duplicate content" in proc.stdout
