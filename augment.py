@@ -55,7 +55,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     """Float [0, 1] (B, 3, H, W) -> normalised with the ImageNet mean/std."""
     mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - mean).div_(std)
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -167,18 +167,25 @@ def grid_sample(x, grid):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _grey(x):
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R 601, as torchvision
+GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
 
 
 def color(x, gen, brightness, contrast, saturation, p=1.0):
-    """ColorJitter without hue (torchvision's formulas; fixed order brightness, contrast, saturation)."""
+    """ColorJitter without hue, as one per-image 3x3 colour matrix and offset (a single pass).
+
+    torchvision's formulas in the order brightness, contrast, saturation; it clamps after each step,
+    we clamp once at the end (differs only for pixels pushed past white and back).
+    """
     n = x.shape[0]
-    b, c, s = (_uniform(gen, n, 1 - v, 1 + v).to(x).view(-1, 1, 1, 1) for v in (brightness, contrast, saturation))
-    y = (x * b).clamp(0, 1)
-    y = ((y - _grey(y).mean((2, 3), keepdim=True)) * c + _grey(y).mean((2, 3), keepdim=True)).clamp(0, 1)
-    y = ((y - _grey(y)) * s + _grey(y)).clamp(0, 1)
-    return _where(_coin(gen, n, p), y, x)
+    use = _coin(gen, n, p)
+    b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n)) for v in (brightness, contrast, saturation))
+    w = torch.tensor(GREY)
+    mean_grey = torch.einsum("c,bc->b", w, x.mean((2, 3)).cpu()) * b  # mean luma after brightness
+    sat = s.view(-1, 1, 1) * torch.eye(3) + (1 - s).view(-1, 1, 1) * w.view(1, 1, 3)  # blend with grey
+    matrix = sat * (b * c).view(-1, 1, 1)
+    offset = sat.sum(2) * ((1 - c) * mean_grey).view(-1, 1)  # contrast pulls towards the mean luma
+    y = torch.baddbmm(offset.to(x)[:, :, None], matrix.to(x), x.flatten(2))
+    return y.view_as(x).clamp_(0, 1)
 
 
 def gamma(x, gen, gamma, p):

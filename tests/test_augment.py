@@ -148,3 +148,16 @@ def test_train_uses_aug_dir(tmp_path, synthetic):
     plain = index_split(synthetic, 1, "Train")
     extended = index_split(synthetic, 1, "Train", extra_dirs=[tmp_path / "aug"])
     assert len(extended) == 2 * len(plain)
+
+
+def test_color_matches_torchvision_formulas():
+    import torchvision.transforms.v2.functional as TF
+    from augment import _coin, _uniform, color
+    x = _batch(3, 16, 16) * 0.8  # no pixel is pushed past white, so the single final clamp is exact
+    draw = torch.Generator().manual_seed(4)
+    _coin(draw, 3, 1.0)
+    b, c, s = (_uniform(draw, 3, 1 - v, 1 + v) for v in (0.2, 0.2, 0.2))
+    ours = color(x, torch.Generator().manual_seed(4), 0.2, 0.2, 0.2)
+    for i in range(3):
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i])), float(s[i]))
+        assert torch.allclose(ours[i], ref, atol=1e-5)
