@@ -167,7 +167,7 @@ def grid_sample(x, grid):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision
+GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, with torchvision's rounding
 
 
 def color(x, gen, brightness, contrast, saturation, p=1.0):
