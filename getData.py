@@ -677,12 +677,16 @@ def download(url: str, data_root) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-def atomic_write_text(path, text: str) -> None:
+def atomic_write(path, data: str | bytes) -> None:
+    """Write to a temp file beside `path`, then rename: a crash never leaves half an output file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def parse_args(argv=None):
@@ -720,7 +724,7 @@ def main(argv=None) -> int:
         report = audit(find_folds_root(args.data_root), _aug_dirs(args.aug_dir))
         print(format_report(report))
         if args.report:
-            atomic_write_text(args.report, json.dumps(report, indent=2, default=str))
+            atomic_write(args.report, json.dumps(report, indent=2, default=str))
         if not report["usable"]:
             print(f"error: dataset not usable: {report['problems'][0] if report['problems'] else 'no images'}",
                   file=sys.stderr)

@@ -41,3 +41,25 @@ def assert_one_line_error(proc, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def train_args(data, out, *extra):
+    return ["--data-root", str(data), "--out", str(out), "--device", "cpu", *map(str, extra)]
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic, tmp_path_factory) -> Path:
+    """A LeNet trained on synthetic fold 1 long enough to be clearly better than chance."""
+    import train
+    out = tmp_path_factory.mktemp("runs") / "lenet-fold1"
+    assert train.main(train_args(synthetic, out, "--epochs", 40, "--batch-size", 16)) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_all(synthetic, tmp_path_factory) -> Path:
+    """A quick (2-epoch) LeNet --fold all run: for the plumbing of 5-fold outputs, not for accuracy."""
+    import train
+    out = tmp_path_factory.mktemp("runs") / "lenet-all"
+    assert train.main(train_args(synthetic, out, "--fold", "all", "--epochs", 2)) == 0
+    return out

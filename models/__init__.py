@@ -1,0 +1,11 @@
+"""Networks and their facts: building one by name, input size, Grad-CAM layer, features, checkpoints.
+
+    from models import build_model, load_classifier, save_checkpoint
+"""
+from models.build import MODEL_NAMES, Classifier, build_model, load_classifier
+from models.checkpoint import ModelError, checkpoint_dict, load_checkpoint, save_checkpoint, unwrap
+from models.lenet import LeNet
+from models.runtime import autocast, select_device, to_device
+
+__all__ = ["MODEL_NAMES", "Classifier", "ModelError", "build_model", "checkpoint_dict", "load_checkpoint",
+           "load_classifier", "save_checkpoint", "unwrap", "LeNet", "autocast", "select_device", "to_device"]

@@ -1,0 +1,95 @@
+"""One factory for every network: LeNet or any torchvision classification backbone, with our head."""
+import urllib.error
+
+import torch
+import torchvision
+from torch import nn
+
+from models.checkpoint import ModelError, load_checkpoint, load_weights
+from models.lenet import LeNet
+
+
+# Backbones whose forward is not a plain image -> logits map, or that have no linear head to replace.
+UNSUPPORTED = {"googlenet": "returns auxiliary outputs", "inception_v3": "returns auxiliary outputs",
+               "squeezenet1_0": "has a convolutional head", "squeezenet1_1": "has a convolutional head"}
+MODEL_NAMES = ["lenet"] + [n for n in torchvision.models.list_models(module=torchvision.models)
+                           if n not in UNSUPPORTED]
+
+# Grad-CAM target: the last spatial feature map, by family (name prefix -> (module path, layout)).
+# "nhwc": Swin keeps channels last; "tokens": ViT's (B, 1 + H*W, C) sequence with the class token first.
+CAM_LAYERS = [("lenet", "relu2", "nchw"), ("resnet", "layer4", "nchw"), ("resnext", "layer4", "nchw"),
+              ("wide_resnet", "layer4", "nchw"), ("regnet", "trunk_output", "nchw"),
+              ("efficientnet", "features", "nchw"), ("mobilenet", "features", "nchw"),
+              ("mnasnet", "layers", "nchw"), ("convnext", "features", "nchw"), ("densenet", "features", "nchw"),
+              ("vgg", "features", "nchw"), ("alexnet", "features", "nchw"), ("shufflenet", "conv5", "nchw"),
+              ("maxvit", "blocks", "nchw"), ("swin", "features", "nhwc"), ("vit", "encoder.layers", "tokens")]
+
+
+class Classifier(nn.Module):
+    """backbone (image -> pooled features) + linear head, with the facts other scripts need:
+    `name`, `input_size`, `num_features`, `cam_layer` (a submodule path) and `cam_layout`."""
+
+    def __init__(self, name: str, backbone: nn.Module, num_features: int, num_classes: int, input_size: int):
+        super().__init__()
+        self.name, self.input_size, self.num_features = name, input_size, num_features
+        self.backbone = backbone
+        self.head = nn.Linear(num_features, num_classes)
+        layer, self.cam_layout = next(((p, lay) for prefix, p, lay in CAM_LAYERS if name.startswith(prefix)),
+                                      (None, None))
+        self.cam_layer = f"backbone.{layer}" if layer else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, num_features): for linear probes, k-NN and SVMs."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _torchvision_backbone(name: str, weights):
+    """A torchvision classifier with its last Linear replaced by Identity: it now returns features."""
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise ModelError(f"could not download ImageNet weights for {name} ({getattr(e, 'reason', e)}); "
+                         "connect to the internet once, or use --init none or a local .pt") from None
+    head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, attr = head_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+    size = getattr(model, "image_size", None) or \
+        torchvision.models.get_model_weights(name).DEFAULT.transforms.keywords.get("crop_size", 224)
+    return model, head.in_features, int(size), head_name
+
+
+def build_model(name: str, num_classes: int, init: str = "none") -> Classifier:
+    """`init`: 'none' (random), 'imagenet' (torchvision weights; downloads once), or a .pt path
+    (our classifier or SimCLR encoder checkpoint, or a torchvision state_dict)."""
+    name = name.lower()
+    if name not in MODEL_NAMES:
+        why = f" ({UNSUPPORTED[name]})" if name in UNSUPPORTED else ""
+        raise ModelError(f"--model {name}: unknown or unsupported model{why}; choose lenet, resnext101_64x4d, "
+                         "resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, swin_t, ... "
+                         "(any torchvision classification model)")
+    if name == "lenet":
+        if init == "imagenet":
+            raise ModelError("--init imagenet: LeNet has no ImageNet weights; use --init none")
+        model = Classifier(name, LeNet(), LeNet.num_features, num_classes, LeNet.input_size)
+    else:
+        backbone, features, size, head_name = _torchvision_backbone(name, "DEFAULT" if init == "imagenet" else None)
+        model = Classifier(name, backbone, features, num_classes, size)
+        model.torchvision_head = head_name  # where a raw torchvision state_dict keeps its 1000-class head
+    if init not in ("none", "imagenet"):
+        print(f"init: {load_weights(model, load_checkpoint(init), init)}")
+    return model
+
+
+def load_classifier(path, device: torch.device | None = None) -> tuple[Classifier, dict]:
+    """A trained classifier checkpoint (best.pt) -> (model in eval mode on `device`, checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "classifier" or "classes" not in ckpt:
+        what = "a SimCLR encoder: fine-tune it with `train.py --init` first" if ckpt.get("kind") == "encoder" \
+            else "not a classifier checkpoint of this project"
+        raise ModelError(f"{path}: {what}")
+    model = build_model(ckpt["model"], len(ckpt["classes"]))
+    load_weights(model, ckpt, path)
+    return model.to(device or "cpu").eval(), ckpt

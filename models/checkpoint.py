@@ -1,0 +1,93 @@
+"""The one checkpoint format: a dict that `torch.load(path, weights_only=True)` reads.
+
+    {"model": name, "kind": "classifier" | "encoder", "state_dict": unwrapped weights,
+     "classes": [...], "input_size": int, "fold": int, "epoch": int, "metric": {...},
+     "config": {...}}  + in last.pt: "optimizer", "scheduler", "rng", "history" for --resume.
+"""
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ModelError(Exception):
+    """A wrong model name, weights or checkpoint: reported as one line without a traceback."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def checkpoint_dict(model: nn.Module, kind: str, classes, config: dict, epoch: int, metric: dict,
+                    **extra) -> dict:
+    model = unwrap(model)
+    state = model.backbone.state_dict() if kind == "encoder" else model.state_dict()
+    return dict(model=model.name, kind=kind, state_dict=state, classes=list(classes),
+                input_size=model.input_size, fold=config.get("fold"), epoch=epoch, metric=metric,
+                config=config, **extra)
+
+
+def save_checkpoint(ckpt: dict, path) -> None:
+    """Write atomically: a killed process leaves the previous file, never half of a new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any file torch cannot parse: the unpickler raises many different types
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise ModelError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def _load(module: nn.Module, state: dict, path, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ModelError(f"{path}: {what} weights do not fit this model ({detail})") from None
+
+
+def load_weights(model: nn.Module, ckpt: dict, path) -> str:
+    """Initialise `model` (a Classifier) from one of our checkpoints or a raw torchvision state_dict.
+
+    Returns a one-line description of what was loaded. A classifier whose head has another number
+    of classes gives its backbone only; the head stays freshly initialised.
+    """
+    if "state_dict" in ckpt and "model" in ckpt:
+        if ckpt["model"] != model.name:
+            raise ModelError(f"{path}: checkpoint is for {ckpt['model']}, not {model.name}; "
+                             f"pass --model {ckpt['model']}")
+        state = ckpt["state_dict"]
+        if ckpt.get("kind") == "encoder":
+            _load(model.backbone, state, path, "encoder")
+            return f"backbone from SimCLR encoder {path}"
+        if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
+            _load(model.backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, path, "backbone")
+            return f"backbone from {path} (head re-initialised: {state['head.weight'].shape[0]} classes there)"
+        _load(model, state, path, "classifier")
+        return f"all weights from {path}"
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # e.g. a torchvision .pth file
+        head = getattr(model, "torchvision_head", None)
+        backbone = {k: v for k, v in ckpt.items() if not (head and k.startswith(head + "."))}
+        _load(model.backbone, backbone, path, "state_dict")
+        return f"backbone from state_dict {path}"
+    raise ModelError(f"{path}: neither a checkpoint of this project nor a state_dict")

@@ -1,0 +1,344 @@
+"""Train a lesion classifier on one fold or all five folds of MSLD v2.0.
+
+    python train.py                                  # LeNet, fold 1 (the synthetic set if data/ has none)
+    python train.py --model resnext101_64x4d --init imagenet --fold all --epochs 30 --lr 1e-4 --batch-size 32
+    torchrun --nproc_per_node=4 train.py --model resnext101_64x4d --fold all     # DistributedDataParallel
+    python train.py --resume --out runs/lenet-fold1  # continue a killed run (same arguments)
+
+The fast path: every image is decoded once into a uint8 tensor cache, moved to the device once, and
+augmented there a batch at a time (augment.BatchAugment); the model runs in bf16 and channels_last on
+CUDA. Model selection sees only the Valid split; the Test split is left to testing.py.
+Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK/ each, for --fold all).
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from augment import TRAIN_OPS, BatchAugment  # noqa: E402
+from getData import (FOLDS, DataError, MSLDDataset, atomic_write, derived_seed, list_classes,  # noqa: E402
+                     resize_size, resolve_data_root, set_seed)
+from models import (ModelError, autocast, build_model, checkpoint_dict, load_checkpoint, save_checkpoint,  # noqa: E402
+                    select_device, to_device, unwrap)
+from testing import classification_metrics, mean_std_table, predict  # noqa: E402
+
+DEFAULTS = dict(
+    data_root="data", model="lenet", init="none", fold="1", epochs=60, batch_size=16, lr=2e-3,
+    optimizer="adamw", weight_decay=0.05, warmup_epochs=3, label_smoothing=0.1, balance="none",
+    aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False, out=None,
+    resume=False,
+)
+# Settings that may change when a run is resumed: where it runs, not what it computes.
+RUNTIME_KEYS = {"resume", "device", "aug_device", "compile"}
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
+                  "epoch_s", "train_images_per_s"]
+
+
+# ----------------------------------------------------------------------------- set-up
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr, weight_decay=weight_decay)
+    raise ModelError(f"--optimizer {name}: use sgd, adam, adamw or adagrad")
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR multiplier per step: linear warm-up, then cosine decay to 0 (Loshchilov & Hutter 2017)."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return factor
+
+
+def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled to mean 1 over the classes present."""
+    counts = torch.bincount(targets, minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    return w / w[counts > 0].mean()
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator, sample_weights=None):
+    """Index batches for one epoch: a permutation, or weighted draws with replacement (balanced sampler).
+    Drops the last partial batch (BatchNorm needs > 1 sample, and every step sees the same batch size)."""
+    if sample_weights is not None:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen)
+    for i in range(0, n - batch_size + 1, batch_size):
+        yield order[i:i + batch_size]
+
+
+# ----------------------------------------------------------------------------- one fold
+class FoldData:
+    """The fold's Train and Valid images, decoded once; Train lives on the augmentation device."""
+
+    def __init__(self, folds_root, fold: int, input_size: int, aug_device, aug_dirs=()):
+        classes = list_classes(folds_root)
+        size = resize_size(input_size)
+        train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
+        valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
+        self.classes, self.train_paths = classes, train.paths
+        self.train_images, self.train_targets = train.images.to(aug_device), train.targets
+        self.valid_images, self.valid_targets = valid.images, valid.targets
+
+
+def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoch: int, device,
+                rank=0, world=1, extra_loss=None, sample_weights=None, indices=None, bar=True) -> dict:
+    """One pass over the Train images (or the subset `indices`); returns loss, accuracy, images/s."""
+    model.train()
+    pool = indices if indices is not None else torch.arange(len(data.train_targets))
+    order_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch))  # same order on every rank
+    aug_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, rank + 1))  # own views per rank
+    weights = sample_weights[pool] if sample_weights is not None else None
+    steps = list(batch_indices(len(pool), cfg["batch_size"], order_gen, weights))
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    start = time.perf_counter()
+    for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=not bar or rank != 0):
+        idx = pool[idx][rank::world]  # this rank's share of the global batch
+        x = data.train_images[idx.to(data.train_images.device)]
+        x = aug(x, aug_gen).to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = data.train_targets[idx].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    seconds = time.perf_counter() - start
+    n = max(total[2].item(), 1)
+    return dict(train_loss=total[0].item() / n, train_acc=total[1].item() / n, train_images_per_s=n / seconds)
+
+
+def validate(model, data: FoldData, device) -> dict:
+    model.eval()
+    probs = predict(unwrap(model), data.valid_images, device)
+    y = data.valid_targets
+    m = classification_metrics(y.numpy(), probs.numpy(), data.classes)
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
+    return dict(valid_loss=loss, valid_acc=m["accuracy"], valid_bal_acc=m["balanced_accuracy"])
+
+
+def is_better(new: dict, best: dict | None) -> bool:
+    """Valid balanced accuracy (the classes are imbalanced), ties broken by lower valid loss."""
+    return best is None or (new["valid_bal_acc"], -new["valid_loss"]) > (best["valid_bal_acc"], -best["valid_loss"])
+
+
+def write_history(history: list[dict], out: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, HISTORY_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(out / "history.csv", buf.getvalue())
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [h["epoch"] for h in history]
+    for ax, key, name in ((a, "loss", "loss"), (b, "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"valid_{key}"] for h in history], label="valid")
+        ax.set(xlabel="epoch", title=name)
+        ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(out / "curves.png", png.getvalue())
+
+
+def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict | None, list]:
+    """Restore model, optimizer, scheduler and RNG from out/last.pt; refuse a different configuration."""
+    ckpt = load_checkpoint(out / "last.pt")
+    saved = ckpt["config"]
+    changed = [k for k in config if k not in RUNTIME_KEYS and saved.get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise DataError(f"{out}/last.pt: --{k.replace('_', '-')} was {saved.get(k)!r}, now {config[k]!r}; "
+                        "resume with the run's original arguments")
+    unwrap(model).load_state_dict(ckpt["state_dict"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["epoch"], ckpt.get("best"), ckpt.get("history", [])
+
+
+def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0, world=1) -> dict:
+    """Train one fold into `out`; returns the best epoch's validation metrics."""
+    config = dict(cfg, fold=fold, data_root=str(folds_root))
+    set_seed(cfg["seed"])
+    model = to_device(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"]), device)
+    aug_device = device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
+    data = FoldData(folds_root, fold, model.input_size, aug_device, cfg["aug_dir"] or ())
+    config["classes"] = data.classes
+    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
+    steps_per_epoch = len(data.train_targets) // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise DataError(f"fold {fold}: {len(data.train_targets)} Train images, fewer than --batch-size "
+                        f"{cfg['batch_size']}; lower --batch-size")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps_per_epoch,
+                                                                 cfg["warmup_epochs"] * steps_per_epoch))
+    start, best, history = 0, None, []
+    if cfg["resume"] and (out / "last.pt").is_file():
+        start, best, history = resume_state(out, config, model, opt, sched)
+        if rank == 0:
+            print(f"fold {fold}: resuming after epoch {start} from {out}/last.pt")
+    elif rank == 0:
+        atomic_write(out / "config.json", json.dumps(config, indent=2))
+    weights = class_weights(data.train_targets, len(data.classes))
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if cfg["balance"] == "loss" else None,
+                                        label_smoothing=cfg["label_smoothing"])
+    sample_weights = weights[data.train_targets] if cfg["balance"] == "sampler" else None
+    aug = BatchAugment(model.input_size, {} if cfg["no_augment"] else TRAIN_OPS)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    net = torch.compile(net) if cfg["compile"] else net
+    for epoch in range(start, cfg["epochs"]):
+        t0 = time.perf_counter()
+        row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
+        row.update(train_epoch(net, data, opt, sched, loss_fn, aug, cfg, epoch, device, rank, world,
+                               sample_weights=sample_weights))
+        if rank == 0:
+            row.update(validate(model, data, device), epoch_s=time.perf_counter() - t0)
+            history.append(row)
+            if is_better(row, best):
+                best = row
+                save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, best), out / "best.pt")
+            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
+            save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, row, best=best,
+                                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng,
+                                            history=history), out / "last.pt")
+            write_history(history, out)
+            print(f"fold {fold} epoch {epoch + 1}/{cfg['epochs']}: train loss {row['train_loss']:.4f} "
+                  f"acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.3f} "
+                  f"bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
+    if world > 1:
+        dist.barrier()
+    return dict(fold=fold, **{k: v for k, v in (best or {}).items() if k.startswith("valid") or k == "epoch"})
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_fold(spec: str) -> list[int]:
+    if spec == "all":
+        return list(FOLDS)
+    if not spec.isdigit() or int(spec) not in FOLDS:
+        raise DataError(f"--fold {spec}: MSLD v2.0 has folds 1..5 (or use --fold all)")
+    return [int(spec)]
+
+
+def parse_args(argv=None):
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
+    p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
+    p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt)")
+    p.add_argument("--fold", default=d["fold"], help="1..5 or all")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over ranks")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--optimizer", default=d["optimizer"], choices=["sgd", "adam", "adamw", "adagrad"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
+    p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    p.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
+                   help="class-balanced loss weights or sampler (Mpox is 38%% of images, Measles 7%%)")
+    p.add_argument("--aug-dir", action="append", default=d["aug_dir"], help="augment.py output to add to Train")
+    p.add_argument("--no-augment", action="store_true", help="train without random augmentation")
+    p.add_argument("--aug-device", default=d["aug_device"], choices=["auto", "cpu", "cuda"],
+                   help="where batches are augmented (auto: the training device)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.lr <= 0:
+        raise DataError(f"--lr {args.lr}: must be positive")
+    if args.aug_device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--aug-device cuda: no CUDA device is available")
+
+
+def run(args) -> list[dict]:
+    check_args(args)
+    folds = parse_fold(args.fold)
+    rank, world, local_rank = setup_distributed()
+    try:
+        device = select_device(args.device, local_rank)
+        folds_root = resolve_data_root(args.data_root) if rank == 0 else None
+        if world > 1:  # rank 0 may have generated the synthetic set: everyone uses its answer
+            shared = [folds_root]
+            dist.broadcast_object_list(shared)
+            folds_root = shared[0]
+        cfg = vars(args).copy()
+        cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
+        cfg["world_size"] = world
+        results = []
+        for k in folds:
+            out = Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "")
+            results.append(train_fold(cfg, k, Path(folds_root), out, device, rank, world))
+        if rank == 0 and args.fold == "all":
+            table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "epoch"])
+            atomic_write(Path(cfg["out"]) / "summary.md",
+                         f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
+            print(table)
+        return results
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except (DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
