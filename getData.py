@@ -76,6 +76,19 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def batch_indices(n: int, batch_size: int, gen: torch.Generator, sample_weights=None, drop_last=True):
+    """Index batches for one epoch over a cache of n images: a permutation, or weighted draws with
+    replacement (a class-balanced sampler). drop_last: every step sees the same batch size, and
+    BatchNorm never sees a batch of one."""
+    if sample_weights is not None:
+        order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen)
+    stop = n - batch_size + 1 if drop_last else n
+    for i in range(0, max(stop, 0), batch_size):
+        yield order[i:i + batch_size]
+
+
 # ----------------------------------------------------------------------------- layout
 def _has_folds(path: Path) -> bool:
     return path.is_dir() and all((path / f"fold{k}").is_dir() for k in FOLDS)

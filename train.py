@@ -14,8 +14,6 @@ import argparse
 import csv
 import io
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,16 +30,17 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from augment import TRAIN_OPS, BatchAugment  # noqa: E402
-from getData import (FOLDS, DataError, MSLDDataset, atomic_write, derived_seed, list_classes,  # noqa: E402
-                     resize_size, resolve_data_root, set_seed)
-from models import (ModelError, autocast, build_model, checkpoint_dict, load_checkpoint, save_checkpoint,  # noqa: E402
-                    select_device, to_device, unwrap)
+from getData import (FOLDS, DataError, MSLDDataset, atomic_write, batch_indices, derived_seed,  # noqa: E402
+                     list_classes, resize_size, resolve_data_root, set_seed)
+from models import (OPTIMIZERS, ModelError, autocast, build_model, checkpoint_dict, load_checkpoint,  # noqa: E402
+                    make_optimizer, save_checkpoint, select_device, setup_distributed, to_device, unwrap,
+                    warmup_cosine)
 from testing import classification_metrics, mean_std_table, predict  # noqa: E402
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, warmup_epochs=3, label_smoothing=0.1, balance="none",
-    aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False, out=None,
+    input_size=None, aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False, out=None,
     resume=False,
 )
 # Settings that may change when a run is resumed: where it runs, not what it computes.
@@ -51,51 +50,11 @@ HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid
 
 
 # ----------------------------------------------------------------------------- set-up
-def setup_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); initialises the process group when launched by torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr, weight_decay=weight_decay)
-    raise ModelError(f"--optimizer {name}: use sgd, adam, adamw or adagrad")
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """LR multiplier per step: linear warm-up, then cosine decay to 0 (Loshchilov & Hutter 2017)."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
-    return factor
-
-
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse class frequency, scaled to mean 1 over the classes present."""
     counts = torch.bincount(targets, minlength=num_classes).float()
     w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
     return w / w[counts > 0].mean()
-
-
-def batch_indices(n: int, batch_size: int, gen: torch.Generator, sample_weights=None):
-    """Index batches for one epoch: a permutation, or weighted draws with replacement (balanced sampler).
-    Drops the last partial batch (BatchNorm needs > 1 sample, and every step sees the same batch size)."""
-    if sample_weights is not None:
-        order = torch.multinomial(sample_weights, n, replacement=True, generator=gen)
-    else:
-        order = torch.randperm(n, generator=gen)
-    for i in range(0, n - batch_size + 1, batch_size):
-        yield order[i:i + batch_size]
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -204,7 +163,7 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
     """Train one fold into `out`; returns the best epoch's validation metrics."""
     config = dict(cfg, fold=fold, data_root=str(folds_root))
     set_seed(cfg["seed"])
-    model = to_device(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"]), device)
+    model = to_device(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"], cfg["input_size"]), device)
     aug_device = device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
     data = FoldData(folds_root, fold, model.input_size, aug_device, cfg["aug_dir"] or ())
     config["classes"] = data.classes
@@ -269,11 +228,13 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
     p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt)")
+    p.add_argument("--input-size", type=int, default=d["input_size"], help="override the model's input size "
+                   "(convolutional networks only; e.g. 112 for a quick CPU run)")
     p.add_argument("--fold", default=d["fold"], help="1..5 or all")
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over ranks")
     p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--optimizer", default=d["optimizer"], choices=["sgd", "adam", "adamw", "adagrad"])
+    p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
     p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])

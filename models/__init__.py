@@ -5,7 +5,9 @@
 from models.build import MODEL_NAMES, Classifier, build_model, load_classifier
 from models.checkpoint import ModelError, checkpoint_dict, load_checkpoint, save_checkpoint, unwrap
 from models.lenet import LeNet
-from models.runtime import autocast, select_device, to_device
+from models.optim import LARS, OPTIMIZERS, make_optimizer, warmup_cosine
+from models.runtime import autocast, select_device, setup_distributed, to_device
 
 __all__ = ["MODEL_NAMES", "Classifier", "ModelError", "build_model", "checkpoint_dict", "load_checkpoint",
-           "load_classifier", "save_checkpoint", "unwrap", "LeNet", "autocast", "select_device", "to_device"]
+           "load_classifier", "save_checkpoint", "unwrap", "LeNet", "autocast", "select_device", "to_device", "LARS", "OPTIMIZERS", "make_optimizer",
+           "warmup_cosine", "setup_distributed"]

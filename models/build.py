@@ -61,9 +61,13 @@ def _torchvision_backbone(name: str, weights):
     return model, head.in_features, int(size), head_name
 
 
-def build_model(name: str, num_classes: int, init: str = "none") -> Classifier:
+FIXED_SIZE = ("vit", "maxvit")  # position embeddings / window partitions fix their input size
+
+
+def build_model(name: str, num_classes: int, init: str = "none", input_size: int | None = None) -> Classifier:
     """`init`: 'none' (random), 'imagenet' (torchvision weights; downloads once), or a .pt path
-    (our classifier or SimCLR encoder checkpoint, or a torchvision state_dict)."""
+    (our classifier or SimCLR encoder checkpoint, or a torchvision state_dict).
+    `input_size` overrides the native size (convolutional networks pool globally: any size works)."""
     name = name.lower()
     if name not in MODEL_NAMES:
         why = f" ({UNSUPPORTED[name]})" if name in UNSUPPORTED else ""
@@ -78,6 +82,10 @@ def build_model(name: str, num_classes: int, init: str = "none") -> Classifier:
         backbone, features, size, head_name = _torchvision_backbone(name, "DEFAULT" if init == "imagenet" else None)
         model = Classifier(name, backbone, features, num_classes, size)
         model.torchvision_head = head_name  # where a raw torchvision state_dict keeps its 1000-class head
+    if input_size and input_size != model.input_size:
+        if name.startswith(FIXED_SIZE) or input_size < 32:
+            raise ModelError(f"--input-size {input_size}: {name} needs {model.input_size}x{model.input_size} inputs")
+        model.input_size = input_size
     if init not in ("none", "imagenet"):
         print(f"init: {load_weights(model, load_checkpoint(init), init)}")
     return model
@@ -90,6 +98,6 @@ def load_classifier(path, device: torch.device | None = None) -> tuple[Classifie
         what = "a SimCLR encoder: fine-tune it with `train.py --init` first" if ckpt.get("kind") == "encoder" \
             else "not a classifier checkpoint of this project"
         raise ModelError(f"{path}: {what}")
-    model = build_model(ckpt["model"], len(ckpt["classes"]))
+    model = build_model(ckpt["model"], len(ckpt["classes"]), input_size=ckpt.get("input_size"))
     load_weights(model, ckpt, path)
     return model.to(device or "cpu").eval(), ckpt

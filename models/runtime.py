@@ -1,7 +1,9 @@
 """Where and in which precision networks run: chosen once per script."""
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 
 from models.checkpoint import ModelError
 
@@ -30,3 +32,11 @@ def to_device(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Move a model; on CUDA use channels_last, which tensor cores prefer for convolutions."""
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))

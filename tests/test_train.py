@@ -10,7 +10,7 @@ import torch
 import train
 from conftest import REPO, assert_one_line_error, run_script, train_args
 from getData import list_classes
-from models import build_model, save_checkpoint, checkpoint_dict
+from models import build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
 
 
@@ -133,5 +133,5 @@ def test_balancing_helpers():
     draws = torch.multinomial(w[targets], 30000, replacement=True, generator=torch.Generator().manual_seed(0))
     share = torch.bincount(targets[draws], minlength=3) / 30000.0
     assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02)  # the sampler balances classes
-    f = train.warmup_cosine(100, 10)
+    f = warmup_cosine(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
