@@ -1,0 +1,409 @@
+"""Serve a trained classifier over HTTP with the standard library: a web page and a JSON API.
+
+    python serve.py --checkpoint runs/lenet-fold1/best.pt          # http://127.0.0.1:8000/
+    curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg 'http://127.0.0.1:8000/predict?gradcam=1'
+    python serve.py --benchmark                                    # load test: requests/s, p50/p99 latency
+
+Endpoints: GET / (the page), POST /predict (raw image body or multipart/form-data), GET /health,
+GET /info. Requests are served by threads; one inference worker batches the requests waiting at
+that moment (at most --max-batch, waiting at most --max-wait-ms for company) into one forward pass.
+"""
+import argparse
+import base64
+import concurrent.futures
+import email.parser
+import email.policy
+import hashlib
+import http.client
+import http.server
+import json
+import queue
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import torch
+
+from augment import eval_transform
+from getData import DataError, load_image
+from gradcam import explain
+from models import ModelError, autocast, load_classifier, select_device, to_device
+
+DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", threshold=0.6,
+                max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0, timeout=10.0)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def newest_checkpoint(runs) -> Path:
+    found = sorted(Path(runs).rglob("best.pt"), key=lambda p: p.stat().st_mtime) if Path(runs).is_dir() else []
+    if not found:
+        raise ModelError(f"no trained checkpoint under {runs}/: run `python train.py` first, or pass --checkpoint")
+    return found[-1]
+
+
+# ----------------------------------------------------------------------------- inference worker
+class Predictor:
+    """Owns the model; a single worker thread turns queued requests into batched forward passes."""
+
+    def __init__(self, checkpoint, device, threshold=0.6, max_batch=16, max_wait_ms=5.0):
+        model, ckpt = load_classifier(checkpoint)
+        self.model, self.classes, self.device = to_device(model, device), ckpt["classes"], device
+        self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
+        self.transform = eval_transform(model.input_size)
+        self.data_root = ckpt["config"].get("data_root")
+        self.info = dict(model=ckpt["model"], classes=self.classes, input_size=model.input_size,
+                         checkpoint=str(checkpoint), checkpoint_id=hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12],
+                         fold=ckpt.get("fold"), threshold=threshold)
+        self.queue: queue.Queue = queue.Queue()
+        self.worker = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self.worker.start()
+
+    def submit(self, image, gradcam=False) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        self.queue.put((image, gradcam, future))
+        return future
+
+    def _gather(self) -> list:
+        batch = [self.queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
+            except queue.Empty:
+                break
+        return batch
+
+    def _loop(self):
+        while True:
+            batch = self._gather()
+            try:
+                results = self._run(batch)
+                for (_, _, future), result in zip(batch, results):
+                    future.set_result(result)
+            except Exception as e:  # hand the failure to every waiting request; the worker lives on
+                for _, _, future in batch:
+                    future.set_exception(e)
+
+    @torch.no_grad()
+    def _run(self, batch) -> list[dict]:
+        start = time.perf_counter()
+        x = torch.stack([self.transform(image) for image, _, _ in batch]).to(self.device)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            probs = self.model(x).float().softmax(1).cpu().numpy()
+        results = [dict(probs=p, batch_size=len(batch), inference_ms=1000 * (time.perf_counter() - start))
+                   for p in probs]
+        for (image, gradcam, _), r in zip(batch, results):
+            if gradcam:  # explained one by one: Grad-CAM needs a backward pass of its own
+                _, png = explain(self.model, image, self.classes, self.device)
+                r["gradcam_png"] = base64.b64encode(png).decode()
+        return results
+
+    def answer(self, result: dict) -> dict:
+        p = result["probs"]
+        top = int(np.argmax(p))
+        out = dict(label=self.classes[top], probability=float(p[top]),
+                   probabilities={c: float(v) for c, v in zip(self.classes, p)},
+                   confident=bool(p[top] >= self.threshold), threshold=self.threshold,
+                   model=self.info["model"], checkpoint_id=self.info["checkpoint_id"], batch_size=result["batch_size"])
+        if "gradcam_png" in result:
+            out["gradcam_png"] = result["gradcam_png"]
+        return out
+
+
+# ----------------------------------------------------------------------------- HTTP
+def image_from_multipart(body: bytes, content_type: str) -> bytes:
+    """The first file part of a multipart/form-data body."""
+    if "boundary=" not in content_type:
+        raise RequestError(400, "malformed multipart body: no boundary in Content-Type")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not msg.is_multipart():
+        raise RequestError(400, "malformed multipart body")
+    for part in msg.iter_parts():
+        data = part.get_payload(decode=True)
+        if part.get_filename() is not None or part.get_param("name", header="content-disposition") in ("image", "file"):
+            if data:
+                return data
+    raise RequestError(400, "malformed multipart body: no file part (send the image as field 'image')")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "mpox-lesion"
+    protocol_version = "HTTP/1.1"
+    predictor: Predictor = None
+    max_bytes = DEFAULTS["max_bytes"]
+    timeout = DEFAULTS["timeout"]  # socket timeout: a stalled client frees its thread after this long
+
+    def log_message(self, fmt, *args):
+        pass  # quiet; errors are answered to the client
+
+    def _send(self, status: int, body: bytes, content_type: str):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        if status >= 400:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict):
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except RequestError as e:
+            self._json(e.status, {"error": str(e)})
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+        except Exception as e:  # a bug must not take the server down: answer 500 and carry on
+            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+    def do_GET(self):
+        self._guard(self._get)
+
+    def do_POST(self):
+        self._guard(self._post)
+
+    def do_PUT(self):
+        self._guard(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _not_allowed(self):
+        raise RequestError(405, f"{self.command} is not allowed on {urlparse(self.path).path}")
+
+    def _get(self):
+        path = urlparse(self.path).path
+        if path == "/":
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ready", "model_loaded": self.predictor.worker.is_alive()})
+        elif path == "/info":
+            self._json(200, self.predictor.info)
+        elif path == "/predict":
+            raise RequestError(405, "use POST /predict with the image as the body")
+        else:
+            raise RequestError(404, f"no such path: {path}")
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "Content-Length is required")
+        if not length.isdigit():
+            raise RequestError(400, "bad Content-Length")
+        if int(length) > self.max_bytes:  # refused before a byte of the body is read
+            raise RequestError(413, f"body of {int(length):,} bytes is over the {self.max_bytes:,}-byte limit")
+        if int(length) == 0:
+            raise RequestError(400, "empty body: send an image")
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise RequestError(400, "body shorter than Content-Length")
+        return body
+
+    def _post(self):
+        url = urlparse(self.path)
+        if url.path != "/predict":
+            raise RequestError(404 if url.path not in ("/", "/health", "/info") else 405, f"cannot POST to {url.path}")
+        started = time.perf_counter()
+        ctype = self.headers.get("Content-Type", "")
+        kind = ctype.split(";")[0].strip().lower()
+        if not (kind.startswith("image/") or kind in ("application/octet-stream", "multipart/form-data")):
+            raise RequestError(415, f"Content-Type {kind or '(none)'}: send image/jpeg, image/png, ... or multipart/form-data")
+        body = self._read_body()
+        data = image_from_multipart(body, ctype) if kind == "multipart/form-data" else body
+        try:
+            image = load_image(data, name="upload")
+        except DataError as e:
+            raise RequestError(413 if "limit" in str(e) else 400, str(e)) from None
+        gradcam = parse_qs(url.query).get("gradcam", ["0"])[0] in ("1", "true", "yes")
+        result = self.predictor.submit(image, gradcam).result()
+        answer = self.predictor.answer(result)
+        answer["timing_ms"] = dict(total=1000 * (time.perf_counter() - started), inference=result["inference_ms"])
+        self._json(200, answer)
+
+
+def make_server(predictor: Predictor, host="127.0.0.1", port=0, max_bytes=DEFAULTS["max_bytes"],
+                timeout=DEFAULTS["timeout"]) -> http.server.ThreadingHTTPServer:
+    handler = type("BoundHandler", (Handler,), dict(predictor=predictor, max_bytes=max_bytes, timeout=timeout))
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+# ----------------------------------------------------------------------------- load test
+def _post(host, port, body, timeout=60) -> float:
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn.request("POST", "/predict", body, {"Content-Type": "image/jpeg"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}")
+    return time.perf_counter() - start
+
+
+def load_test(predictor: Predictor, images: list[bytes], requests=64, concurrencies=(1, 4, 16)) -> list[dict]:
+    server = make_server(predictor)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    rows = []
+    try:
+        _post(host, port, images[0])  # warm-up
+        for c in concurrencies:
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(c) as pool:
+                lat = sorted(pool.map(lambda i: _post(host, port, images[i % len(images)]), range(requests)))
+            wall = time.perf_counter() - start
+            rows.append(dict(concurrency=c, requests_per_s=requests / wall, p50_ms=1000 * statistics.median(lat),
+                             p99_ms=1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return rows
+
+
+@torch.no_grad()
+def bare_forward_ms(predictor: Predictor, batch: int, repeats=10) -> float:
+    x = torch.randn(batch, 3, predictor.model.input_size, predictor.model.input_size, device=predictor.device)
+    with autocast(predictor.device):
+        predictor.model(x)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            predictor.model(x)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def benchmark(args, predictor: Predictor) -> None:
+    root = predictor.data_root
+    files = sorted(Path(root).rglob("*.jpg"))[:32] if root and Path(root).is_dir() else []
+    if not files:
+        raise DataError("--benchmark needs the checkpoint's dataset on disk to send real photos")
+    images = [f.read_bytes() for f in files]
+    rows = load_test(predictor, images, args.requests)
+    print(f"\nserve.py load test: {predictor.info['model']} on {predictor.device}, {args.requests} requests per row, "
+          f"max batch {predictor.max_batch}, max wait {1000 * predictor.max_wait:.0f} ms")
+    print(f"{'concurrency':>12}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
+    for r in rows:
+        print(f"{r['concurrency']:>12}{r['requests_per_s']:>12.1f}{r['p50_ms']:>10.1f}{r['p99_ms']:>10.1f}")
+    for b in (1, predictor.max_batch):
+        print(f"bare model forward, batch {b:>2}: {bare_forward_ms(predictor, b):.2f} ms")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--checkpoint", default=d["checkpoint"], help="a best.pt (default: the newest under runs/)")
+    p.add_argument("--runs", default=d["runs"], help=argparse.SUPPRESS)
+    p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
+    p.add_argument("--port", type=int, default=d["port"])
+    p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="confidence warning below this")
+    p.add_argument("--max-bytes", type=int, default=d["max_bytes"], help="largest accepted upload")
+    p.add_argument("--max-batch", type=int, default=d["max_batch"])
+    p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"])
+    p.add_argument("--timeout", type=float, default=d["timeout"], help="seconds before a stalled client is dropped")
+    p.add_argument("--benchmark", action="store_true", help="run the load test instead of serving")
+    p.add_argument("--requests", type=int, default=64, help="load test: requests per concurrency level")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        checkpoint = args.checkpoint or newest_checkpoint(args.runs)
+        predictor = Predictor(checkpoint, select_device(args.device), args.threshold, args.max_batch, args.max_wait_ms)
+        if args.benchmark:
+            benchmark(args, predictor)
+            return 0
+        server = make_server(predictor, args.host, args.port, args.max_bytes, args.timeout)
+    except (DataError, ModelError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Skin lesion check</title>
+<style>
+ body{font-family:system-ui,sans-serif;max-width:640px;margin:0 auto;padding:1rem;color:#222}
+ h1{font-size:1.3rem} #drop{border:2px dashed #888;border-radius:12px;padding:1.5rem;text-align:center;cursor:pointer}
+ #drop.over{background:#eef} img{max-width:100%;border-radius:8px} .row{display:flex;align-items:center;gap:.5rem;margin:.2rem 0}
+ .name{width:7.5rem;font-size:.9rem} .bar{flex:1;background:#eee;border-radius:4px;height:1rem}
+ .fill{background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
+ #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
+ #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
+ small{color:#666}
+</style></head><body>
+<h1>Skin lesion check</h1>
+<p><small>A research model, not a diagnosis. See a clinician about any lesion that worries you.</small></p>
+<label id="drop">Choose or drop a photo of the lesion
+ <input id="file" type="file" accept="image/*" hidden></label>
+<p id="error"></p>
+<div id="result" hidden>
+ <h2 id="label"></h2>
+ <p id="warn">Low confidence: the model is unsure about this photo.</p>
+ <div id="bars"></div>
+ <div class="pics"><img id="photo" alt="your photo"><img id="cam" alt="Grad-CAM: where the model looked"></div>
+</div>
+<script>
+const $ = id => document.getElementById(id);
+async function send(file) {
+  $("error").textContent = ""; $("result").hidden = true;
+  $("photo").src = URL.createObjectURL(file);
+  try {
+    const r = await fetch("/predict?gradcam=1", {method: "POST", body: file,
+      headers: {"Content-Type": file.type || "application/octet-stream"}});
+    const a = await r.json();
+    if (!r.ok) { $("error").textContent = a.error || ("HTTP " + r.status); return; }
+    $("label").textContent = a.label + " (" + (100 * a.probability).toFixed(1) + "%)";
+    $("warn").style.display = a.confident ? "none" : "block";
+    $("bars").replaceChildren(...Object.entries(a.probabilities).sort((x, y) => y[1] - x[1]).map(([c, p]) => {
+      const row = document.createElement("div"); row.className = "row";
+      row.innerHTML = '<span class="name"></span><span class="bar"><span class="fill"></span></span><span class="pct"></span>';
+      row.children[0].textContent = c; row.querySelector(".fill").style.width = (100 * p) + "%";
+      row.children[2].textContent = (100 * p).toFixed(1) + "%"; return row; }));
+    $("cam").src = "data:image/png;base64," + a.gradcam_png;
+    $("result").hidden = false;
+  } catch (e) { $("error").textContent = "request failed: " + e; }
+}
+$("file").addEventListener("change", e => e.target.files[0] && send(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); });
+</script></body></html>
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import serve
+from conftest import assert_one_line_error, run_script
+from models import select_device
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    predictor = serve.Predictor(trained / "best.pt", select_device("cpu"), max_batch=8, max_wait_ms=20)
+    srv = serve.make_server(predictor, max_bytes=2_000_000, timeout=1.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(srv, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn.request(method, path, body, headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    ctype = resp.getheader("Content-Type", "")
+    return resp.status, (json.loads(data) if ctype.startswith("application/json") else data)
+
+
+def photo(synthetic, i=0):
+    return sorted(synthetic.rglob("MKP_*.jpg"))[i].read_bytes()
+
+
+def predict(srv, body, ctype="image/jpeg", query=""):
+    return request(srv, "POST", f"/predict{query}", body, {"Content-Type": ctype})
+
+
+def test_page_health_info(server):
+    status, page = request(server, "GET", "/")
+    assert status == 200 and b'type="file"' in page and b'fetch("/predict' in page and b"http" not in page.split(b"<script>")[1]
+    assert request(server, "GET", "/health") == (200, {"status": "ready", "model_loaded": True})
+    status, info = request(server, "GET", "/info")
+    assert status == 200 and info["model"] == "lenet" and info["input_size"] == 32 and len(info["classes"]) == 6
+
+
+def test_predict_raw_multipart_and_gradcam(server, synthetic):
+    status, a = predict(server, photo(synthetic))
+    assert status == 200 and a["label"] in a["probabilities"]
+    assert sum(a["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert a["confident"] == (a["probability"] >= 0.6) and a["model"] == "lenet" and a["timing_ms"]["total"] > 0
+    boundary = "xyzBOUNDARY"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"p.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo(synthetic) + f"\r\n--{boundary}--\r\n".encode()
+    status, b = predict(server, body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and b["probabilities"] == pytest.approx(a["probabilities"], abs=1e-6)
+    status, c = predict(server, photo(synthetic), query="?gradcam=1")
+    assert status == 200 and Image.open(io.BytesIO(base64.b64decode(c["gradcam_png"]))).format == "PNG"
+
+
+def _bomb():
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+BAD = [  # (what, method, path, body, headers, status)
+    ("not an image", "POST", "/predict", b"hello world", {"Content-Type": "image/jpeg"}, 400),
+    ("empty body", "POST", "/predict", b"", {"Content-Type": "image/jpeg"}, 400),
+    ("wrong content type", "POST", "/predict", b"{}", {"Content-Type": "application/json"}, 415),
+    ("malformed multipart", "POST", "/predict", b"--x\r\nnonsense", {"Content-Type": "multipart/form-data"}, 400),
+    ("multipart without file", "POST", "/predict", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
+     {"Content-Type": "multipart/form-data; boundary=b"}, 400),
+    ("unknown path", "GET", "/admin", None, {}, 404),
+    ("wrong method", "GET", "/predict", None, {}, 405),
+    ("wrong method PUT", "PUT", "/predict", b"x", {"Content-Type": "image/jpeg"}, 405),
+    ("post to unknown", "POST", "/upload", b"x", {"Content-Type": "image/jpeg"}, 404),
+]
+
+
+@pytest.mark.parametrize("what,method,path,body,headers,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_json_error_and_server_survives(server, synthetic, what, method, path, body, headers, status):
+    got, answer = request(server, method, path, body, headers)
+    assert got == status and "error" in answer
+    assert predict(server, photo(synthetic))[0] == 200
+
+
+def test_truncated_image_and_bomb(server, synthetic):
+    data = photo(synthetic)
+    got, answer = predict(server, data[: len(data) // 2])
+    assert got == 400 and "not a readable image" in answer["error"]
+    got, answer = predict(server, _bomb(), "image/png")
+    assert got == 413 and "pixels" in answer["error"]
+    assert predict(server, data)[0] == 200
+
+
+def test_oversized_body_refused_before_reading(server, synthetic):
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):  # answered (and closed) without a single byte of the body sent
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413") and b"limit" in reply
+    assert predict(server, photo(synthetic))[0] == 200
+
+
+def test_stalled_client_times_out_without_blocking_others(server, synthetic):
+    s = socket.create_connection(server.server_address[:2], timeout=10)
+    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nabc")
+    assert predict(server, photo(synthetic))[0] == 200  # served while the other client stalls
+    start = time.perf_counter()
+    assert s.recv(4096) == b""  # the server hung up on the stalled client...
+    assert time.perf_counter() - start < 5  # ...after its 1 s timeout, not never
+    s.close()
+
+
+def test_concurrent_answers_equal_sequential(server, synthetic):
+    bodies = [photo(synthetic, i) for i in range(12)]
+    sequential = [predict(server, b)[1]["probabilities"] for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda b: predict(server, b)[1], bodies))
+    for got, want in zip(answers, sequential):
+        assert got["probabilities"] == pytest.approx(want, abs=1e-5)
+    assert max(a["batch_size"] for a in answers) > 1  # requests really shared forward passes
+
+
+def test_cli_without_checkpoint_says_what_to_run(tmp_path):
+    assert_one_line_error(run_script(Path(__file__).resolve().parents[1] / "serve.py", cwd=tmp_path),
+                          "run `python train.py` first")
+
+
+# ----------------------------------------------------------------------------- browser
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class DevTools:
+    """Chrome DevTools Protocol over --remote-debugging-pipe (fd 3 in, fd 4 out): no extra packages."""
+
+    def __init__(self, binary, profile):
+        to_child_r, self._w = os.pipe()
+        self._r, from_child_w = os.pipe()
+
+        def fds():  # runs in the child before close_fds, which then keeps 3 and 4 (pass_fds)
+            a, b = os.dup(to_child_r), os.dup(from_child_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe",
+             f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self._buf, self._id = b"", 0
+
+    def call(self, method, session=None, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("browser closed the pipe")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(reply["error"])
+                return reply["result"]
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.mark.skipif(not _chromium(), reason="no Chromium installed (apt-get install chromium)")
+def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_path):
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    photo_path = sorted(synthetic.rglob("MKP_*.jpg"))[0]
+    browser = DevTools(_chromium(), tmp_path / "profile")
+    try:
+        target = browser.call("Target.createTarget", url=url)["targetId"]
+        sid = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for _ in range(100):  # wait for the page
+            if browser.call("Runtime.evaluate", sid, expression="!!document.getElementById('file')")["result"]["value"]:
+                break
+            time.sleep(0.1)
+        root = browser.call("DOM.getDocument", sid)["root"]["nodeId"]
+        node = browser.call("DOM.querySelector", sid, nodeId=root, selector="#file")["nodeId"]
+        browser.call("DOM.setFileInputFiles", sid, nodeId=node, files=[str(photo_path)])
+        state = None
+        for _ in range(200):
+            state = browser.call("Runtime.evaluate", sid, returnByValue=True, expression=(
+                "({shown: !document.getElementById('result').hidden, label: document.getElementById('label').textContent,"
+                " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
+                " error: document.getElementById('error').textContent})"))["result"]["value"]
+            if state["shown"] or state["error"]:
+                break
+            time.sleep(0.1)
+    finally:
+        browser.close()
+    assert state["shown"] and not state["error"], state
+    assert state["bars"] == 6 and state["cam"] > 1000
+    assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))
