@@ -20,15 +20,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sklearn.calibration import CalibratedClassifierCV  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.svm import SVC  # noqa: E402
 
 from augment import to_input  # noqa: E402
 from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, atomic_write, find_folds_root,  # noqa: E402
                      resize_size)
-from models import ModelError, autocast, load_classifier, select_device, to_device  # noqa: E402
+from models import ModelError, autocast, build_model, load_checkpoint, load_classifier, select_device, to_device  # noqa: E402
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None,
-                batch_size=64, device="auto")
+                batch_size=64, device="auto", svm=False)
+# SVM on deep features (Chaddad et al. 2025): C and kernel chosen on the Valid split.
+SVM_GRID = [dict(kernel=k, C=c) for k in ("linear", "rbf") for c in (0.01, 0.1, 1.0, 10.0, 100.0)]
 SUMMARY_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
                 "roc_auc_macro", "mpox_sensitivity", "mpox_specificity"]
 
@@ -55,6 +61,28 @@ def predict(model, images, device, batch_size=64) -> torch.Tensor:
 def embed(model, images, device, batch_size=64) -> torch.Tensor:
     """Pooled backbone features (N, F) on cached images."""
     return run_batches(model.features, images, model.input_size, device, batch_size)
+
+
+def fit_svm(train_x, train_y, valid_x, valid_y):
+    """Standardised features -> SVC; the (kernel, C) with the best Valid balanced accuracy wins.
+    Returns (fitted pipeline with predict_proba, the chosen parameters and their Valid score)."""
+    best = None
+    for params in SVM_GRID:
+        # Platt-style probabilities from held-out folds (what SVC(probability=True) did, now deprecated)
+        clf = make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(**params), ensemble=False, cv=3))
+        clf.fit(train_x, train_y)
+        cm = confusion_matrix(valid_y, clf.predict(valid_x), int(max(train_y.max(), valid_y.max())) + 1)
+        score = float(np.mean([cm[c, c] / cm[c].sum() for c in range(len(cm)) if cm[c].sum()]))
+        if best is None or score > best[2]:
+            best = (clf, params, score)
+    return best[0], dict(best[1], valid_balanced_accuracy=best[2])
+
+
+def svm_probabilities(classes: list, clf, x) -> np.ndarray:
+    """predict_proba with a column for every class, also ones absent from the SVM's training set."""
+    probs = np.zeros((len(x), len(classes)))
+    probs[:, clf.classes_] = clf.predict_proba(x)
+    return probs
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -179,30 +207,67 @@ def predictions_csv(paths, y_true, probs, classes) -> str:
     return buf.getvalue()
 
 
+def load_for_eval(checkpoint, svm: bool):
+    """(model, checkpoint, has_head): a classifier, or (for --svm only) a SimCLR encoder."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("kind") != "encoder":
+        return *load_classifier(checkpoint), True
+    if not svm:
+        raise ModelError(f"{checkpoint}: a SimCLR encoder has no classifier head; evaluate it with --svm "
+                         "or fine-tune it with `train.py --init` first")
+    model = build_model(ckpt["model"], len(ckpt["classes"]), init=str(checkpoint), input_size=ckpt["input_size"])
+    return model.eval(), ckpt, False
+
+
+def write_outputs(out: Path, m: dict, paths, y, probs, classes) -> None:
+    atomic_write(out / "metrics.json", json.dumps(m, indent=2))
+    atomic_write(out / "predictions.csv", predictions_csv(paths, y, probs, classes))
+    atomic_write(out / "report.md", report_markdown(m))
+    plot_confusion(m["confusion"], classes, out / "confusion.png", title=f"fold {m['fold']} {m['split']} {m['head']}")
+    plot_roc(y, probs, classes, out / "roc.png")
+
+
 def evaluate_checkpoint(checkpoint, out, data_root=None, fold=None, split="Test", threshold=0.6,
-                        device=torch.device("cpu"), batch_size=64) -> dict:
-    """Evaluate one best.pt on its fold's `split`; write every output into `out`."""
-    model, ckpt = load_classifier(checkpoint)
+                        device=torch.device("cpu"), batch_size=64, svm=False) -> dict[str, dict]:
+    """Evaluate one checkpoint on its fold's `split`: {"softmax": metrics, "svm": metrics} (heads asked for).
+    Outputs go to `out` (softmax head) and `out/svm` (SVM on the pooled features)."""
+    model, ckpt, has_head = load_for_eval(checkpoint, svm)
     model = to_device(model, device)
     data_root = data_root or ckpt["config"].get("data_root")
-    fold = fold or ckpt.get("fold")
+    fold = fold or ckpt.get("fold") or ckpt["config"].get("fold")
     if data_root is None or fold is None:
         raise DataError(f"{checkpoint}: records no dataset or fold; pass --data-root and --fold")
-    ds = MSLDDataset(find_folds_root(data_root), int(fold), split, cache_size=resize_size(model.input_size))
+    root, size = find_folds_root(data_root), resize_size(model.input_size)
+    ds = MSLDDataset(root, int(fold), split, cache_size=size)
     if ds.classes != ckpt["classes"]:
         raise DataError(f"{data_root}: classes {ds.classes} differ from the checkpoint's {ckpt['classes']}")
-    probs = predict(model, ds.images, device, batch_size).numpy()
-    y = ds.targets.numpy()
-    m = classification_metrics(y, probs, ds.classes)
-    m.update(fold=int(fold), split=split, checkpoint=str(checkpoint), model=ckpt["model"],
-             gated=gated_metrics(y, probs, ds.classes, threshold))
-    out = Path(out)
-    atomic_write(out / "metrics.json", json.dumps(m, indent=2))
-    atomic_write(out / "predictions.csv", predictions_csv(ds.paths, y, probs, ds.classes))
-    atomic_write(out / "report.md", report_markdown(m))
-    plot_confusion(m["confusion"], ds.classes, out / "confusion.png", title=f"fold {fold} {split}")
-    plot_roc(y, probs, ds.classes, out / "roc.png")
-    return m
+    heads = {}
+    if has_head:
+        heads["softmax"] = (predict(model, ds.images, device, batch_size).numpy(), {})
+    if svm:  # features of every split computed once, in batches on the device
+        train, valid = (MSLDDataset(root, int(fold), s, cache_size=size) for s in ("Train", "Valid"))
+        feats = [embed(model, d.images, device, batch_size).numpy() for d in (train, valid, ds)]
+        clf, choice = fit_svm(feats[0], train.targets.numpy(), feats[1], valid.targets.numpy())
+        heads["svm"] = (svm_probabilities(ds.classes, clf, feats[2]), {"svm": choice})
+    y, results = ds.targets.numpy(), {}
+    for head, (probs, extra) in heads.items():
+        m = classification_metrics(y, probs, ds.classes)
+        m.update(fold=int(fold), split=split, checkpoint=str(checkpoint), model=ckpt["model"], head=head,
+                 gated=gated_metrics(y, probs, ds.classes, threshold), **extra)
+        write_outputs(Path(out) / ("svm" if head == "svm" else ""), m, ds.paths, y, probs, ds.classes)
+        results[head] = m
+    if len(results) > 1:
+        atomic_write(Path(out) / "heads.md", heads_table({h: m for h, m in results.items()}))
+    return results
+
+
+def heads_table(by_head: dict[str, dict]) -> str:
+    """The softmax head and the SVM side by side, one row per metric."""
+    lines = ["| metric | " + " | ".join(by_head) + " |", "|---" * (len(by_head) + 1) + "|"]
+    for k in SUMMARY_KEYS:
+        if all(k in m for m in by_head.values()):
+            lines.append(f"| {k} | " + " | ".join(f"{m[k]:.4f}" for m in by_head.values()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def report_markdown(m: dict) -> str:
@@ -211,7 +276,8 @@ def report_markdown(m: dict) -> str:
             + (f", accuracy on covered {g['accuracy']:.4f}, balanced accuracy {g['balanced_accuracy']:.4f}"
                if g["n_covered"] else ""))
     head = " | ".join(f"{k} {m[k]:.4f}" for k in SUMMARY_KEYS if k in m)
-    return (f"# {m['model']} fold {m['fold']} {m['split']} (n={m['n']})\n\n{head}\n\n{per_class_table(m)}\n"
+    return (f"# {m['model']} fold {m['fold']} {m['split']}, {m['head']} head (n={m['n']})\n\n{head}\n\n"
+            f"{per_class_table(m)}\n"
             f"{gate}\n")
 
 
@@ -224,7 +290,7 @@ def fold_checkpoints(path: Path) -> dict[int, Path]:
 
 
 def evaluate(checkpoint, out=None, **kw) -> dict:
-    """A best.pt, a run directory holding one, or a --fold all directory of foldK/ runs."""
+    """A checkpoint, a run directory holding best.pt, or a --fold all directory of foldK/ runs."""
     path = Path(checkpoint)
     if path.is_dir() and (path / "best.pt").is_file():
         path = path / "best.pt"
@@ -235,21 +301,29 @@ def evaluate(checkpoint, out=None, **kw) -> dict:
     out = Path(out or path / "test")
     kw.pop("fold", None)  # each fold's checkpoint knows its fold
     per_fold = {k: evaluate_checkpoint(ck, out / f"fold{k}", fold=k, **kw) for k, ck in fold_checkpoints(path).items()}
-    rows = [dict(fold=k, **{key: m[key] for key in SUMMARY_KEYS if key in m}) for k, m in per_fold.items()]
-    classes = list(next(iter(per_fold.values()))["per_class"])
-    pooled = np.sum([m["confusion"] for m in per_fold.values()], axis=0)
-    gated = [dict(fold=k, coverage=m["gated"]["coverage"], **{f"covered_{key}": m["gated"][key]
-                                                              for key in ("accuracy", "balanced_accuracy")
-                                                              if key in m["gated"]}) for k, m in per_fold.items()]
-    summary = (f"# {path.name}: {len(rows)} folds, {kw.get('split', 'Test')} split\n\n" + mean_std_table(rows)
-               + f"\nConfidence gate {kw.get('threshold', 0.6)}:\n\n"
-               + mean_std_table(gated, [k for k in gated[0] if k != "fold"]))
-    atomic_write(out / "summary.md", summary)
-    atomic_write(out / "summary.json", json.dumps(dict(folds=rows, gated=gated, pooled_confusion=pooled.tolist()),
-                                                  indent=2))
-    plot_confusion(pooled, classes, out / "confusion_pooled.png", title="pooled over folds")
-    print(summary)
-    return dict(folds=per_fold, summary=rows)
+    summary = [f"# {path.name}: {len(per_fold)} folds, {kw.get('split', 'Test')} split\n"]
+    means = {}
+    for head in next(iter(per_fold.values())):
+        folds = {k: r[head] for k, r in per_fold.items()}
+        rows = [dict(fold=k, **{key: m[key] for key in SUMMARY_KEYS if key in m}) for k, m in folds.items()]
+        gated = [dict(fold=k, coverage=m["gated"]["coverage"],
+                      **{f"covered_{key}": m["gated"][key] for key in ("accuracy", "balanced_accuracy")
+                         if key in m["gated"]}) for k, m in folds.items()]
+        keys = [k for k in gated[0] if k != "fold" and all(k in g for g in gated)]
+        summary += [f"## {head} head\n", mean_std_table(rows),
+                    f"\nConfidence gate {kw.get('threshold', 0.6)}:\n", mean_std_table(gated, keys)]
+        pooled = np.sum([m["confusion"] for m in folds.values()], axis=0)
+        suffix = "" if head == "softmax" else f"_{head}"
+        plot_confusion(pooled, list(next(iter(folds.values()))["per_class"]), out / f"confusion_pooled{suffix}.png",
+                       title=f"{head}, pooled over folds")
+        atomic_write(out / f"summary{suffix}.json",
+                     json.dumps(dict(folds=rows, gated=gated, pooled_confusion=pooled.tolist()), indent=2))
+        means[head] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key != "fold"}
+    if len(means) > 1:
+        summary += ["## heads side by side (mean over folds)\n", heads_table(means)]
+    atomic_write(out / "summary.md", "\n".join(summary))
+    print("\n".join(summary))
+    return per_fold
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -263,6 +337,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=DEFAULTS["out"], help="output folder (default: RUN/test)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--device", default=DEFAULTS["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--svm", action="store_true", help="also fit an SVM on the pooled features (C, kernel on Valid)")
     return p.parse_args(argv)
 
 
@@ -272,9 +347,12 @@ def main(argv=None) -> int:
         if not 0 <= args.threshold <= 1:
             raise DataError(f"--threshold {args.threshold}: must be between 0 and 1")
         result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
-                          threshold=args.threshold, device=select_device(args.device), batch_size=args.batch_size)
-        if "folds" not in result:
-            print(report_markdown(result))
+                          threshold=args.threshold, device=select_device(args.device), batch_size=args.batch_size,
+                          svm=args.svm)
+        if all(isinstance(v, dict) and "n" in v for v in result.values()):  # one checkpoint
+            print("\n".join(report_markdown(m) for m in result.values()))
+            if len(result) > 1:
+                print(heads_table(result))
         return 0
     except (DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)

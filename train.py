@@ -11,6 +11,7 @@ CUDA. Model selection sees only the Valid split; the Test split is left to testi
 Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK/ each, for --fold all).
 """
 import argparse
+import copy
 import csv
 import io
 import json
@@ -31,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from augment import TRAIN_OPS, BatchAugment  # noqa: E402
 from getData import (FOLDS, DataError, MSLDDataset, atomic_write, batch_indices, derived_seed,  # noqa: E402
-                     list_classes, resize_size, resolve_data_root, set_seed)
+                     list_classes, patient_id, resize_size, resolve_data_root, set_seed)
 from models import (OPTIMIZERS, ModelError, autocast, build_model, checkpoint_dict, load_checkpoint,  # noqa: E402
                     make_optimizer, save_checkpoint, select_device, setup_distributed, to_device, unwrap,
                     warmup_cosine)
@@ -40,8 +41,9 @@ from testing import classification_metrics, mean_std_table, predict  # noqa: E40
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, warmup_epochs=3, label_smoothing=0.1, balance="none",
-    input_size=None, aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False, out=None,
-    resume=False,
+    input_size=None, aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False,
+    out=None, resume=False,
+    federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where it runs, not what it computes.
 RUNTIME_KEYS = {"resume", "device", "aug_device", "compile"}
@@ -72,17 +74,18 @@ class FoldData:
 
 
 def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoch: int, device,
-                rank=0, world=1, extra_loss=None, sample_weights=None, indices=None, bar=True) -> dict:
-    """One pass over the Train images (or the subset `indices`); returns loss, accuracy, images/s."""
+                rank=0, world=1, extra_loss=None, sample_weights=None, indices=None, stream=()) -> dict:
+    """One pass over the Train images (or the subset `indices`, e.g. one federated site).
+    `stream` extends the (seed, epoch) key of this pass's random numbers. Returns loss, accuracy, images/s."""
     model.train()
     pool = indices if indices is not None else torch.arange(len(data.train_targets))
-    order_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch))  # same order on every rank
-    aug_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, rank + 1))  # own views per rank
+    order_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, *stream))  # same on every rank
+    aug_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, *stream, rank + 1))  # own views
     weights = sample_weights[pool] if sample_weights is not None else None
     steps = list(batch_indices(len(pool), cfg["batch_size"], order_gen, weights))
     total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
     start = time.perf_counter()
-    for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=not bar or rank != 0):
+    for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or bool(stream)):
         idx = pool[idx][rank::world]  # this rank's share of the global batch
         x = data.train_images[idx.to(data.train_images.device)]
         x = aug(x, aug_gen).to(device, non_blocking=True)
@@ -105,6 +108,79 @@ def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoc
     seconds = time.perf_counter() - start
     n = max(total[2].item(), 1)
     return dict(train_loss=total[0].item() / n, train_acc=total[1].item() / n, train_images_per_s=n / seconds)
+
+
+# ----------------------------------------------------------------------------- federated simulation
+def split_sites(paths, targets: torch.Tensor, clients: int, partition: str, alpha: float, seed: int) -> list[torch.Tensor]:
+    """Train indices per simulated site, whole patients only.
+
+    iid: patients dealt out at random. dirichlet: per class, site shares drawn from Dir(alpha)
+    (Hsu et al. 2019): small alpha gives sites few classes each, as hospitals with different case mixes.
+    """
+    patients: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        patients.setdefault(patient_id(p) or str(p), []).append(i)
+    if clients > len(patients):
+        raise DataError(f"--clients {clients}: the fold's Train split has only {len(patients)} patients")
+    rng = np.random.default_rng(derived_seed(seed, clients))
+    names = sorted(patients)
+    sites: list[list[int]] = [[] for _ in range(clients)]
+    if partition == "iid":
+        for j, k in enumerate(rng.permutation(len(names))):
+            sites[j % clients] += patients[names[k]]
+    else:
+        by_class: dict[int, list[str]] = {}
+        for name in names:
+            by_class.setdefault(int(targets[patients[name][0]]), []).append(name)
+        for group in by_class.values():
+            group = [group[k] for k in rng.permutation(len(group))]
+            cuts = (np.cumsum(rng.dirichlet([alpha] * clients)) * len(group)).round().astype(int)[:-1]
+            for site, chunk in enumerate(np.split(np.arange(len(group)), cuts)):
+                for k in chunk:
+                    sites[site] += patients[group[k]]
+    return [torch.tensor(sorted(s), dtype=torch.long) for s in sites]
+
+
+def average_states(states: list[dict], weights) -> dict:
+    """Sample-weighted average of whole state_dicts: parameters and buffers (BatchNorm statistics too)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    out = {}
+    for k, ref in states[0].items():
+        mean = sum(wi * s[k].double() for wi, s in zip(w, states))
+        out[k] = (mean.round() if not ref.is_floating_point() else mean).to(ref.dtype)
+    return out
+
+
+def federated_round(model, data: FoldData, sites, loss_fn, aug, cfg: dict, rnd: int, device, lr: float,
+                    sample_weights=None) -> dict:
+    """FedAvg / FedProx (McMahan et al. 2017; Li et al. 2020): every site trains a copy of the global
+    model for --local-epochs on its own images; the copies are averaged, weighted by site size.
+    FedProx adds (mu/2)||w - w_global||^2 to each local loss, keeping sites near the global model."""
+    start = time.perf_counter()
+    global_state = copy.deepcopy(model.state_dict())
+    anchor = [p.detach().clone() for p in model.parameters()]
+    states, sizes, totals = [], [], torch.zeros(3, dtype=torch.float64)
+    for site, idx in enumerate(sites):
+        if len(idx) < cfg["batch_size"]:
+            continue  # a site too small for one batch sits this round out
+        model.load_state_dict(global_state)
+        opt = make_optimizer(cfg["optimizer"], model.parameters(), lr, cfg["weight_decay"])
+        prox = None
+        if cfg["federated"] == "fedprox":
+            params = list(model.parameters())
+            prox = lambda: cfg["mu"] / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        for e in range(cfg["local_epochs"]):
+            r = train_epoch(model, data, opt, None, loss_fn, aug, cfg, rnd, device, extra_loss=prox, indices=idx,
+                            sample_weights=sample_weights, stream=(site + 1, e + 1))
+            n = len(idx) // cfg["batch_size"] * cfg["batch_size"]
+            totals += torch.tensor([r["train_loss"] * n, r["train_acc"] * n, n], dtype=torch.float64)
+        states.append(copy.deepcopy(model.state_dict()))
+        sizes.append(len(idx))
+    model.load_state_dict(average_states(states, sizes))
+    n = max(totals[2].item(), 1)
+    return dict(train_loss=totals[0].item() / n, train_acc=totals[1].item() / n,
+                train_images_per_s=n / (time.perf_counter() - start))
 
 
 def validate(model, data: FoldData, device) -> dict:
@@ -151,8 +227,9 @@ def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict 
         raise DataError(f"{out}/last.pt: --{k.replace('_', '-')} was {saved.get(k)!r}, now {config[k]!r}; "
                         "resume with the run's original arguments")
     unwrap(model).load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
+    if opt is not None:  # (federated runs keep no global optimizer)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -167,13 +244,19 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
     aug_device = device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
     data = FoldData(folds_root, fold, model.input_size, aug_device, cfg["aug_dir"] or ())
     config["classes"] = data.classes
-    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
     steps_per_epoch = len(data.train_targets) // cfg["batch_size"]
     if steps_per_epoch == 0:
         raise DataError(f"fold {fold}: {len(data.train_targets)} Train images, fewer than --batch-size "
                         f"{cfg['batch_size']}; lower --batch-size")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps_per_epoch,
-                                                                 cfg["warmup_epochs"] * steps_per_epoch))
+    opt = sched = sites = None
+    if cfg["federated"]:  # sites build their own optimizers each round; the LR follows a cosine over rounds
+        sites = split_sites(data.train_paths, data.train_targets, cfg["clients"], cfg["partition"], cfg["alpha"],
+                            cfg["seed"])
+        config["site_sizes"] = [len(s) for s in sites]
+    else:
+        opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps_per_epoch,
+                                                                     cfg["warmup_epochs"] * steps_per_epoch))
     start, best, history = 0, None, []
     if cfg["resume"] and (out / "last.pt").is_file():
         start, best, history = resume_state(out, config, model, opt, sched)
@@ -189,11 +272,17 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     net = torch.compile(net) if cfg["compile"] else net
-    for epoch in range(start, cfg["epochs"]):
+    epochs = cfg["rounds"] if cfg["federated"] else cfg["epochs"]
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
-        row.update(train_epoch(net, data, opt, sched, loss_fn, aug, cfg, epoch, device, rank, world,
-                               sample_weights=sample_weights))
+        if cfg["federated"]:
+            lr = cfg["lr"] * warmup_cosine(epochs, 0)(epoch)
+            row = dict(epoch=epoch + 1, lr=lr)
+            row.update(federated_round(model, data, sites, loss_fn, aug, cfg, epoch, device, lr, sample_weights))
+        else:
+            row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
+            row.update(train_epoch(net, data, opt, sched, loss_fn, aug, cfg, epoch, device, rank, world,
+                                   sample_weights=sample_weights))
         if rank == 0:
             row.update(validate(model, data, device), epoch_s=time.perf_counter() - t0)
             history.append(row)
@@ -202,10 +291,10 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
                 save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, best), out / "best.pt")
             rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
             save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, row, best=best,
-                                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng,
+                                            optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(), rng=rng,
                                             history=history), out / "last.pt")
             write_history(history, out)
-            print(f"fold {fold} epoch {epoch + 1}/{cfg['epochs']}: train loss {row['train_loss']:.4f} "
+            print(f"fold {fold} {'round' if cfg['federated'] else 'epoch'} {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.3f} "
                   f"bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
     if world > 1:
@@ -249,6 +338,14 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    f = p.add_argument_group("federated simulation (sites trained one after another, in this process)")
+    f.add_argument("--federated", default=d["federated"], choices=["fedavg", "fedprox"])
+    f.add_argument("--clients", type=int, default=d["clients"], help="simulated sites")
+    f.add_argument("--rounds", type=int, default=d["rounds"], help="communication rounds (replace --epochs)")
+    f.add_argument("--local-epochs", type=int, default=d["local_epochs"], help="epochs per site per round")
+    f.add_argument("--mu", type=float, default=d["mu"], help="FedProx proximal weight")
+    f.add_argument("--partition", default=d["partition"], choices=["iid", "dirichlet"], help="patients to sites")
+    f.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration (smaller: less IID)")
     return p.parse_args(argv)
 
 
@@ -260,6 +357,16 @@ def check_args(args) -> None:
         raise DataError(f"--lr {args.lr}: must be positive")
     if args.aug_device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--aug-device cuda: no CUDA device is available")
+    if args.federated:
+        for name in ("clients", "rounds", "local_epochs"):
+            if getattr(args, name) < 1:
+                raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+        if args.mu < 0:
+            raise DataError(f"--mu {args.mu}: the proximal weight cannot be negative")
+        if args.alpha <= 0:
+            raise DataError(f"--alpha {args.alpha}: must be positive")
+        if "RANK" in __import__("os").environ:
+            raise DataError("--federated simulates every site in one process: run it without torchrun")
 
 
 def run(args) -> list[dict]:

@@ -20,7 +20,7 @@ def _history(out):
 
 
 def test_training_beats_chance_on_test(trained, tmp_path):
-    m = evaluate(trained / "best.pt", tmp_path / "test")
+    m = evaluate(trained / "best.pt", tmp_path / "test")["softmax"]
     majority = max(np.bincount([list(m["per_class"]).index(c) for c, v in m["per_class"].items()
                                 for _ in range(v["support"])])) / m["n"]
     assert m["accuracy"] >= majority + 0.2, (m["accuracy"], majority)  # constant predictor: `majority`
