@@ -1,13 +1,11 @@
-from pathlib import Path
 
 import pytest
 import torch
 
-import augment
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, BatchAugment, augment_batch, eval_transform,
                      geometric, simclr_transform, to_input, train_transform, write_augmented)
 from conftest import assert_one_line_error, run_script
-from getData import SPLITS, DataError, index_split, list_classes, load_image, origin_stem, prepare
+from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
 
 
 def _batch(n=6, h=40, w=40, seed=0):

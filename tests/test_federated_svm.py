@@ -1,12 +1,11 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import train
 from conftest import assert_one_line_error, run_script, train_args
-from getData import index_split, list_classes, patient_id
+from getData import index_split, patient_id
 from models import checkpoint_dict, load_classifier, save_checkpoint
 from testing import evaluate
 

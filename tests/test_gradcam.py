@@ -2,13 +2,11 @@ import gc
 import hashlib
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-import gradcam
 from conftest import assert_one_line_error, run_script
 from gradcam import GradCAM, explain
 from getData import load_image
