@@ -177,7 +177,7 @@ def pretrain_epoch(net, images, aug, opt, sched, cfg, epoch, device, rank, world
     view_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, rank + 1))
     # Under DDP every rank needs the same batch shape for the gather; alone, a smaller last batch is fine.
     steps = list(batch_indices(len(images), cfg["batch_size"], order_gen, drop_last=world > 1))
-    total, count, start = 0.0, 0, time.perf_counter()
+    total, count, start = torch.zeros((), device=device), 0, time.perf_counter()  # summed on device: no sync
     for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0):
         x = images[idx[rank::world].to(images.device)]
         if len(x) < 2:
@@ -192,8 +192,8 @@ def pretrain_epoch(net, images, aug, opt, sched, cfg, epoch, device, rank, world
         loss.backward()
         opt.step()
         sched.step()
-        total, count = total + loss.item() * len(x), count + len(x)
-    return dict(loss=total / max(count, 1), images_per_s=count * world / (time.perf_counter() - start))
+        total, count = total + loss.detach() * len(x), count + len(x)
+    return dict(loss=total.item() / max(count, 1), images_per_s=count * world / (time.perf_counter() - start))
 
 
 def restore(out: Path, config: dict, model: SimCLR, opt, sched) -> tuple[int, list, float | None]:

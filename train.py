@@ -69,7 +69,7 @@ class FoldData:
         train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
         valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
         self.classes, self.train_paths = classes, train.paths
-        self.train_images, self.train_targets = train.images.to(aug_device), train.targets
+        self.train_images, self.train_targets = train.images.to(aug_device), train.targets.to(aug_device)
         self.valid_images, self.valid_targets = valid.images, valid.targets
 
 
@@ -83,12 +83,11 @@ def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoc
     aug_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, *stream, rank + 1))  # own views
     weights = sample_weights[pool] if sample_weights is not None else None
     steps = list(batch_indices(len(pool), cfg["batch_size"], order_gen, weights))
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: no sync per step
     start = time.perf_counter()
     for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or bool(stream)):
-        idx = pool[idx][rank::world]  # this rank's share of the global batch
-        x = data.train_images[idx.to(data.train_images.device)]
-        x = aug(x, aug_gen).to(device, non_blocking=True)
+        idx = pool[idx][rank::world].to(data.train_images.device, non_blocking=True)  # this rank's share
+        x = aug(data.train_images[idx], aug_gen).to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         y = data.train_targets[idx].to(device, non_blocking=True)
@@ -102,12 +101,12 @@ def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoc
         opt.step()
         if sched is not None:
             sched.step()
-        total += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
     if world > 1:
         dist.all_reduce(total)
-    seconds = time.perf_counter() - start
-    n = max(total[2].item(), 1)
-    return dict(train_loss=total[0].item() / n, train_acc=total[1].item() / n, train_images_per_s=n / seconds)
+    loss_sum, correct, n = total.tolist()
+    n = max(n, 1)
+    return dict(train_loss=loss_sum / n, train_acc=correct / n, train_images_per_s=n / (time.perf_counter() - start))
 
 
 # ----------------------------------------------------------------------------- federated simulation
@@ -250,7 +249,7 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
                         f"{cfg['batch_size']}; lower --batch-size")
     opt = sched = sites = None
     if cfg["federated"]:  # sites build their own optimizers each round; the LR follows a cosine over rounds
-        sites = split_sites(data.train_paths, data.train_targets, cfg["clients"], cfg["partition"], cfg["alpha"],
+        sites = split_sites(data.train_paths, data.train_targets.cpu(), cfg["clients"], cfg["partition"], cfg["alpha"],
                             cfg["seed"])
         config["site_sizes"] = [len(s) for s in sites]
     else:
@@ -264,10 +263,10 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
             print(f"fold {fold}: resuming after epoch {start} from {out}/last.pt")
     elif rank == 0:
         atomic_write(out / "config.json", json.dumps(config, indent=2))
-    weights = class_weights(data.train_targets, len(data.classes))
+    weights = class_weights(data.train_targets.cpu(), len(data.classes))  # sampling draws on the CPU
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if cfg["balance"] == "loss" else None,
                                         label_smoothing=cfg["label_smoothing"])
-    sample_weights = weights[data.train_targets] if cfg["balance"] == "sampler" else None
+    sample_weights = weights[data.train_targets.cpu()] if cfg["balance"] == "sampler" else None
     aug = BatchAugment(model.input_size, {} if cfg["no_augment"] else TRAIN_OPS)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
