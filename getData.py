@@ -257,7 +257,7 @@ class MSLDDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_root, fold: int, split: str, transform=None, *, cache_size: int | None = None,
                  return_path: bool = False, extra_dirs=(), classes=None):
-        self.folds_root = find_folds_root(data_root) if not _has_folds(Path(data_root)) else Path(data_root)
+        self.folds_root = find_folds_root(data_root)
         self.classes = classes or list_classes(self.folds_root)
         samples = index_split(self.folds_root, fold, split, self.classes, extra_dirs)
         if not samples:

@@ -68,9 +68,11 @@ class Predictor:
         self.worker = threading.Thread(target=self._loop, name="inference", daemon=True)
         self.worker.start()
 
-    def submit(self, image, gradcam=False) -> concurrent.futures.Future:
+    def submit(self, image, explain_it: bool = False) -> concurrent.futures.Future:
+        """Queue one decoded image; with `explain_it` the answer carries the Grad-CAM overlay PNG too.
+        The resize/crop happens here, in the request's thread, so preprocessing runs in parallel."""
         future = concurrent.futures.Future()
-        self.queue.put((image, gradcam, future))
+        self.queue.put((self.transform(image), image if explain_it else None, future))
         return future
 
     def _gather(self) -> list:
@@ -97,15 +99,15 @@ class Predictor:
     @torch.no_grad()
     def _run(self, batch) -> list[dict]:
         start = time.perf_counter()
-        x = torch.stack([self.transform(image) for image, _, _ in batch]).to(self.device)
+        x = torch.stack([x for x, _, _ in batch]).to(self.device)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             probs = self.model(x).float().softmax(1).cpu().numpy()
         results = [dict(probs=p, batch_size=len(batch), inference_ms=1000 * (time.perf_counter() - start))
                    for p in probs]
-        for (image, gradcam, _), r in zip(batch, results):
-            if gradcam:  # explained one by one: Grad-CAM needs a backward pass of its own
+        for (_, image, _), r in zip(batch, results):
+            if image is not None:  # explained one by one: Grad-CAM needs a backward pass of its own
                 _, png = explain(self.model, image, self.classes, self.device)
                 r["gradcam_png"] = base64.b64encode(png).decode()
         return results
@@ -231,7 +233,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except DataError as e:
             raise RequestError(413 if "limit" in str(e) else 400, str(e)) from None
         gradcam = parse_qs(url.query).get("gradcam", ["0"])[0] in ("1", "true", "yes")
-        result = self.predictor.submit(image, gradcam).result()
+        result = self.predictor.submit(image, explain_it=gradcam).result()
         answer = self.predictor.answer(result)
         answer["timing_ms"] = dict(total=1000 * (time.perf_counter() - started), inference=result["inference_ms"])
         self._json(200, answer)
