@@ -185,12 +185,13 @@ def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0):
     b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n)) for v in (brightness, contrast, saturation))
     if grey:
         s = torch.where(_coin(gen, n, grey), torch.zeros(n), s)  # saturation 0 is RandomGrayscale
-    w = torch.tensor(GREY)
-    mean_grey = torch.einsum("c,bc->b", w, x.mean((2, 3)).cpu()) * b  # mean luma after brightness
-    sat = s.view(-1, 1, 1) * torch.eye(3) + (1 - s).view(-1, 1, 1) * w.view(1, 1, 3)  # blend with grey
+    b, c, s = (v.to(x) for v in (b, c, s))
+    w = torch.tensor(GREY).to(x)
+    mean_grey = (x.mean((2, 3)) @ w) * b  # mean luma after brightness
+    sat = s.view(-1, 1, 1) * torch.eye(3).to(x) + (1 - s).view(-1, 1, 1) * w.view(1, 1, 3)  # blend with grey
     matrix = sat * (b * c).view(-1, 1, 1)
     offset = sat.sum(2) * ((1 - c) * mean_grey).view(-1, 1)  # contrast pulls towards the mean luma
-    y = torch.baddbmm(offset.to(x)[:, :, None], matrix.to(x), x.flatten(2))
+    y = torch.baddbmm(offset[:, :, None], matrix, x.flatten(2))
     return y.view_as(x).clamp_(0, 1)
 
 
@@ -229,13 +230,14 @@ def noise(x, gen, std, p):
 def cutout(x, gen, size, p):
     """One grey rectangle per image (DeVries & Taylor 2017), sides a random fraction of the image."""
     n, _, height, width = x.shape
-    sh, sw = _uniform(gen, n, *size) * height, _uniform(gen, n, *size) * width
+    sh, sw = (_uniform(gen, n, *size) * side for side in (height, width))
     cy, cx = _uniform(gen, n, 0, height), _uniform(gen, n, 0, width)
-    ys = torch.arange(height).view(1, -1, 1) + 0.5
-    xs = torch.arange(width).view(1, 1, -1) + 0.5
-    box = ((ys - cy.view(-1, 1, 1)).abs() < sh.view(-1, 1, 1) / 2) & ((xs - cx.view(-1, 1, 1)).abs() < sw.view(-1, 1, 1) / 2)
-    box &= _coin(gen, n, p).view(-1, 1, 1)
-    return torch.where(box[:, None].to(x.device), torch.full_like(x, 0.5), x)
+    use = _coin(gen, n, p)
+    sh, sw, cy, cx, use = (v.to(x.device).view(-1, 1, 1) for v in (sh, sw, cy, cx, use))
+    ys = torch.arange(height, device=x.device).view(1, -1, 1) + 0.5
+    xs = torch.arange(width, device=x.device).view(1, 1, -1) + 0.5
+    box = ((ys - cy).abs() < sh / 2) & ((xs - cx).abs() < sw / 2) & use
+    return torch.where(box[:, None], torch.full_like(x, 0.5), x)
 
 
 PIXEL_OPS = {"color": color, "gamma": gamma, "blur": blur, "noise": noise, "cutout": cutout}

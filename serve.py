@@ -316,7 +316,6 @@ def parse_args(argv=None):
     d = DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", default=d["checkpoint"], help="a best.pt (default: the newest under runs/)")
-    p.add_argument("--runs", default=d["runs"], help=argparse.SUPPRESS)
     p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
     p.add_argument("--port", type=int, default=d["port"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
@@ -333,7 +332,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        checkpoint = args.checkpoint or newest_checkpoint(args.runs)
+        checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
         predictor = Predictor(checkpoint, select_device(args.device), args.threshold, args.max_batch, args.max_wait_ms)
         if args.benchmark:
             benchmark(args, predictor)

@@ -101,7 +101,9 @@ def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoc
         opt.step()
         if sched is not None:
             sched.step()
-        total += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device)])
+        total[0] += loss.detach() * len(y)
+        total[1] += (logits.argmax(1) == y).sum()
+        total[2] += len(y)
     if world > 1:
         dist.all_reduce(total)
     loss_sum, correct, n = total.tolist()
