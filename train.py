@@ -300,7 +300,8 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
                   f"bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
     if world > 1:
         dist.barrier()
-    return dict(fold=fold, **{k: v for k, v in (best or {}).items() if k.startswith("valid") or k == "epoch"})
+    return dict(fold=fold, best_epoch=(best or {}).get("epoch"),
+                **{k: v for k, v in (best or {}).items() if k.startswith("valid")})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -389,7 +390,7 @@ def run(args) -> list[dict]:
             out = Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "")
             results.append(train_fold(cfg, k, Path(folds_root), out, device, rank, world))
         if rank == 0 and args.fold == "all":
-            table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "epoch"])
+            table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "best_epoch"])
             atomic_write(Path(cfg["out"]) / "summary.md",
                          f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
