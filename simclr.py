@@ -104,7 +104,7 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
     include_test. Returns (files, number of extra files excluded as Test images)."""
     classes = list_classes(folds_root)
     splits = ["Train", "Valid"] + (["Test"] if include_test else [])
-    files = [p for s in splits for p, _ in index_split(folds_root, fold, s, classes)]
+    files = [p for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
     test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]
     test_names, test_hashes = {p.stem for p in test}, {_sha1(p) for p in test}
     excluded = 0
@@ -135,12 +135,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20) -> float:
 class Monitor:
     """k-NN accuracy of the frozen encoder on the fold's Train -> Valid labels."""
 
-    def __init__(self, folds_root, fold, size, k):
+    def __init__(self, train_x, train_y, valid_x, valid_y, k: int):
+        self.train_x, self.train_y, self.valid_x, self.valid_y, self.k = train_x, train_y, valid_x, valid_y, k
+
+    @classmethod
+    def for_fold(cls, folds_root, fold: int, size: int, k: int, images=None):
+        """`images`: the decoded unlabeled set, which starts with the fold's Train then Valid images."""
         classes = list_classes(folds_root)
         train, valid = (index_split(folds_root, fold, s, classes) for s in ("Train", "Valid"))
-        self.train_x, self.valid_x = (decode_all([p for p, _ in s], size) for s in (train, valid))
-        self.train_y, self.valid_y = (torch.tensor([y for _, y in s]) for s in (train, valid))
-        self.k = k
+        if images is None:
+            images = decode_all([p for p, _ in train + valid], size)
+        labels = [torch.tensor([y for _, y in s]) for s in (train, valid)]
+        return cls(images[:len(train)], labels[0], images[len(train):len(train) + len(valid)], labels[1], k)
 
     def __call__(self, encoder, device) -> float:
         was_training = encoder.training
@@ -236,7 +242,7 @@ def _pretrain(cfg, folds_root, device, rank, world) -> dict:
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=world)
     size = resize_size(encoder.input_size)
     images = decode_all(files, size, desc="decode").to(device)
-    monitor = Monitor(folds_root, cfg["fold"], size, cfg["knn_k"]) if rank == 0 else None
+    monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rank == 0 else None
     opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
     steps = -(-len(files) // cfg["batch_size"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))

@@ -142,7 +142,7 @@ def test_unlabeled_images_leave_out_the_test_split(synthetic, tmp_path):
 def _mean_knn(synthetic, init):
     accs = []
     for fold in range(1, 6):
-        m = Monitor(synthetic, fold, resize_size(32), 5)
+        m = Monitor.for_fold(synthetic, fold, resize_size(32), 5)
         torch.manual_seed(0)
         enc = build_model("lenet", 6, init=init).eval()
         accs.append(knn_accuracy(embed(enc, m.train_x, torch.device("cpu")), m.train_y,
