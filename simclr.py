@@ -35,9 +35,9 @@ from tqdm import tqdm  # noqa: E402
 from augment import SIMCLR_OPS, BatchAugment  # noqa: E402
 from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, batch_indices, decode_all, derived_seed,  # noqa: E402
                      index_split, list_classes, origin_stem, resize_size, resolve_data_root, set_seed)
-from models import (OPTIMIZERS, ModelError, autocast, build_model, checkpoint_dict, load_checkpoint,  # noqa: E402
-                    make_optimizer, save_checkpoint, select_device, setup_distributed, to_device, unwrap,
-                    warmup_cosine)
+from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
+                    load_checkpoint, make_optimizer, save_checkpoint, select_device, setup_distributed,
+                    to_device, unwrap, warmup_cosine)
 from testing import embed  # noqa: E402
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
@@ -204,11 +204,7 @@ def pretrain_epoch(net, images, aug, opt, sched, cfg, epoch, device, rank, world
 
 def restore(out: Path, config: dict, model: SimCLR, opt, sched) -> tuple[int, list, float | None]:
     ckpt = load_checkpoint(out / "last.pt")
-    changed = [k for k in config if k not in RUNTIME_KEYS and ckpt["config"].get(k) != config[k]]
-    if changed:
-        k = changed[0]
-        raise DataError(f"{out}/last.pt: --{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
-                        "resume with the run's original arguments")
+    check_resumable(ckpt, config, RUNTIME_KEYS, out / "last.pt")
     model.encoder.backbone.load_state_dict(ckpt["state_dict"])
     model.projector.load_state_dict(ckpt["projector"])
     opt.load_state_dict(ckpt["optimizer"])

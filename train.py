@@ -33,9 +33,9 @@ from tqdm import tqdm  # noqa: E402
 from augment import TRAIN_OPS, BatchAugment  # noqa: E402
 from getData import (FOLDS, DataError, MSLDDataset, atomic_write, batch_indices, derived_seed,  # noqa: E402
                      list_classes, patient_id, resize_size, resolve_data_root, set_seed)
-from models import (OPTIMIZERS, ModelError, autocast, build_model, checkpoint_dict, load_checkpoint,  # noqa: E402
-                    make_optimizer, save_checkpoint, select_device, setup_distributed, to_device, unwrap,
-                    warmup_cosine)
+from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
+                    load_checkpoint, make_optimizer, save_checkpoint, select_device, setup_distributed,
+                    to_device, unwrap, warmup_cosine)
 from testing import classification_metrics, mean_std_table, predict  # noqa: E402
 
 DEFAULTS = dict(
@@ -221,12 +221,7 @@ def write_history(history: list[dict], out: Path) -> None:
 def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict | None, list]:
     """Restore model, optimizer, scheduler and RNG from out/last.pt; refuse a different configuration."""
     ckpt = load_checkpoint(out / "last.pt")
-    saved = ckpt["config"]
-    changed = [k for k in config if k not in RUNTIME_KEYS and saved.get(k) != config[k]]
-    if changed:
-        k = changed[0]
-        raise DataError(f"{out}/last.pt: --{k.replace('_', '-')} was {saved.get(k)!r}, now {config[k]!r}; "
-                        "resume with the run's original arguments")
+    check_resumable(ckpt, config, RUNTIME_KEYS, out / "last.pt")
     unwrap(model).load_state_dict(ckpt["state_dict"])
     if opt is not None:  # (federated runs keep no global optimizer)
         opt.load_state_dict(ckpt["optimizer"])

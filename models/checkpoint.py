@@ -45,6 +45,15 @@ def save_checkpoint(ckpt: dict, path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
+    """--resume continues the same computation: every setting but where it runs must match."""
+    changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise ModelError(f"{path}: --{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
+                         "resume with the run's original arguments")
+
+
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():

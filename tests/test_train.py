@@ -10,7 +10,7 @@ import torch
 import train
 from conftest import REPO, assert_one_line_error, run_script, train_args
 from getData import list_classes
-from models import build_model, checkpoint_dict, save_checkpoint, warmup_cosine
+from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
 
 
@@ -81,7 +81,7 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_arguments(synthetic, tmp_path):
     assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1)) == 0
-    with pytest.raises(Exception, match="--lr was 0.002, now 0.1"):
+    with pytest.raises(ModelError, match="--lr was 0.002, now 0.1"):
         train.run(train.parse_args(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--lr", 0.1, "--resume")))
 
 
