@@ -182,7 +182,8 @@ def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0):
     """
     n = x.shape[0]
     use = _coin(gen, n, p)
-    b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n)) for v in (brightness, contrast, saturation))
+    b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n))
+               for v in (brightness, contrast, saturation))
     if grey:
         s = torch.where(_coin(gen, n, grey), torch.zeros(n), s)  # saturation 0 is RandomGrayscale
     b, c, s = (v.to(x) for v in (b, c, s))

@@ -162,7 +162,8 @@ def _png(fig) -> bytes:
 
 def write_figures(results, names, classes, out: Path, target=None) -> None:
     for (probs, over, shown), name in zip(results, names):
-        atomic_write(out / f"{Path(name).stem}_gradcam.png", _png(_figure(shown, over, probs, classes, target, Path(name).name)))
+        fig = _figure(shown, over, probs, classes, target, Path(name).name)
+        atomic_write(out / f"{Path(name).stem}_gradcam.png", _png(fig))
     cols = min(6, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)

@@ -61,8 +61,9 @@ class Predictor:
         self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
         self.transform = eval_transform(model.input_size)
         self.data_root = ckpt["config"].get("data_root")
+        digest = hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12]
         self.info = dict(model=ckpt["model"], classes=self.classes, input_size=model.input_size,
-                         checkpoint=str(checkpoint), checkpoint_id=hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12],
+                         checkpoint=str(checkpoint), checkpoint_id=digest,
                          fold=ckpt.get("fold"), threshold=threshold)
         self.queue: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._loop, name="inference", daemon=True)
@@ -225,7 +226,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ctype = self.headers.get("Content-Type", "")
         kind = ctype.split(";")[0].strip().lower()
         if not (kind.startswith("image/") or kind in ("application/octet-stream", "multipart/form-data")):
-            raise RequestError(415, f"Content-Type {kind or '(none)'}: send image/jpeg, image/png, ... or multipart/form-data")
+            raise RequestError(415, f"Content-Type {kind or '(none)'}: send image/jpeg, image/png, ... "
+                                    "or multipart/form-data")
         body = self._read_body()
         data = image_from_multipart(body, ctype) if kind == "multipart/form-data" else body
         try:

@@ -29,7 +29,8 @@ from sklearn.svm import SVC  # noqa: E402
 from augment import to_input  # noqa: E402
 from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, atomic_write, find_folds_root,  # noqa: E402
                      resize_size)
-from models import ModelError, autocast, build_model, load_checkpoint, load_classifier, select_device, to_device  # noqa: E402
+from models import (ModelError, autocast, build_model, load_checkpoint, load_classifier, select_device,  # noqa: E402
+                    to_device)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None,
                 batch_size=64, device="auto", svm=False)

@@ -112,7 +112,8 @@ def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoc
 
 
 # ----------------------------------------------------------------------------- federated simulation
-def split_sites(paths, targets: torch.Tensor, clients: int, partition: str, alpha: float, seed: int) -> list[torch.Tensor]:
+def split_sites(paths, targets: torch.Tensor, clients: int, partition: str, alpha: float,
+                seed: int) -> list[torch.Tensor]:
     """Train indices per simulated site, whole patients only.
 
     iid: patients dealt out at random. dirichlet: per class, site shares drawn from Dir(alpha)
@@ -218,6 +219,18 @@ def write_history(history: list[dict], out: Path) -> None:
     atomic_write(out / "curves.png", png.getvalue())
 
 
+def save_epoch(model, classes, config, history, best, opt, sched, out: Path) -> None:
+    """After each epoch (rank 0): best.pt when Valid improved, last.pt always, history and curves."""
+    row = history[-1]
+    if best is row:
+        save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], best), out / "best.pt")
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row, best=best, rng=rng,
+                                    optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(),
+                                    history=history), out / "last.pt")
+    write_history(history, out)
+
+
 def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict | None, list]:
     """Restore model, optimizer, scheduler and RNG from out/last.pt; refuse a different configuration."""
     ckpt = load_checkpoint(out / "last.pt")
@@ -282,17 +295,12 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
         if rank == 0:
             row.update(validate(model, data, device), epoch_s=time.perf_counter() - t0)
             history.append(row)
-            if is_better(row, best):
-                best = row
-                save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, best), out / "best.pt")
-            rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else [])
-            save_checkpoint(checkpoint_dict(model, "classifier", data.classes, config, epoch + 1, row, best=best,
-                                            optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(), rng=rng,
-                                            history=history), out / "last.pt")
-            write_history(history, out)
-            print(f"fold {fold} {'round' if cfg['federated'] else 'epoch'} {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f} "
-                  f"acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.3f} "
-                  f"bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
+            best = row if is_better(row, best) else best
+            save_epoch(model, data.classes, config, history, best, opt, sched, out)
+            print(f"fold {fold} {'round' if cfg['federated'] else 'epoch'} {epoch + 1}/{epochs}: "
+                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss "
+                  f"{row['valid_loss']:.4f} acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | "
+                  f"{row['train_images_per_s']:.0f} img/s")
     if world > 1:
         dist.barrier()
     return dict(fold=fold, best_epoch=(best or {}).get("epoch"),

@@ -8,6 +8,6 @@ from models.lenet import LeNet
 from models.optim import LARS, OPTIMIZERS, make_optimizer, warmup_cosine
 from models.runtime import autocast, select_device, setup_distributed, to_device
 
-__all__ = ["MODEL_NAMES", "Classifier", "ModelError", "build_model", "check_resumable", "checkpoint_dict", "load_checkpoint",
-           "load_classifier", "save_checkpoint", "unwrap", "LeNet", "autocast", "select_device", "to_device", "LARS", "OPTIMIZERS", "make_optimizer",
-           "warmup_cosine", "setup_distributed"]
+__all__ = ["MODEL_NAMES", "Classifier", "ModelError", "build_model", "check_resumable", "checkpoint_dict",
+           "load_checkpoint", "load_classifier", "save_checkpoint", "unwrap", "LeNet", "autocast", "select_device",
+           "to_device", "LARS", "OPTIMIZERS", "make_optimizer", "warmup_cosine", "setup_distributed"]
