@@ -339,6 +339,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if not 0 <= args.port <= 65535:
+            raise DataError(f"--port {args.port}: must be between 0 and 65535")
         checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
         predictor = Predictor(checkpoint, select_device(args.device), args.threshold, args.max_batch, args.max_wait_ms)
         if args.benchmark:
