@@ -366,10 +366,10 @@ PAGE = """<!doctype html>
 <title>Skin lesion check</title>
 <style>
  body{font-family:system-ui,sans-serif;max-width:640px;margin:0 auto;padding:1rem;color:#222}
- h1{font-size:1.3rem} #drop{border:2px dashed #888;border-radius:12px;padding:1.5rem;text-align:center;cursor:pointer}
+ h1{font-size:1.3rem} #drop{display:block;border:2px dashed #888;border-radius:12px;padding:1.5rem;text-align:center;cursor:pointer}
  #drop.over{background:#eef} img{max-width:100%;border-radius:8px} .row{display:flex;align-items:center;gap:.5rem;margin:.2rem 0}
  .name{width:7.5rem;font-size:.9rem} .bar{flex:1;background:#eee;border-radius:4px;height:1rem}
- .fill{background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
+ .fill{display:block;background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
  #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
  small{color:#666}

@@ -207,6 +207,8 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
             state = browser.call("Runtime.evaluate", sid, returnByValue=True, expression=(
                 "({shown: !document.getElementById('result').hidden, label: document.getElementById('label').textContent,"
                 " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
+                " fill: (document.querySelector('#bars .fill') || {getBoundingClientRect: () => ({width: 0})})"
+                ".getBoundingClientRect().width,"
                 " error: document.getElementById('error').textContent})"))["result"]["value"]
             if state["shown"] or state["error"]:
                 break
@@ -214,5 +216,5 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
     finally:
         browser.close()
     assert state["shown"] and not state["error"], state
-    assert state["bars"] == 6 and state["cam"] > 1000
+    assert state["bars"] == 6 and state["cam"] > 1000 and state["fill"] > 0  # the top bar is drawn
     assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))
