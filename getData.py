@@ -341,7 +341,7 @@ def _check_readable(records):
     items = [f"{r['path']}: {broken[r['hash']].split(': ', 1)[-1]}" for r in records if r["hash"] in broken]
     ext = [str(r["path"]) for r in records if r["path"].suffix.lower() not in IMAGE_EXTENSIONS]
     return _check("readable images", not items, f"{len(items)} unreadable file(s), {len(ext)} non-image name(s)",
-                  items + [f"{p}: not an image extension" for p in ext]), {r["hash"] for r in records if r["hash"] in broken}
+                  items + [f"{p}: not an image extension" for p in ext])
 
 
 def _check_duplicates(records):
@@ -441,8 +441,7 @@ def audit(folds_root, aug_dirs: dict | None = None) -> dict:
     folds_root = Path(folds_root)
     classes = list_classes(folds_root)
     records = _scan(folds_root, aug_dirs)
-    readable, _ = _check_readable(records)
-    checks = [readable, _check_duplicates(records), _check_patients(records), _check_test_folds(records),
+    checks = [_check_readable(records), _check_duplicates(records), _check_patients(records), _check_test_folds(records),
               _check_prefixes(records), _check_augmented(records)]
     problems = structure_problems(folds_root, classes)
     return dict(folds_root=str(folds_root), synthetic=is_synthetic(folds_root), classes=classes,
