@@ -441,13 +441,11 @@ def audit(folds_root, aug_dirs: dict | None = None) -> dict:
     folds_root = Path(folds_root)
     classes = list_classes(folds_root)
     records = _scan(folds_root, aug_dirs)
-    checks = [_check_readable(records), _check_duplicates(records), _check_patients(records), _check_test_folds(records),
-              _check_prefixes(records), _check_augmented(records)]
-    problems = structure_problems(folds_root, classes)
+    checks = [_check_readable(records), _check_duplicates(records), _check_patients(records),
+              _check_test_folds(records), _check_prefixes(records), _check_augmented(records)]
+    problems = structure_problems(folds_root, classes)  # none: every split of every fold has every class
     return dict(folds_root=str(folds_root), synthetic=is_synthetic(folds_root), classes=classes,
-                counts=count_table(folds_root, classes), checks=checks, problems=problems,
-                usable=not problems and any(c for f in count_table(folds_root, classes).values()
-                                            for s in f.values() for c in s.values()))
+                counts=count_table(folds_root, classes), checks=checks, problems=problems, usable=not problems)
 
 
 def format_report(report: dict) -> str:
@@ -738,8 +736,7 @@ def main(argv=None) -> int:
         if args.report:
             atomic_write(args.report, json.dumps(report, indent=2, default=str))
         if not report["usable"]:
-            print(f"error: dataset not usable: {report['problems'][0] if report['problems'] else 'no images'}",
-                  file=sys.stderr)
+            print(f"error: dataset not usable: {report['problems'][0]}", file=sys.stderr)
             return 2
         return 0
     except DataError as e:
