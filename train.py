@@ -272,6 +272,8 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
         if rank == 0:
             print(f"fold {fold}: resuming after epoch {start} from {out}/last.pt")
     elif rank == 0:
+        if cfg["resume"]:
+            print(f"fold {fold}: no {out}/last.pt to resume from: starting it")
         atomic_write(out / "config.json", json.dumps(config, indent=2))
     weights = class_weights(data.train_targets.cpu(), len(data.classes))  # sampling draws on the CPU
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if cfg["balance"] == "loss" else None,
