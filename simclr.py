@@ -36,8 +36,8 @@ from augment import SIMCLR_OPS, BatchAugment  # noqa: E402
 from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, batch_indices, decode_all, derived_seed,  # noqa: E402
                      index_split, list_classes, origin_stem, resize_size, resolve_data_root, set_seed)
 from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
-                    load_checkpoint, make_optimizer, save_checkpoint, select_device, setup_distributed,
-                    to_device, unwrap, warmup_cosine)
+                    load_checkpoint, make_optimizer, restore_rng, rng_state, save_checkpoint, select_device,
+                    setup_distributed, to_device, unwrap, warmup_cosine)
 from testing import embed  # noqa: E402
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
@@ -209,7 +209,7 @@ def restore(out: Path, config: dict, model: SimCLR, opt, sched) -> tuple[int, li
     model.projector.load_state_dict(ckpt["projector"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
+    restore_rng(ckpt["rng"])
     return ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
 
 
@@ -266,10 +266,9 @@ def _pretrain(cfg, folds_root, device, rank, world) -> dict:
         history.append(row)
         metric = {"loss": row["loss"], "knn_acc_start": knn_start,
                   "knn_acc": next((h["knn_acc"] for h in reversed(history) if h["knn_acc"] is not None), None)}
-        rng = dict(torch=torch.get_rng_state())
         save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric,
                                         projector=unwrap(model).projector.state_dict(), optimizer=opt.state_dict(),
-                                        scheduler=sched.state_dict(), rng=rng, history=history), out / "last.pt")
+                                        scheduler=sched.state_dict(), rng=rng_state(), history=history), out / "last.pt")
         save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric), out / "encoder.pt")
         write_history(history, out)
         knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""

@@ -34,8 +34,8 @@ from augment import TRAIN_OPS, BatchAugment  # noqa: E402
 from getData import (FOLDS, DataError, MSLDDataset, atomic_write, batch_indices, derived_seed,  # noqa: E402
                      list_classes, patient_id, resize_size, resolve_data_root, set_seed)
 from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
-                    load_checkpoint, make_optimizer, save_checkpoint, select_device, setup_distributed,
-                    to_device, unwrap, warmup_cosine)
+                    load_checkpoint, make_optimizer, restore_rng, rng_state, save_checkpoint, select_device,
+                    setup_distributed, to_device, unwrap, warmup_cosine)
 from testing import classification_metrics, mean_std_table, predict  # noqa: E402
 
 DEFAULTS = dict(
@@ -61,16 +61,17 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- one fold
 class FoldData:
-    """The fold's Train and Valid images, decoded once; Train lives on the augmentation device."""
+    """The fold's Train and Valid images, decoded once and moved once: Train to the augmentation
+    device, Valid to the training device."""
 
-    def __init__(self, folds_root, fold: int, input_size: int, aug_device, aug_dirs=()):
+    def __init__(self, folds_root, fold: int, input_size: int, device, aug_device, aug_dirs=()):
         classes = list_classes(folds_root)
         size = resize_size(input_size)
         train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
         valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
         self.classes, self.train_paths = classes, train.paths
         self.train_images, self.train_targets = train.images.to(aug_device), train.targets.to(aug_device)
-        self.valid_images, self.valid_targets = valid.images, valid.targets
+        self.valid_images, self.valid_targets = valid.images.to(device), valid.targets
 
 
 def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoch: int, device,
@@ -224,10 +225,9 @@ def save_epoch(model, classes, config, history, best, opt, sched, out: Path) -> 
     row = history[-1]
     if best is row:
         save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], best), out / "best.pt")
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row, best=best, rng=rng,
-                                    optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(),
-                                    history=history), out / "last.pt")
+    save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row, best=best,
+                                    rng=rng_state(), optimizer=opt and opt.state_dict(),
+                                    scheduler=sched and sched.state_dict(), history=history), out / "last.pt")
     write_history(history, out)
 
 
@@ -239,9 +239,7 @@ def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict 
     if opt is not None:  # (federated runs keep no global optimizer)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    restore_rng(ckpt["rng"])
     return ckpt["epoch"], ckpt.get("best"), ckpt.get("history", [])
 
 
@@ -251,7 +249,7 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0
     set_seed(cfg["seed"])
     model = to_device(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"], cfg["input_size"]), device)
     aug_device = device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
-    data = FoldData(folds_root, fold, model.input_size, aug_device, cfg["aug_dir"] or ())
+    data = FoldData(folds_root, fold, model.input_size, device, aug_device, cfg["aug_dir"] or ())
     config["classes"] = data.classes
     steps_per_epoch = len(data.train_targets) // cfg["batch_size"]
     if steps_per_epoch == 0:

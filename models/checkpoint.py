@@ -45,6 +45,18 @@ def save_checkpoint(ckpt: dict, path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def rng_state() -> dict:
+    """The global torch RNGs (CPU and every CUDA device) for last.pt: dropout draws from them."""
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
     """--resume continues the same computation: every setting but where it runs must match."""
     changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
