@@ -1,43 +1,51 @@
-"""Every transform in the project, and an offline writer of augmented copies.
+"""Every random transform in the project, and an offline writer of augmented copies.
 
     python augment.py --data-root PATH --fold 1 --factor 5 --out data/aug/fold1   # N copies per Train image
     python augment.py --data-root PATH --fold 1 --balance --out data/aug/fold1-bal  # top classes up
     python augment.py --benchmark --data-root PATH                                  # images/s table
 
-Two implementations of the same random augmentations, drawing from the same parameter ranges:
+Two implementations of the same random augmentations, drawing from one table of parameters:
 - per image, with torchvision.transforms.v2 (`train_transform`, `simclr_transform`), for DataLoaders;
 - per batch, on uint8 tensors already on the device (`BatchAugment`), so that with the decoded
   dataset on the GPU an epoch needs no CPU work per image. train.py and simclr.py use this one.
-Colour changes stay mild and never rotate hue: lesion colour is diagnostic.
+Colour changes stay mild and never rotate hue: lesion colour is diagnostic. The deterministic
+evaluation view (centre crop, normalisation) belongs to the networks: models/predict.py.
 """
 import argparse
 import math
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from getData import (AUG_TAG, DataError, MSLDDataset, decode_all, derived_seed, find_folds_root, index_split,
-                     list_classes, load_image, prepare, resize_size, seed_worker)
+from getData import (AUG_TAG, DataError, MSLDDataset, atomic_path, decode_all, find_folds_root, index_split,
+                     list_classes, load_image, run_main)
+from models import MEAN, STD, derived_seed, normalize, resize_size, seed_worker, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64)
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: torchvision's pretrained weights expect them
-STD = (0.229, 0.224, 0.225)
+# TrivialAugment (Müller & Hutter 2021): each image gets one operation, at a strength drawn uniformly
+# from [0, max] (signed ops: either direction). Geometry as its "wide" space (rotation narrower, shear
+# as a factor); colour capped at +-0.5, and no hue, solarize or equalize, which remap colours per
+# channel. Values: the largest strength of each operation.
+TRIVIAL_OPS = dict(identity=0.0, rotate=90.0, shear_x=0.5, shear_y=0.5, translate_x=0.15, translate_y=0.15,
+                   brightness=0.5, contrast=0.5, saturation=0.5, sharpness=0.9, posterize=4, autocontrast=1.0)
+UNSIGNED = ("identity", "posterize", "autocontrast")
 
 # Supervised training: crops keep >= 70% of the lesion area; lesions have no canonical orientation.
 TRAIN_OPS = dict(crop=dict(scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)), hflip=dict(p=0.5), vflip=dict(p=0.5),
                  color=dict(brightness=0.2, contrast=0.2, saturation=0.2, p=1.0))
+# The wider set: the same crop and flips, then one TrivialAugment operation instead of colour jitter.
+TRIVIAL_TRAIN_OPS = dict(crop=TRAIN_OPS["crop"], hflip=dict(p=0.5), vflip=dict(p=0.5), trivial=TRIVIAL_OPS)
 # SimCLR (Chen et al. 2020, appendix A): crop + flip + colour jitter (p=0.8) + greyscale (p=0.2) + blur
 # (p=0.5, sigma 0.1-2.0). Milder than the paper: crop scale from 0.2 (paper 0.08), jitter 0.4 (paper 0.8),
 # no hue rotation. The paper's 20% greyscale views stay: without them two crops are matched by skin tone
@@ -50,48 +58,63 @@ OFFLINE_OPS = dict(noise=dict(std=(0.0, 0.05), p=0.5), crop=dict(scale=(0.6, 1.0
                    affine=dict(degrees=20.0, shear=10.0, translate=0.1, scale=(0.9, 1.1), p=0.5),
                    cutout=dict(size=(0.1, 0.3), p=0.5), hflip=dict(p=0.5), vflip=dict(p=0.5),
                    gamma=dict(gamma=(0.7, 1.5), p=0.5), blur=dict(sigma=(0.3, 1.5), p=0.5))
+TRAIN_AUGMENTS = dict(basic=TRAIN_OPS, trivial=TRIVIAL_TRAIN_OPS, none={})
 
 
 # ----------------------------------------------------------------------------- per-image (torchvision)
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Float [0, 1] (B, 3, H, W) -> normalised with the ImageNet mean/std."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean).div_(std)
+class TrivialAugment:
+    """TRIVIAL_OPS on one float image in [0, 1] (C, H, W), with torchvision's functional ops."""
 
+    def __init__(self, ops: dict = TRIVIAL_OPS):
+        self.ops = ops
 
-def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    return x[..., top:top + size, left:left + size]
-
-
-def to_input(x_uint8: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation on cached uint8 images (B, 3, S', S'): centre crop to `size`, scale, normalise."""
-    return normalize(center_crop(x_uint8, size).float().div_(255))
-
-
-def eval_transform(size: int):
-    """PIL image -> model input: the same resize/crop as the cache, so files and cache agree exactly."""
-    return lambda im: to_input(prepare(im, resize_size(size))[None], size)[0]
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        name = list(self.ops)[int(torch.randint(len(self.ops), ()))]
+        s = float(torch.rand(())) * self.ops[name]
+        if name not in UNSIGNED and torch.rand(()) < 0.5:
+            s = -s
+        h, w = img.shape[-2:]
+        none = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0])
+        if name == "rotate":
+            return TF.affine(img, **{**none, "angle": s})
+        if name in ("shear_x", "shear_y"):
+            shear = math.degrees(math.atan(s))
+            return TF.affine(img, **{**none, "shear": [shear, 0.0] if name == "shear_x" else [0.0, shear]})
+        if name in ("translate_x", "translate_y"):
+            shift = [round(s * w), 0] if name == "translate_x" else [0, round(s * h)]
+            return TF.affine(img, **{**none, "translate": shift})
+        if name in ("brightness", "contrast", "saturation", "sharpness"):
+            return getattr(TF, f"adjust_{name}")(img, 1 + s)
+        if name == "posterize":
+            bits = 8 - round(s)
+            return TF.to_dtype(TF.posterize(TF.to_dtype(img, torch.uint8, scale=True), bits), torch.float32, scale=True)
+        if name == "autocontrast":
+            return TF.autocontrast(img)
+        return img
 
 
 def _v2_ops(size: int, ops: dict) -> list:
-    crop, color = ops["crop"], ops["color"]
-    jitter = v2.ColorJitter(color["brightness"], color["contrast"], color["saturation"])
+    crop = ops["crop"]
     out = [v2.RandomResizedCrop(size, scale=crop["scale"], ratio=crop["ratio"], antialias=True),
            v2.RandomHorizontalFlip(ops["hflip"]["p"]), v2.RandomVerticalFlip(ops["vflip"]["p"]),
-           v2.ToDtype(torch.float32, scale=True), v2.RandomApply([jitter], p=color["p"])]
-    if color.get("grey"):
-        out.append(v2.RandomGrayscale(color["grey"]))
+           v2.ToDtype(torch.float32, scale=True)]
+    if "color" in ops:
+        color = ops["color"]
+        jitter = v2.ColorJitter(color["brightness"], color["contrast"], color["saturation"])
+        out.append(v2.RandomApply([jitter], p=color["p"]))
+        if color.get("grey"):
+            out.append(v2.RandomGrayscale(color["grey"]))
+    if "trivial" in ops:
+        out.append(TrivialAugment(ops["trivial"]))
     if "blur" in ops:
         sigma = ops["blur"]["sigma"]
         out.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(sigma[1], size), sigma)], p=ops["blur"]["p"]))
     return out
 
 
-def train_transform(size: int):
+def train_transform(size: int, ops: dict = TRAIN_OPS):
     """Per-image training augmentation (PIL or uint8 tensor in): the DataLoader counterpart of BatchAugment."""
-    return v2.Compose([v2.ToImage(), *_v2_ops(size, TRAIN_OPS), v2.Normalize(MEAN, STD)])
+    return v2.Compose([v2.ToImage(), *_v2_ops(size, ops), v2.Normalize(MEAN, STD)])
 
 
 class TwoViews:
@@ -135,8 +158,19 @@ def _crop_boxes(gen, n, scale, ratio, tries=10):
     return w, h, cx, cy
 
 
-def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=None):
-    """Crop-and-resize, rotation/shear/translation/zoom and flips, composed into one grid_sample per batch."""
+def _random_affine(gen, n, degrees, shear, translate, scale, p) -> dict:
+    """RandomAffine's parameters per image (radians, [-1, 1] coordinates), identity where not applied."""
+    use = _coin(gen, n, p).float()
+    return dict(angle=use * torch.deg2rad(_uniform(gen, n, -degrees, degrees)),
+                shear_x=use * torch.tan(torch.deg2rad(_uniform(gen, n, -shear, shear))),
+                zoom=1 + use * (_uniform(gen, n, *scale) - 1),
+                tx=use * _uniform(gen, n, -2 * translate, 2 * translate),
+                ty=use * _uniform(gen, n, -2 * translate, 2 * translate))
+
+
+def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=None, moves=None):
+    """Crop-and-resize, rotation/shear/translation/zoom and flips, composed into one grid_sample per batch.
+    `moves`: per-image affine parameters drawn elsewhere (TrivialAugment's), added to RandomAffine's."""
     n, _, height, width = x.shape
     out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else (out_size or (height, width))
     one, zero = torch.ones(n), torch.zeros(n)
@@ -145,23 +179,21 @@ def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=N
         w2, h2, cx2, cy2 = _crop_boxes(gen, n, crop["scale"], crop["ratio"])
         use = _coin(gen, n, crop.get("p", 1.0))
         w, h, cx, cy = (torch.where(use, a, b) for a, b in ((w2, w), (h2, h), (cx2, cx), (cy2, cy)))
-    angle, shear, zoom, tx, ty = zero, zero, one, zero, zero
-    if affine:
-        use = _coin(gen, n, affine["p"]).float()
-        angle = use * torch.deg2rad(_uniform(gen, n, -affine["degrees"], affine["degrees"]))
-        shear = use * torch.deg2rad(_uniform(gen, n, -affine["shear"], affine["shear"]))
-        zoom = 1 + use * (_uniform(gen, n, *affine["scale"]) - 1)
-        tx, ty = (use * _uniform(gen, n, -2 * affine["translate"], 2 * affine["translate"]) for _ in range(2))
+    m = dict(angle=zero, shear_x=zero, shear_y=zero, zoom=one, tx=zero, ty=zero)
+    for extra in (_random_affine(gen, n, **affine) if affine else {}, moves or {}):
+        for k, v in extra.items():
+            m[k] = m[k] * v if k == "zoom" else m[k] + v
     fx = torch.where(_coin(gen, n, hflip["p"]), -one, one) if hflip else one
     fy = torch.where(_coin(gen, n, vflip["p"]), -one, one) if vflip else one
     # Output coords u (normalised [-1, 1]) -> input coords: c + D^-1 R Sh D diag(w, h) F u / zoom,
-    # with D = diag(aspect, 1) so rotations are rigid in pixels on non-square images.
+    # with D = diag(aspect, 1) so rotations and shears are rigid in pixels on non-square images.
     aspect = width / height
-    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+    cos, sin = torch.cos(m["angle"]), torch.sin(m["angle"])
     rot = torch.stack([torch.stack([cos, -sin / aspect], -1), torch.stack([sin * aspect, cos], -1)], 1)  # D^-1 R D
-    rot = rot @ torch.stack([torch.stack([one, tan / aspect], -1), torch.stack([zero, one], -1)], 1)  # shear
-    lin = rot * torch.stack([w * fx, h * fy], -1)[:, None, :] / zoom[:, None, None]
-    theta = torch.cat([lin, torch.stack([cx + tx, cy + ty], -1)[:, :, None]], 2).to(x)
+    shear = torch.stack([torch.stack([one, m["shear_x"] / aspect], -1),
+                         torch.stack([m["shear_y"] * aspect, one], -1)], 1)
+    lin = rot @ shear * torch.stack([w * fx, h * fy], -1)[:, None, :] / m["zoom"][:, None, None]
+    theta = torch.cat([lin, torch.stack([cx + m["tx"], cy + m["ty"]], -1)[:, :, None]], 2).to(x)
     grid = F.affine_grid(theta, [n, x.shape[1], out_h, out_w], align_corners=False)
     return grid_sample(x, grid)
 
@@ -174,18 +206,10 @@ def grid_sample(x, grid):
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, with torchvision's rounding
 
 
-def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0):
-    """ColorJitter without hue, as one per-image 3x3 colour matrix and offset (a single pass).
-
-    torchvision's formulas in the order brightness, contrast, saturation; it clamps after each step,
-    we clamp once at the end (differs only for pixels pushed past white and back).
-    """
-    n = x.shape[0]
-    use = _coin(gen, n, p)
-    b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n))
-               for v in (brightness, contrast, saturation))
-    if grey:
-        s = torch.where(_coin(gen, n, grey), torch.zeros(n), s)  # saturation 0 is RandomGrayscale
+def color_matrix(x, b, c, s):
+    """Brightness b, contrast c, saturation s (per image; 1 = unchanged) as one 3x3 colour matrix and
+    offset per image: a single pass. torchvision's formulas in that order; it clamps after each step,
+    we clamp once at the end (differs only for pixels pushed past white and back)."""
     b, c, s = (v.to(x) for v in (b, c, s))
     w = torch.tensor(GREY).to(x)
     mean_grey = (x.mean((2, 3)) @ w) * b  # mean luma after brightness
@@ -194,6 +218,17 @@ def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0):
     offset = sat.sum(2) * ((1 - c) * mean_grey).view(-1, 1)  # contrast pulls towards the mean luma
     y = torch.baddbmm(offset[:, :, None], matrix, x.flatten(2))
     return y.view_as(x).clamp_(0, 1)
+
+
+def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0):
+    """ColorJitter without hue (and RandomGrayscale, as saturation 0)."""
+    n = x.shape[0]
+    use = _coin(gen, n, p)
+    b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n))
+               for v in (brightness, contrast, saturation))
+    if grey:
+        s = torch.where(_coin(gen, n, grey), torch.zeros(n), s)  # saturation 0 is RandomGrayscale
+    return color_matrix(x, b, c, s)
 
 
 def gamma(x, gen, gamma, p):
@@ -241,6 +276,57 @@ def cutout(x, gen, size, p):
     return torch.where(box[:, None], torch.full_like(x, 0.5), x)
 
 
+# ----------------------------------------------------------------------------- TrivialAugment, batched
+def trivial_draw(gen, n, ops: dict = TRIVIAL_OPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: which operation (index into `ops`) and its signed strength."""
+    names = list(ops)
+    which = torch.randint(len(names), (n,), generator=gen)
+    strength = torch.rand(n, generator=gen) * torch.tensor([float(ops[k]) for k in names])[which]
+    signed = torch.tensor([k not in UNSIGNED for k in names])[which]
+    sign = torch.where(_coin(gen, n, 0.5) & signed, -1.0, 1.0)
+    return which, strength * sign
+
+
+def trivial_moves(which, s, ops: dict = TRIVIAL_OPS) -> dict:
+    """The geometric operations' share, as per-image affine parameters for geometric()."""
+    names = list(ops)
+
+    def pick(name):
+        return torch.where(which == names.index(name), s, 0.0) if name in names else torch.zeros_like(s)
+    return dict(angle=torch.deg2rad(pick("rotate")), shear_x=pick("shear_x"), shear_y=pick("shear_y"),
+                tx=2 * pick("translate_x"), ty=2 * pick("translate_y"))
+
+
+def sharpness(x, factor):
+    """torchvision's adjust_sharpness per image: blend with a 3x3 smoothing (border pixels kept)."""
+    n, ch, height, width = x.shape
+    kern = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device, dtype=x.dtype) / 13
+    smooth = x.clone()
+    inner = F.conv2d(x.reshape(-1, 1, height, width), kern[None, None])
+    smooth[..., 1:-1, 1:-1] = inner.view(n, ch, height - 2, width - 2)
+    f = factor.to(x).view(-1, 1, 1, 1)
+    return (smooth + f * (x - smooth)).clamp_(0, 1)
+
+
+def trivial_pixels(x, which, s, ops: dict = TRIVIAL_OPS):
+    """The colour and tone operations' share, on the already resampled batch."""
+    names = list(ops)
+    chosen = {k: (which == names.index(k)) for k in names}
+    none = torch.zeros_like(s)
+    b, c, sat = (1 + torch.where(chosen.get(k, none.bool()), s, none) for k in ("brightness", "contrast", "saturation"))
+    x = color_matrix(x, b, c, sat)
+    if "sharpness" in chosen:
+        x = _where(chosen["sharpness"], sharpness(x, 1 + s), x)
+    if "posterize" in chosen:
+        step = (2.0 ** s.round()).to(x).view(-1, 1, 1, 1)  # keep 8 - round(s) bits
+        x = _where(chosen["posterize"], torch.floor(x * 255 / step) * step / 255, x)
+    if "autocontrast" in chosen:
+        lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+        stretched = torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+        x = _where(chosen["autocontrast"], stretched, x)
+    return x
+
+
 PIXEL_OPS = {"color": color, "gamma": gamma, "blur": blur, "noise": noise, "cutout": cutout}
 GEOMETRIC_OPS = ("crop", "affine", "hflip", "vflip")
 OP_NAMES = tuple(OFFLINE_OPS)
@@ -248,9 +334,14 @@ OP_NAMES = tuple(OFFLINE_OPS)
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, ops: dict, out_size=None) -> torch.Tensor:
     """Apply `ops` (name -> parameters) to a float [0, 1] batch: geometry first, then pixel ops."""
+    which = s = None
+    if "trivial" in ops:
+        which, s = trivial_draw(gen, x.shape[0], ops["trivial"])
     geo = {k: ops[k] for k in GEOMETRIC_OPS if k in ops}
-    if geo or out_size:
-        x = geometric(x, gen, out_size, **geo)
+    if geo or out_size or which is not None:
+        x = geometric(x, gen, out_size, moves=None if which is None else trivial_moves(which, s, ops["trivial"]), **geo)
+    if which is not None:
+        x = trivial_pixels(x, which, s, ops["trivial"])
     for name in ("color", "gamma", "blur", "noise", "cutout"):
         if name in ops:
             x = PIXEL_OPS[name](x, gen, **ops[name])
@@ -258,13 +349,45 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, ops: dict, out_size=Non
 
 
 class BatchAugment:
-    """uint8 batch (B, 3, S', S') on any device -> augmented, normalised float batch (B, 3, size, size)."""
+    """uint8 batch (B, 3, S', S') on any device -> augmented, normalised float batch (B, 3, size, size).
+    With no ops, the evaluation view itself (the centre crop)."""
 
     def __init__(self, size: int, ops: dict = TRAIN_OPS):
         self.size, self.ops = size, ops
 
     def __call__(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if not self.ops:
+            return to_input(x_uint8, self.size)
         return normalize(augment_batch(x_uint8.float().div_(255), gen, self.ops, self.size))
+
+
+# ----------------------------------------------------------------------------- MixUp / CutMix
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator, mixup: float = 0.0,
+              cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with a shuffled copy of itself,
+    one of the two per batch when both are on (as timm does); lambda ~ Beta(alpha, alpha).
+    Returns the mixed images and soft targets (B, num_classes), each row summing to one; with both
+    off, the batch and its class indices unchanged (the loss is then exactly the unmixed one)."""
+    kinds = [(k, a) for k, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+    if not kinds:
+        return x, y
+    target = F.one_hot(y, num_classes).float()
+    kind, alpha = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
+    lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    if kind == "mixup":
+        x = x.lerp(x[perm], 1 - lam)
+    else:  # a box of area (1 - lam) from the partner, clipped at the border; lam follows the clipped box
+        h, w = x.shape[-2:]
+        bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = (int(torch.randint(side, (1,), generator=gen)) for side in (h, w))
+        top, bottom = max(cy - bh // 2, 0), min(cy + bh // 2, h)
+        left, right = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+        x = x.clone()
+        x[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (h * w)
+    perm = perm.to(target.device)
+    return x, target.mul(lam).add_(target[perm], alpha=1 - lam)
 
 
 # ----------------------------------------------------------------------------- offline writer
@@ -318,22 +441,16 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
     samples = index_split(folds_root, fold, "Train", classes)  # never Valid or Test
     plan = plan_copies(samples, classes, factor, balance)
     width = max(2, len(str(max((j for *_, j in plan), default=0))))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_path(out, folder=True) as tmp:
         for c in classes:
             (tmp / c).mkdir()
         tasks = [(src, tmp / c / f"{src.stem}{AUG_TAG}{j:0{width}d}.jpg",
                   derived_seed(seed, fold, i, j), op_params) for i, (src, c, j) in enumerate(plan)]
         workers = workers or os.cpu_count() or 1
         with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_one, tasks, chunksize=8), total=len(tasks), desc="augment"):
+            for _ in tqdm(pool.imap_unordered(_write_one, tasks, chunksize=8), total=len(tasks), desc="augment",
+                          disable=None):
                 pass
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     counts = {c: sum(1 for _, cc, _ in plan if cc == c) for c in classes}
     print(f"wrote {len(plan)} augmented Train images of fold {fold} to {out}: "
           + ", ".join(f"{c} {n}" for c, n in counts.items()))
@@ -394,24 +511,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run(args) -> None:
+    if args.benchmark:
+        rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers)
+        print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}:")
+        print(f"{'path':<44}{'images/s':>10}")
+        for name, rate in rows:
+            print(f"{name:<44}{rate:>10.0f}" if rate == rate else f"{name:<44}{'no CUDA':>10}")
+        return
+    if not args.out:
+        raise DataError("--out is required: the folder to write augmented copies to")
+    write_augmented(args.data_root, args.fold, args.out, None if args.balance else args.factor,
+                    args.balance, args.ops, args.seed, args.workers)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.benchmark:
-            rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers)
-            print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}:")
-            print(f"{'path':<44}{'images/s':>10}")
-            for name, rate in rows:
-                print(f"{name:<44}{rate:>10.0f}" if rate == rate else f"{name:<44}{'no CUDA':>10}")
-            return 0
-        if not args.out:
-            raise DataError("--out is required: the folder to write augmented copies to")
-        write_augmented(args.data_root, args.fold, args.out, None if args.balance else args.factor,
-                        args.balance, args.ops, args.seed, args.workers)
-        return 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

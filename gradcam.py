@@ -9,25 +9,22 @@ plus grid.png for the whole set. Written to runs/NAME/gradcam/ (or --out). The p
 """
 import argparse
 import io
-import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from augment import center_crop, normalize  # noqa: E402
-from getData import (DataError, atomic_write, find_folds_root, index_split, list_classes, load_image,  # noqa: E402
-                     prepare, resize_size)
-from models import ModelError, load_classifier, select_device, to_device  # noqa: E402
+from getData import DataError, find_folds_root, index_split, list_classes, load_image, prepare, run_main
+from models import (MEMORY_FORMATS, PRECISIONS, ModelError, crop, load_classifier, resize_size, save_figure,
+                    select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
-                alpha=0.45, cmap="jet", device="auto", batch_size=16)
+                alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16)
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
 
 
@@ -36,6 +33,8 @@ class GradCAM:
 
         with GradCAM(model) as cam:
             heatmaps, probs = cam(x)            # x: normalised batch; one target per image
+            logits = cam.forward(x)             # or in two steps, to choose the targets in between
+            heatmaps = cam.maps(logits, targets)
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, layout: str | None = None):
@@ -49,7 +48,7 @@ class GradCAM:
             names = ", ".join(n for n, _ in model.named_children())
             raise ModelError(f"--layer {self.layer_name}: no such module in {type(model).__name__} "
                              f"(top-level modules: {names})") from None
-        self.handles, self.activations, self.gradients = [], None, None
+        self.handles, self.activations, self.gradients, self.input = [], None, None, None
 
     def __enter__(self):
         self.was_training = self.model.training
@@ -61,7 +60,7 @@ class GradCAM:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        self.activations = self.gradients = None
+        self.activations = self.gradients = self.input = None
         self.model.train(self.was_training)
         return False  # never swallow the exception
 
@@ -83,22 +82,36 @@ class GradCAM:
             return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
         return t
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CAMs (B, H, W) in [0, 1] at the input size, class probabilities (B, C)) for one batch."""
+    def forward(self, x: torch.Tensor, rt=None) -> torch.Tensor:
+        """The model's float32 logits for a normalised batch, with the graph kept for maps(). `rt`:
+        run it the fast way (models.Runtime: device, bf16, channels_last); plain fp32 otherwise."""
         if not self.handles:
             raise RuntimeError("use GradCAM inside a `with` block")
         with torch.enable_grad():  # works even when the caller is inside torch.no_grad()
             x = x.detach().requires_grad_(True)  # activations need a graph even if weights are frozen
-            logits = self.model(x).float()
-            target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).view(-1)
-            # Samples do not interact in eval mode, so one backward of the summed scores gives every
-            # image its own gradient. autograd.grad fires the tensor hook and leaves .grad untouched.
-            torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), x)
+            self.input = x
+            return rt.forward(self.model, x) if rt is not None else self.model(x).float()
+
+    def maps(self, logits: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """CAMs (B, H, W) in [0, 1] at the input size, explaining `target` (per image; default: the
+        top class) with the activations and gradients of the forward() that gave `logits`."""
+        target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).view(-1)
+        # Samples do not interact in eval mode, so one backward of the summed scores gives every
+        # image its own gradient. autograd.grad fires the tensor hook and leaves .grad untouched.
+        with torch.enable_grad():
+            torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), self.input)
         acts, grads = self._to_nchw(self.activations.float()), self._to_nchw(self.gradients.float())
         cam = F.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1, keepdim=True))
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cam = F.interpolate(cam, size=self.input.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         low, high = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-        return (cam - low) / (high - low).clamp_min(1e-8), logits.softmax(1).detach()
+        self.input = None
+        return ((cam - low) / (high - low).clamp_min(1e-8)).detach()
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor | None = None,
+                 rt=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CAMs (B, H, W) in [0, 1] at the input size, class probabilities (B, C)) for one batch."""
+        logits = self.forward(x, rt)
+        return self.maps(logits, target), logits.softmax(1).detach()
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
@@ -109,39 +122,38 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str =
     return (255 * ((1 - alpha) * image / 255.0 + alpha * heat)).clip(0, 255).astype(np.uint8)
 
 
-def _inputs(images, model):
-    """PIL images -> (normalised model batch, uint8 display crops showing the same region)."""
-    size = model.input_size
-    display = max(size, DISPLAY_SIZE)
-    x = torch.stack([center_crop(prepare(im, resize_size(size)), size) for im in images]).float().div_(255)
-    shown = [center_crop(prepare(im, resize_size(display)), display).permute(1, 2, 0).numpy() for im in images]
-    return normalize(x), shown
+def overlay_png(shown: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
+    """The overlay as PNG bytes, for serve.py: no files written."""
+    buf = io.BytesIO()
+    Image.fromarray(overlay(shown, cam, alpha)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def run_gradcam(model, images, device, target=None, layer=None, alpha=0.45, cmap="jet", batch_size=16):
+def display_crop(image, input_size: int) -> np.ndarray:
+    """The region the model sees, as uint8 RGB (H, W, 3) at least DISPLAY_SIZE wide (LeNet sees 32x32)."""
+    size = max(input_size, DISPLAY_SIZE)
+    return crop(prepare(image, resize_size(size)), size).permute(1, 2, 0).numpy()
+
+
+def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="jet", batch_size=16):
     """PIL images -> list of (probabilities, overlay uint8 array, display crop)."""
-    results = []
+    results, size = [], model.input_size
     with GradCAM(model, layer) as cam:
         for i in range(0, len(images), batch_size):
-            x, shown = _inputs(images[i:i + batch_size], model)
-            tgt = None if target is None else torch.full((len(shown),), target, dtype=torch.long)
-            maps, probs = cam(x.to(device), tgt)
+            chunk = images[i:i + batch_size]
+            x = to_input(torch.stack([prepare(im, resize_size(size)) for im in chunk]), size).to(rt.device)
+            tgt = None if target is None else torch.full((len(chunk),), target, dtype=torch.long)
+            maps, probs = cam(x, tgt, rt)
+            shown = [display_crop(im, size) for im in chunk]
             results += [(p.cpu().numpy(), overlay(s, m.cpu().numpy(), alpha, cmap), s)
                         for p, m, s in zip(probs, maps, shown)]
     return results
 
 
-def explain(model, image, classes, device=torch.device("cpu"), target=None, alpha=0.45) -> tuple[np.ndarray, bytes]:
-    """For serve.py: one PIL image -> (probabilities, PNG bytes of the overlay). Writes no files."""
-    probs, over, _ = run_gradcam(model, [image], device, target, alpha=alpha)[0]
-    buf = io.BytesIO()
-    plt.imsave(buf, over, format="png")
-    return probs, buf.getvalue()
-
-
-def _figure(shown, over, probs, classes, target, title):
+def _figure(shown, over, probs, classes, target, title) -> Figure:
     pred = int(np.argmax(probs))
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.8))
+    fig = Figure(figsize=(7, 3.8))
+    axes = fig.subplots(1, 2)
     axes[0].imshow(shown)
     axes[0].set_title(title, fontsize=8)
     axes[1].imshow(over)
@@ -153,27 +165,21 @@ def _figure(shown, over, probs, classes, target, title):
     return fig
 
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def write_figures(results, names, classes, out: Path, target=None) -> None:
     for (probs, over, shown), name in zip(results, names):
         fig = _figure(shown, over, probs, classes, target, Path(name).name)
-        atomic_write(out / f"{Path(name).stem}_gradcam.png", _png(fig))
+        save_figure(fig, out / f"{Path(name).stem}_gradcam.png")
     cols = min(6, len(results))
     rows = -(-len(results) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (probs, over, _), name in zip(axes.flat, results, names):
         ax.imshow(over)
         ax.set_title(f"{classes[int(np.argmax(probs))]} {probs.max():.2f}\n{Path(name).name}", fontsize=7)
     fig.tight_layout()
-    atomic_write(out / "grid.png", _png(fig))
+    save_figure(fig, out / "grid.png")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -192,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--cmap", default=d["cmap"], help="matplotlib colormap")
     p.add_argument("--out", default=d["out"], help="output folder (default RUN/gradcam)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     return p.parse_args(argv)
 
@@ -205,32 +213,31 @@ def _image_paths(args, ckpt) -> list[Path]:
     return [p for p, _ in index_split(root, args.fold, args.split, list_classes(root))][: args.limit]
 
 
+def run(args) -> list:
+    rt = select_runtime(args.device, args.precision, args.memory_format)
+    model, ckpt = load_classifier(args.checkpoint)
+    model = rt.module(model)
+    classes = ckpt["classes"]
+    if args.target_class is not None and args.target_class not in classes:
+        raise DataError(f"--target-class {args.target_class}: not one of {', '.join(classes)}")
+    target = None if args.target_class is None else classes.index(args.target_class)
+    if args.cmap not in matplotlib.colormaps:
+        raise DataError(f"--cmap {args.cmap}: not a matplotlib colormap")
+    paths = _image_paths(args, ckpt)
+    images = [load_image(p) for p in paths]  # every file checked before anything is written
+    GradCAM(model, args.layer)  # a bad --layer fails here, before any work
+    results = run_gradcam(model, images, rt, target, args.layer, args.alpha, args.cmap, args.batch_size)
+    out = Path(args.out or Path(args.checkpoint).parent / "gradcam")
+    write_figures(results, [str(p) for p in paths], classes, out, target)
+    for (probs, _, _), p in zip(results, paths):
+        print(f"{p}: {classes[int(np.argmax(probs))]} {probs.max():.3f}")
+    print(f"wrote {len(results)} overlays and grid.png to {out}/")
+    return results
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        device = select_device(args.device)
-        model, ckpt = load_classifier(args.checkpoint)
-        model = to_device(model, device)
-        classes = ckpt["classes"]
-        if args.target_class is not None and args.target_class not in classes:
-            raise DataError(f"--target-class {args.target_class}: not one of {', '.join(classes)}")
-        target = None if args.target_class is None else classes.index(args.target_class)
-        if args.cmap not in matplotlib.colormaps:
-            raise DataError(f"--cmap {args.cmap}: not a matplotlib colormap")
-        paths = _image_paths(args, ckpt)
-        images = [load_image(p) for p in paths]  # every file checked before anything is written
-        GradCAM(model, args.layer)  # a bad --layer fails here, before any work
-        results = run_gradcam(model, images, device, target, args.layer, args.alpha, args.cmap, args.batch_size)
-        out = Path(args.out or Path(args.checkpoint).parent / "gradcam")
-        write_figures(results, [str(p) for p in paths], classes, out, target)
-        for (probs, _, _), p in zip(results, paths):
-            print(f"{p}: {classes[int(np.argmax(probs))]} {probs.max():.3f}")
-        print(f"wrote {len(results)} overlays and grid.png to {out}/")
-        return 0
-    except (DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -20,7 +20,6 @@ import json
 import queue
 import socket
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,13 +28,15 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import torch
 
-from augment import eval_transform
-from getData import DataError, load_image
-from gradcam import explain
-from models import ModelError, autocast, load_classifier, select_device, to_device
+from getData import DataError, ImageTooLarge, UserError, load_image, prepare, run_main
+from gradcam import GradCAM, display_crop, overlay_png
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, load_classifier, predict_logits,
+                    probabilities, resize_size, select_runtime, view)
 
-DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", threshold=0.6,
-                max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0, timeout=10.0)
+DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
+                memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
+                timeout=10.0)
+TRUST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity", "ece")
 
 
 class RequestError(Exception):
@@ -52,28 +53,51 @@ def newest_checkpoint(runs) -> Path:
 
 
 # ----------------------------------------------------------------------------- inference worker
-class Predictor:
-    """Owns the model; a single worker thread turns queued requests into batched forward passes."""
+def model_facts(checkpoint: Path, ckpt: dict, digest: str) -> dict:
+    """What a person should know about the model that answers: which one, and how well it scored on
+    Valid (during training) and on Test (when testing.py has evaluated this very file)."""
+    metric = ckpt.get("metric") or {}
+    facts = dict(model=ckpt["model"], fold=ckpt.get("fold"), epoch=ckpt.get("epoch"), checkpoint=str(checkpoint),
+                 checkpoint_id=digest, temperature=ckpt.get("temperature"),
+                 valid={k: metric[f"valid_{s}"] for k, s in (("accuracy", "acc"), ("balanced_accuracy", "bal_acc"))
+                        if f"valid_{s}" in metric}, test=None)
+    report = checkpoint.parent / "test" / "metrics.json"
+    if report.is_file():
+        try:
+            m = json.loads(report.read_text())
+        except ValueError:
+            m = {}
+        if m.get("checkpoint_id") == digest and m.get("split") == "Test":
+            facts["test"] = dict({k: m[k] for k in TRUST_KEYS if k in m}, n=m.get("n"), ci95=m.get("ci95"))
+    return facts
 
-    def __init__(self, checkpoint, device, threshold=0.6, max_batch=16, max_wait_ms=5.0):
+
+class Predictor:
+    """Owns the model; a single worker thread turns queued requests into batched forward passes.
+    Each answer (label, calibrated probabilities and, if asked, the Grad-CAM of the returned class)
+    comes from one forward pass of its batch."""
+
+    def __init__(self, checkpoint, rt, threshold=0.6, max_batch=16, max_wait_ms=5.0, tta=False):
         model, ckpt = load_classifier(checkpoint)
-        self.model, self.classes, self.device = to_device(model, device), ckpt["classes"], device
+        self.model, self.classes, self.rt = rt.module(model), ckpt["classes"], rt
         self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
-        self.transform = eval_transform(model.input_size)
+        self.views, self.temperature = (TTA_VIEWS if tta else PLAIN_VIEW), ckpt.get("temperature") or 1.0
         self.data_root = ckpt["config"].get("data_root")
         digest = hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12]
-        self.info = dict(model=ckpt["model"], classes=self.classes, input_size=model.input_size,
-                         checkpoint=str(checkpoint), checkpoint_id=digest,
-                         fold=ckpt.get("fold"), threshold=threshold)
+        self.info = dict(model_facts(Path(checkpoint), ckpt, digest), classes=self.classes,
+                         input_size=model.input_size, threshold=threshold, tta=tta,
+                         calibrated=bool(ckpt.get("temperature")))
         self.queue: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._loop, name="inference", daemon=True)
         self.worker.start()
 
     def submit(self, image, explain_it: bool = False) -> concurrent.futures.Future:
-        """Queue one decoded image; with `explain_it` the answer carries the Grad-CAM overlay PNG too.
-        The resize/crop happens here, in the request's thread, so preprocessing runs in parallel."""
+        """Queue one decoded image; with `explain_it` the answer carries its Grad-CAM too. Resizing
+        happens here, in the request's thread, so preprocessing runs in parallel."""
         future = concurrent.futures.Future()
-        self.queue.put((self.transform(image), image if explain_it else None, future))
+        size = self.model.input_size
+        shown = display_crop(image, size) if explain_it else None
+        self.queue.put((prepare(image, resize_size(size)), shown, future))
         return future
 
     def _gather(self) -> list:
@@ -97,21 +121,27 @@ class Predictor:
                 for _, _, future in batch:
                     future.set_exception(e)
 
-    @torch.no_grad()
     def _run(self, batch) -> list[dict]:
+        """One pass per view for the whole batch. With Grad-CAM asked for, the plain view's pass runs
+        with hooks and the map explains the class the answer returns (after views and temperature)."""
         start = time.perf_counter()
-        x = torch.stack([x for x, _, _ in batch]).to(self.device)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device):
-            probs = self.model(x).float().softmax(1).cpu().numpy()
-        results = [dict(probs=p, batch_size=len(batch), inference_ms=1000 * (time.perf_counter() - start))
-                   for p in probs]
-        for (_, image, _), r in zip(batch, results):
-            if image is not None:  # explained one by one: Grad-CAM needs a backward pass of its own
-                _, png = explain(self.model, image, self.classes, self.device)
-                r["gradcam_png"] = base64.b64encode(png).decode()
-        return results
+        x = torch.stack([x for x, _, _ in batch]).to(self.rt.device)
+        size = self.model.input_size
+        maps = None
+        if any(shown is not None for _, shown, _ in batch):
+            with GradCAM(self.model) as cam:
+                plain = cam.forward(view(x, size), self.rt)
+                logits = plain.detach().cpu()[None]
+                if len(self.views) > 1:  # the other test-time views need no graph
+                    logits = torch.cat([logits, predict_logits(self.model, x, self.rt, len(x), self.views[1:])])
+                probs = probabilities(logits, self.temperature)
+                maps = cam.maps(plain, probs.argmax(1).to(plain.device)).cpu().numpy()
+        else:
+            probs = probabilities(predict_logits(self.model, x, self.rt, len(x), self.views), self.temperature)
+        ms = 1000 * (time.perf_counter() - start)
+        return [dict(probs=p, batch_size=len(batch), inference_ms=ms,
+                     cam=maps[i] if maps is not None and shown is not None else None, shown=shown)
+                for i, (p, (_, shown, _)) in enumerate(zip(probs.numpy(), batch))]
 
     def answer(self, result: dict) -> dict:
         p = result["probs"]
@@ -120,8 +150,8 @@ class Predictor:
                    probabilities={c: float(v) for c, v in zip(self.classes, p)},
                    confident=bool(p[top] >= self.threshold), threshold=self.threshold,
                    model=self.info["model"], checkpoint_id=self.info["checkpoint_id"], batch_size=result["batch_size"])
-        if "gradcam_png" in result:
-            out["gradcam_png"] = result["gradcam_png"]
+        if result["cam"] is not None:  # PNG encoding in the request's thread, not the worker's
+            out["gradcam_png"] = base64.b64encode(overlay_png(result["shown"], result["cam"])).decode()
         return out
 
 
@@ -232,8 +262,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = image_from_multipart(body, ctype) if kind == "multipart/form-data" else body
         try:
             image = load_image(data, name="upload")
+        except ImageTooLarge as e:
+            raise RequestError(413, str(e)) from None
         except DataError as e:
-            raise RequestError(413 if "limit" in str(e) else 400, str(e)) from None
+            raise RequestError(400, str(e)) from None
         gradcam = parse_qs(url.query).get("gradcam", ["0"])[0] in ("1", "true", "yes")
         result = self.predictor.submit(image, explain_it=gradcam).result()
         answer = self.predictor.answer(result)
@@ -289,16 +321,15 @@ def load_test(predictor: Predictor, images: list[bytes], requests=64, concurrenc
 
 @torch.no_grad()
 def bare_forward_ms(predictor: Predictor, batch: int, repeats=10) -> float:
-    x = torch.randn(batch, 3, predictor.model.input_size, predictor.model.input_size, device=predictor.device)
-    with autocast(predictor.device):
-        predictor.model(x)
-        if predictor.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            predictor.model(x)
-        if predictor.device.type == "cuda":
-            torch.cuda.synchronize()
+    rt, model = predictor.rt, predictor.model
+    x = torch.randn(batch, 3, model.input_size, model.input_size, device=rt.device)
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    rt.forward(model, x)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        rt.forward(model, x)
+    sync()
     return 1000 * (time.perf_counter() - start) / repeats
 
 
@@ -309,7 +340,8 @@ def benchmark(args, predictor: Predictor) -> None:
         raise DataError("--benchmark needs the checkpoint's dataset on disk to send real photos")
     images = [f.read_bytes() for f in files]
     rows = load_test(predictor, images, args.requests)
-    print(f"\nserve.py load test: {predictor.info['model']} on {predictor.device}, {args.requests} requests per row, "
+    print(f"\nserve.py load test: {predictor.info['model']} on {predictor.rt.device}, "
+          f"{args.requests} requests per row, "
           f"max batch {predictor.max_batch}, max wait {1000 * predictor.max_wait:.0f} ms")
     print(f"{'concurrency':>12}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}")
     for r in rows:
@@ -326,7 +358,10 @@ def parse_args(argv=None):
     p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
     p.add_argument("--port", type=int, default=d["port"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--threshold", type=float, default=d["threshold"], help="confidence warning below this")
+    p.add_argument("--tta", action="store_true", help=f"average {len(TTA_VIEWS)} test-time views per photo")
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"], help="largest accepted upload")
     p.add_argument("--max-batch", type=int, default=d["max_batch"])
     p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"])
@@ -336,20 +371,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise DataError(f"--port {args.port}: must be between 0 and 65535")
+    checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
+    rt = select_runtime(args.device, args.precision, args.memory_format)
+    predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta)
+    if args.benchmark:
+        benchmark(args, predictor)
+        return
     try:
-        if not 0 <= args.port <= 65535:
-            raise DataError(f"--port {args.port}: must be between 0 and 65535")
-        checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
-        predictor = Predictor(checkpoint, select_device(args.device), args.threshold, args.max_batch, args.max_wait_ms)
-        if args.benchmark:
-            benchmark(args, predictor)
-            return 0
         server = make_server(predictor, args.host, args.port, args.max_bytes, args.timeout)
-    except (DataError, ModelError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # port taken, address not ours
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
+                        "choose another --port") from None
     print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/")
     try:
         server.serve_forever()
@@ -357,7 +392,10 @@ def main(argv=None) -> int:
         pass
     finally:
         server.server_close()
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main(run, parse_args(argv))
 
 
 PAGE = """<!doctype html>
@@ -372,10 +410,11 @@ PAGE = """<!doctype html>
  .fill{display:block;background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
  #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
- small{color:#666}
+ small{color:#666} #model{font-size:.85rem;color:#444;background:#f6f6f6;border-radius:8px;padding:.5rem .7rem}
 </style></head><body>
 <h1>Skin lesion check</h1>
 <p><small>A research model, not a diagnosis. See a clinician about any lesion that worries you.</small></p>
+<div id="model">Loading the model's facts...</div>
 <label id="drop">Choose or drop a photo of the lesion
  <input id="file" type="file" accept="image/*" hidden></label>
 <p id="error"></p>
@@ -387,6 +426,24 @@ PAGE = """<!doctype html>
 </div>
 <script>
 const $ = id => document.getElementById(id);
+const pct = v => (100 * v).toFixed(1) + "%";
+function scores(s) {
+  const ci = s.ci95 && s.ci95.accuracy ? " (95% CI " + s.ci95.accuracy.map(pct).join("-") + ")" : "";
+  return "accuracy " + pct(s.accuracy) + ci
+    + ", balanced accuracy " + pct(s.balanced_accuracy)
+    + (s.mpox_sensitivity !== undefined ? ", Mpox sensitivity " + pct(s.mpox_sensitivity) : "");
+}
+fetch("/info").then(r => r.json()).then(i => {
+  const lines = ["Answered by " + i.model + (i.fold ? ", trained on fold " + i.fold : "") + " (checkpoint "
+    + i.checkpoint_id + (i.epoch ? ", epoch " + i.epoch : "") + ")."];
+  if (i.valid && i.valid.accuracy !== undefined) lines.push("Validation: " + scores(i.valid) + ".");
+  lines.push(i.test ? "Test (" + i.test.n + " photos): " + scores(i.test) + "."
+                    : "Test: not evaluated yet (run testing.py on this checkpoint).");
+  lines.push(i.calibrated ? "Probabilities are calibrated (temperature " + i.temperature.toFixed(2) + ")."
+                          : "Probabilities are not calibrated.");
+  $("model").replaceChildren(...lines.map(t => {
+    const p = document.createElement("div"); p.textContent = t; return p; }));
+}).catch(e => { $("model").textContent = "model facts unavailable: " + e; });
 async function send(file) {
   $("error").textContent = ""; $("result").hidden = true;
   $("photo").src = URL.createObjectURL(file);
@@ -416,4 +473,4 @@ drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("
 """
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

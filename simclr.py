@@ -2,6 +2,7 @@
 
     python simclr.py                                     # LeNet on fold 1's Train+Valid images
     python train.py --init runs/simclr/encoder.pt        # then fine-tune the encoder
+    python simclr.py --positives patient                 # two photos of one patient as a pair (MICLe)
     python simclr.py --model resnext101_64x4d --batch-size 256 --optimizer lars --lr 0.3 --epochs 200
     torchrun --nproc_per_node=4 simclr.py --model resnext101_64x4d   # negatives gathered from all GPUs
 
@@ -12,39 +13,33 @@ encoder's features (Train -> Valid labels) shows whether the representation impr
 Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, encoder.pt}.
 """
 import argparse
-import csv
 import hashlib
-import io
 import json
-import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.distributed.nn.functional as dist_nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from augment import SIMCLR_OPS, BatchAugment  # noqa: E402
-from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, batch_indices, decode_all, derived_seed,  # noqa: E402
-                     index_split, list_classes, origin_stem, resize_size, resolve_data_root, set_seed)
-from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
-                    load_checkpoint, make_optimizer, restore_rng, rng_state, save_checkpoint, select_device,
-                    setup_distributed, to_device, unwrap, warmup_cosine)
-from testing import embed  # noqa: E402
+from augment import SIMCLR_OPS, BatchAugment
+from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, decode_all, index_split, list_classes, origin_stem,
+                     patient_id, resolve_data_root, run_main)
+from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, batch_indices, build_model, checkpoint_dict,
+                    derived_seed, distributed, embed, make_optimizer, param_groups, per_rank_batch, resize_size, resume,
+                    save_checkpoint, set_seed, shard, training_state, warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
-                include_test=False, epochs=100, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=1e-6,
-                warmup_epochs=5, temperature=0.5, proj_dim=128, eval_every=10, knn_k=5, seed=0,
-                device="auto", out="runs/simclr", resume=False)
-RUNTIME_KEYS = {"resume", "device", "eval_every"}
+                include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
+                weight_decay=1e-6, warmup_epochs=5, temperature=0.5, proj_dim=128, eval_every=10, knn_k=5, seed=0,
+                device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False)
+RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "data_root"}
+HISTORY_FIELDS = ["epoch", "lr", "loss", "knn_acc", "epoch_s", "images_per_s"]
+CURVES = [("NT-Xent loss", ["loss"]), ("k-NN accuracy (Train -> Valid)", ["knn_acc"])]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -83,13 +78,16 @@ class ProjectionHead(nn.Sequential):
 
 
 class SimCLR(nn.Module):
-    def __init__(self, encoder: nn.Module, proj_dim: int = 128):
+    """The encoder's backbone and the projection head: every parameter is used by the loss (the
+    classifier head stays outside, so DDP has no unused parameters to wait for)."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, proj_dim: int = 128):
         super().__init__()
-        self.encoder = encoder  # a models.Classifier; only its backbone is trained and saved
-        self.projector = ProjectionHead(encoder.num_features, proj_dim)
+        self.backbone = backbone
+        self.projector = ProjectionHead(num_features, proj_dim)
 
     def forward(self, x):
-        return self.projector(self.encoder.features(x))
+        return self.projector(self.backbone(x))
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,14 +95,15 @@ def _sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -> tuple[list[Path], int]:
+def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -> tuple[list[Path], list[str], int]:
     """Train + Valid images of the fold, plus every image under the --extra folders.
 
     The fold's Test images are excluded (by name, augmented copies included, and by content) unless
-    include_test. Returns (files, number of extra files excluded as Test images)."""
+    include_test. Returns (files, the split of each file: Train, Valid, Test or extra, the number of
+    extra files excluded as Test images)."""
     classes = list_classes(folds_root)
     splits = ["Train", "Valid"] + (["Test"] if include_test else [])
-    files = [p for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
+    files = [(p, s) for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
     test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]
     test_names, test_hashes = {p.stem for p in test}, {_sha1(p) for p in test}
     excluded = 0
@@ -115,13 +114,37 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
             if not include_test and (origin_stem(p) in test_names or _sha1(p) in test_hashes):
                 excluded += 1
             else:
-                files.append(p)
+                files.append((p, "extra"))
     seen, unique = set(), []
-    for p in files:  # the same file reached twice (an --extra that contains the dataset) counts once
+    for p, s in files:  # the same file reached twice (an --extra that contains the dataset) counts once
         if p.resolve() not in seen:
             seen.add(p.resolve())
-            unique.append(p)
-    return unique, excluded
+            unique.append((p, s))
+    return [p for p, _ in unique], [s for _, s in unique], excluded
+
+
+def patient_partners(files, splits) -> tuple[torch.Tensor, torch.Tensor]:
+    """For MICLe (Azizi et al. 2021): each image's other photos of the same patient in the same split
+    (so a pair never joins Train and Valid), as a padded table (N, K) and a count per image (0: none)."""
+    groups = defaultdict(list)
+    for i, (p, s) in enumerate(zip(files, splits)):
+        if patient_id(p):
+            groups[s, patient_id(p)].append(i)
+    others = [[j for j in groups.get((s, patient_id(p)), []) if j != i] for i, (p, s) in enumerate(zip(files, splits))]
+    table = torch.zeros(len(files), max(1, max(map(len, others), default=0)), dtype=torch.long)
+    for i, row in enumerate(others):
+        table[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return table, torch.tensor([len(r) for r in others])
+
+
+def second_images(idx: torch.Tensor, partners, gen: torch.Generator) -> torch.Tensor:
+    """The image each anchor is paired with: a random other photo of its patient where one exists
+    (`partners` from patient_partners), the anchor itself otherwise (then two views of one photo)."""
+    if partners is None:
+        return idx
+    table, count = partners
+    pick = (torch.rand(len(idx), generator=gen) * count[idx].clamp_min(1)).long()
+    return torch.where(count[idx] > 0, table[idx, pick], idx)
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20) -> float:
@@ -148,131 +171,96 @@ class Monitor:
         labels = [torch.tensor([y for _, y in s]) for s in (train, valid)]
         return cls(images[:len(train)], labels[0], images[len(train):len(train) + len(valid)], labels[1], k)
 
-    def __call__(self, encoder, device) -> float:
+    def __call__(self, encoder, rt: Runtime) -> float:
         was_training = encoder.training
         encoder.eval()
-        feats = [embed(encoder, x, device) for x in (self.train_x, self.valid_x)]
+        feats = [embed(encoder, x, rt) for x in (self.train_x, self.valid_x)]
         encoder.train(was_training)
         return knn_accuracy(feats[0], self.train_y, feats[1], self.valid_y, self.k)
 
 
 # ----------------------------------------------------------------------------- training
-def write_history(history: list[dict], out: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, ["epoch", "lr", "loss", "knn_acc", "epoch_s", "images_per_s"], extrasaction="ignore")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(out / "history.csv", buf.getvalue())
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax[0].plot([h["epoch"] for h in history], [h["loss"] for h in history])
-    ax[0].set(xlabel="epoch", title="NT-Xent loss")
-    knn = [(h["epoch"], h["knn_acc"]) for h in history if h.get("knn_acc") not in (None, "")]
-    if knn:
-        ax[1].plot(*zip(*knn), marker="o")
-    ax[1].set(xlabel="epoch", title="k-NN accuracy (Train -> Valid)")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(out / "loss.png", png.getvalue())
-
-
-def pretrain_epoch(net, images, aug, opt, sched, cfg, epoch, device, rank, world) -> dict:
+def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_size: int, temperature: float,
+                   partners=None) -> dict:
     net.train()
-    order_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch))
-    view_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, rank + 1))
+    order_gen = torch.Generator().manual_seed(derived_seed(*key))
+    view_gen = torch.Generator().manual_seed(derived_seed(*key, rt.rank + 1))
     # Under DDP every rank needs the same batch shape for the gather; alone, a smaller last batch is fine.
-    steps = list(batch_indices(len(images), cfg["batch_size"], order_gen, drop_last=world > 1))
-    total, count, start = torch.zeros((), device=device), 0, time.perf_counter()  # summed on device: no sync
-    for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0):
-        x = images[idx[rank::world].to(images.device)]
-        if len(x) < 2:
+    batches = list(batch_indices(len(images), batch_size, order_gen, drop_last=rt.world > 1))
+    total, count, start = torch.zeros((), device=rt.device), 0, time.perf_counter()  # summed on device: no sync
+    for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if rt.rank else None):
+        idx = shard(idx, rt)
+        if len(idx) < 2:
             continue  # one image has no negatives
-        views = torch.cat([aug(x, view_gen), aug(x, view_gen)]).to(device, non_blocking=True)
-        if device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            z1, z2 = net(views).chunk(2)
-        loss = nt_xent(z1, z2, cfg["temperature"])
+        pair = second_images(idx, partners, view_gen)
+        x1, x2 = (images[i.to(images.device)] for i in (idx, pair))
+        z1, z2 = rt.forward(net, torch.cat([aug(x1, view_gen), aug(x2, view_gen)])).chunk(2)
+        loss = nt_xent(z1, z2, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        total, count = total + loss.detach() * len(x), count + len(x)
-    return dict(loss=total.item() / max(count, 1), images_per_s=count * world / (time.perf_counter() - start))
-
-
-def restore(out: Path, config: dict, model: SimCLR, opt, sched) -> tuple[int, list, float | None]:
-    ckpt = load_checkpoint(out / "last.pt")
-    check_resumable(ckpt, config, RUNTIME_KEYS, out / "last.pt")
-    model.encoder.backbone.load_state_dict(ckpt["state_dict"])
-    model.projector.load_state_dict(ckpt["projector"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
-    restore_rng(ckpt["rng"])
-    return ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
+        total, count = total + loss.detach() * len(idx), count + len(idx)
+    return dict(loss=total.item() / max(count, 1), images_per_s=count * rt.world / (time.perf_counter() - start))
 
 
 def pretrain(cfg: dict) -> dict:
-    rank, world, local_rank = setup_distributed()
-    try:
-        device = select_device(cfg["device"], local_rank)
-        folds_root = resolve_data_root(cfg["data_root"]) if rank == 0 else None
-        if world > 1:
-            shared = [folds_root]
-            dist.broadcast_object_list(shared)
-            folds_root = shared[0]
-        return _pretrain(cfg, Path(folds_root), device, rank, world)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    with distributed(cfg["device"], cfg["precision"], cfg["memory_format"]) as rt:
+        folds_root = Path(rt.from_rank0(lambda: resolve_data_root(cfg["data_root"])))
+        return _pretrain(cfg, folds_root, rt)
 
 
-def _pretrain(cfg, folds_root, device, rank, world) -> dict:
+def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     out = Path(cfg["out"])
+    batch = per_rank_batch(cfg["batch_size"], rt.world) * rt.world
     set_seed(cfg["seed"])
     classes = list_classes(folds_root)
     encoder = build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"])
-    model = to_device(SimCLR(encoder, cfg["proj_dim"]), device)
-    files, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
-    config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=world)
+    model = rt.module(SimCLR(encoder.backbone, encoder.num_features, cfg["proj_dim"]))
+    files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
+    partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
+    config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
+                  patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
     size = resize_size(encoder.input_size)
-    images = decode_all(files, size, desc="decode").to(device)
-    monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rank == 0 else None
-    opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
-    steps = -(-len(files) // cfg["batch_size"])
+    images = decode_all(files, size, desc="decode").to(rt.device)
+    monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rt.rank == 0 else None
+    opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"]), cfg["lr"])
+    steps = -(-len(files) // batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
     start, history, knn_start = 0, [], None
     if cfg["resume"] and (out / "last.pt").is_file():
-        start, history, knn_start = restore(out, config, model, opt, sched)
-    elif rank == 0:
+        ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, encoder, opt, sched, projector=model.projector)
+        start, history, knn_start = ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
+    elif rt.rank == 0:
         atomic_write(out / "config.json", json.dumps(config, indent=2))
         atomic_write(out / "files.txt", "".join(f"{p}\n" for p in files))
-        knn_start = monitor(encoder, device)
-        print(f"simclr: {len(files)} unlabeled images ({excluded} --extra files left out as fold "
-              f"{cfg['fold']} Test images); k-NN of the initial encoder: {knn_start:.3f}")
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    aug = BatchAugment(encoder.input_size, SIMCLR_OPS)
+        knn_start = monitor(encoder, rt)
+        pairs = f"; {config['patient_pairs']} with another photo of their patient" if partners else ""
+        print(f"simclr: {len(files)} unlabeled images ({excluded} --extra files left out as fold {cfg['fold']} "
+              f"Test images{pairs}); k-NN of the initial encoder: {knn_start:.3f}")
+    net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
-        row.update(pretrain_epoch(net, images, aug, opt, sched, cfg, epoch, device, rank, world))
-        if rank != 0:
+        row.update(pretrain_epoch(net, images, aug, opt, sched, rt, (cfg["seed"], epoch), batch, cfg["temperature"],
+                                  partners))
+        if rt.rank != 0:
             continue
         last = epoch + 1 == cfg["epochs"]
-        row["knn_acc"] = monitor(encoder, device) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
+        row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
         row["epoch_s"] = time.perf_counter() - t0
         history.append(row)
         metric = {"loss": row["loss"], "knn_acc_start": knn_start,
                   "knn_acc": next((h["knn_acc"] for h in reversed(history) if h["knn_acc"] is not None), None)}
         save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric,
-                                        projector=unwrap(model).projector.state_dict(), optimizer=opt.state_dict(),
-                                        scheduler=sched.state_dict(), rng=rng_state(), history=history), out / "last.pt")
+                                        **training_state(opt, sched, history, None, projector=model.projector)),
+                        out / "last.pt")
         save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric), out / "encoder.pt")
-        write_history(history, out)
+        write_history(history, HISTORY_FIELDS, out, CURVES, name="loss.png")
         knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
         print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
+    if rt.world > 1:
+        dist.barrier()
     return history[-1] if history else {}
 
 
@@ -288,11 +276,14 @@ def parse_args(argv=None):
                    help="its Train+Valid images are used; its Test images are held out")
     p.add_argument("--extra", action="append", default=d["extra"], metavar="DIR", help="more unlabeled images")
     p.add_argument("--include-test", action="store_true", help="also use the fold's Test images (leaks!)")
+    p.add_argument("--positives", default=d["positives"], choices=["views", "patient"],
+                   help="views: two views of one photo; patient: two photos of one patient where there are two "
+                        "(MICLe, Azizi et al. 2021), else two views")
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per step, over all ranks")
     p.add_argument("--lr", type=float, default=d["lr"], help="SimCLR with LARS: 0.3 x batch/256")
     p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="on weights; none on norms and biases")
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
     p.add_argument("--temperature", type=float, default=d["temperature"])
     p.add_argument("--proj-dim", type=int, default=d["proj_dim"])
@@ -300,25 +291,25 @@ def parse_args(argv=None):
     p.add_argument("--knn-k", type=int, default=d["knn_k"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--out", default=d["out"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     return p.parse_args(argv)
 
 
+def run(args) -> dict:
+    for name in ("epochs", "batch_size", "eval_every"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.temperature <= 0:
+        raise DataError(f"--temperature {args.temperature}: must be positive")
+    return pretrain(vars(args).copy())
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(args, name) < 1:
-                raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-        if args.temperature <= 0:
-            raise DataError(f"--temperature {args.temperature}: must be positive")
-        pretrain(vars(args).copy())
-        return 0
-    except (DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

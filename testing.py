@@ -1,89 +1,51 @@
-"""Evaluate trained checkpoints on their fold's Test split: metrics, tables, plots.
+"""Evaluate trained checkpoints on their fold's Test split: metrics, how far to trust them, plots.
 
     python testing.py --checkpoint runs/lenet-fold1/best.pt           # one fold
     python testing.py --checkpoint runs/lenet-all                     # every fold of a --fold all run
-    python testing.py --checkpoint runs/x/best.pt --threshold 0.6     # confidence gating (Mpox-AISM)
+    python testing.py --checkpoint runs/r18-s0 runs/r18-s1 runs/r18-s2   # a seed ensemble (probabilities averaged)
+    python testing.py --checkpoint runs/x/best.pt --tta --svm         # test-time views; SVM on the features
 
-Writes metrics.json, predictions.csv, report.md, confusion.png and roc.png to runs/NAME/test/
-(or --out); for a 5-fold run also summary.md (mean ± std over folds) and the pooled confusion matrix.
+Probabilities are calibrated with the temperature fitted on Valid (stored in best.pt by train.py,
+or fitted here when absent). Beside the scores: 95% bootstrap intervals over patients, expected
+calibration error and a reliability diagram, risk against coverage as the confidence threshold
+sweeps, and the Mpox threshold that reaches 95% sensitivity on Valid.
+Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png and
+risk_coverage.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean ± std and
+the interval of the mean over folds, and the scores over the distinct Test images), pooled plots.
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.calibration import CalibratedClassifierCV  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
-from sklearn.svm import SVC  # noqa: E402
+from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, atomic_write, find_folds_root, patient_id,
+                     run_main)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, build_model, derived_seed, embed,
+                    fit_temperature, load_checkpoint, load_classifier, mean_std_table, predict_logits, probabilities,
+                    resize_size, save_figure, select_runtime)
 
-from augment import to_input  # noqa: E402
-from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, atomic_write, find_folds_root,  # noqa: E402
-                     resize_size)
-from models import (ModelError, autocast, build_model, load_checkpoint, load_classifier, select_device,  # noqa: E402
-                    to_device)
-
-DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None,
-                batch_size=64, device="auto", svm=False)
+DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
+                device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0)
 # SVM on deep features (Chaddad et al. 2025): C and kernel chosen on the Valid split.
 SVM_GRID = [dict(kernel=k, C=c) for k in ("linear", "rbf") for c in (0.01, 0.1, 1.0, 10.0, 100.0)]
 SUMMARY_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
-                "roc_auc_macro", "mpox_sensitivity", "mpox_specificity"]
-
-
-# ----------------------------------------------------------------------------- inference
-@torch.no_grad()
-def run_batches(fn, images: torch.Tensor, size: int, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """fn(normalised batch) over cached uint8 images (N, 3, S', S') in batches; float32 results on CPU."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = to_input(images[i:i + batch_size].to(device, non_blocking=True), size)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out.append(fn(x).float().cpu())
-    return torch.cat(out)
-
-
-def predict(model, images, device, batch_size=64) -> torch.Tensor:
-    """Class probabilities (N, C) of an eval-mode model on cached images."""
-    return run_batches(lambda x: model(x).float().softmax(1), images, model.input_size, device, batch_size)
-
-
-def embed(model, images, device, batch_size=64) -> torch.Tensor:
-    """Pooled backbone features (N, F) on cached images."""
-    return run_batches(model.features, images, model.input_size, device, batch_size)
-
-
-def fit_svm(train_x, train_y, valid_x, valid_y):
-    """Standardised features -> SVC; the (kernel, C) with the best Valid balanced accuracy wins.
-    Returns (fitted pipeline with predict_proba, the chosen parameters and their Valid score)."""
-    best = None
-    for params in SVM_GRID:
-        # Platt-style probabilities from held-out folds (what SVC(probability=True) did, now deprecated)
-        clf = make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(**params), ensemble=False, cv=3))
-        clf.fit(train_x, train_y)
-        cm = confusion_matrix(valid_y, clf.predict(valid_x), int(max(train_y.max(), valid_y.max())) + 1)
-        score = float(np.mean([cm[c, c] / cm[c].sum() for c in range(len(cm)) if cm[c].sum()]))
-        if best is None or score > best[2]:
-            best = (clf, params, score)
-    return best[0], dict(best[1], valid_balanced_accuracy=best[2])
-
-
-def svm_probabilities(classes: list, clf, x) -> np.ndarray:
-    """predict_proba with a column for every class, also ones absent from the SVM's training set."""
-    probs = np.zeros((len(x), len(classes)))
-    probs[:, clf.classes_] = clf.predict_proba(x)
-    return probs
+                "roc_auc_macro", "mpox_sensitivity", "mpox_specificity", "ece"]
+CI_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity"]
+ECE_BINS = 15  # equal-width bins on the top-class probability (Guo et al. 2017)
+GATES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the risk-coverage table's thresholds; 0.6 is Mpox-AISM's
+MPOX_SENSITIVITY = 0.95
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -95,34 +57,44 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
 
 def _ratio(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
-    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)  # 0 where undefined, like sklearn's zero_division=0
+    # 0 where undefined, like scikit-learn's zero_division=0
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def confusion_metrics(cm: np.ndarray, positive: int | None) -> dict:
+    """The scores that follow from confusion matrices (..., C, C) (macro = unweighted over all classes;
+    balanced accuracy over the classes present). Works on one matrix or a stack of them."""
+    cm = np.asarray(cm, float)
+    tp, support, predicted = np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(-1), cm.sum(-2)
+    total = support.sum(-1, keepdims=True)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    present = support > 0
+    m = dict(accuracy=_ratio(tp.sum(-1), total[..., 0]),
+             balanced_accuracy=_ratio((recall * present).sum(-1), present.sum(-1)),
+             precision_macro=precision.mean(-1), recall_macro=recall.mean(-1), f1_macro=f1.mean(-1),
+             precision_weighted=_ratio((precision * support).sum(-1), support.sum(-1)),
+             recall_weighted=_ratio((recall * support).sum(-1), support.sum(-1)),
+             f1_weighted=_ratio((f1 * support).sum(-1), support.sum(-1)),
+             precision=precision, recall=recall, f1=f1, support=support,
+             specificity=_ratio(total - support - predicted + tp, total - support))
+    if positive is not None:  # Mpox vs the rest: the clinical question
+        m["mpox_sensitivity"], m["mpox_specificity"] = m["recall"][..., positive], m["specificity"][..., positive]
+    return m
 
 
 def classification_metrics(y_true, probs, classes, positive: str = POSITIVE_CLASS) -> dict:
-    """Every figure we report, from the confusion matrix (macro = unweighted mean over all classes)."""
+    """Every figure we report for one set of predictions, with per-class details."""
     y_true, probs = np.asarray(y_true), np.asarray(probs, dtype=np.float64)
-    n_cls = len(classes)
-    cm = confusion_matrix(y_true, probs.argmax(1), n_cls)
-    tp, support, predicted, total = np.diag(cm), cm.sum(1), cm.sum(0), cm.sum()
-    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
-    f1 = _ratio(2 * precision * recall, precision + recall)
-    specificity = _ratio(total - support - predicted + tp, total - support)
-    auc = np.array([roc_auc_score(y_true == c, probs[:, c]) if 0 < support[c] < total else np.nan
-                    for c in range(n_cls)])
-    m = dict(n=int(total), accuracy=float(tp.sum() / max(total, 1)),
-             balanced_accuracy=float(recall[support > 0].mean()) if support.any() else 0.0,
-             precision_macro=float(precision.mean()), recall_macro=float(recall.mean()), f1_macro=float(f1.mean()),
-             precision_weighted=float(_ratio((precision * support).sum(), support.sum())),
-             recall_weighted=float(_ratio((recall * support).sum(), support.sum())),
-             f1_weighted=float(_ratio((f1 * support).sum(), support.sum())),
+    cm = confusion_matrix(y_true, probs.argmax(1), len(classes))
+    c = confusion_metrics(cm, classes.index(positive) if positive in classes else None)
+    auc = np.array([roc_auc_score(y_true == k, probs[:, k]) if 0 < c["support"][k] < len(y_true) else np.nan
+                    for k in range(len(classes))])
+    m = dict(n=int(cm.sum()), **{k: float(v) for k, v in c.items() if np.ndim(v) == 0},
              roc_auc_macro=float(np.nanmean(auc)) if not np.isnan(auc).all() else float("nan"))
-    if positive in classes:  # Mpox vs the rest: the clinical question
-        p = classes.index(positive)
-        m["mpox_sensitivity"] = float(recall[p])
-        m["mpox_specificity"] = float(specificity[p])
-    m["per_class"] = {c: dict(precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]),
-                              specificity=float(specificity[i]), roc_auc=float(auc[i]), support=int(support[i]))
-                      for i, c in enumerate(classes)}
+    m["per_class"] = {name: dict(precision=float(c["precision"][i]), recall=float(c["recall"][i]), f1=float(c["f1"][i]),
+                                 specificity=float(c["specificity"][i]), roc_auc=float(auc[i]),
+                                 support=int(c["support"][i])) for i, name in enumerate(classes)}
     m["confusion"] = cm.tolist()
     return m
 
@@ -138,32 +110,89 @@ def gated_metrics(y_true, probs, classes, threshold: float) -> dict:
     return out
 
 
-def mean_std_table(rows: list[dict], keys=SUMMARY_KEYS, label="fold") -> str:
-    """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs."""
-    keys = [k for k in keys if all(k in r for r in rows)]
-    lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for r in rows:
-        lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
-    stats = [(np.mean([r[k] for r in rows]), np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0.0)
-             for k in keys]
-    lines.append("| mean ± std | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in stats) + " |")
-    return "\n".join(lines) + "\n"
+def calibration_bins(y_true, probs, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error over equal-width bins (i-1)/M < confidence <= i/M of the top-class
+    probability: sum over bins of |accuracy - confidence| weighted by the bin's share of images."""
+    probs, y_true = np.asarray(probs), np.asarray(y_true)
+    conf, correct = probs.max(1), (probs.argmax(1) == y_true).astype(float)
+    idx = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    acc, mean_conf = _ratio(np.bincount(idx, correct, bins), count), _ratio(np.bincount(idx, conf, bins), count)
+    ece = float(np.sum(count / max(len(conf), 1) * np.abs(acc - mean_conf)))
+    return ece, [dict(low=i / bins, high=(i + 1) / bins, n=int(count[i]), accuracy=float(acc[i]),
+                      confidence=float(mean_conf[i])) for i in range(bins)]
 
 
-def per_class_table(m: dict) -> str:
-    lines = ["| class | precision | recall | F1 | specificity | ROC-AUC | support |", "|---" * 7 + "|"]
-    for c, v in m["per_class"].items():
-        lines.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['specificity']:.3f} "
-                     f"| {v['roc_auc']:.3f} | {v['support']} |")
-    return "\n".join(lines) + "\n"
+def risk_coverage(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy of the k most confident answers against coverage k/N, for k = 1..N."""
+    order = np.argsort(-np.asarray(probs).max(1), kind="stable")
+    correct = (np.asarray(probs).argmax(1) == np.asarray(y_true))[order]
+    k = np.arange(1, len(order) + 1)
+    return k / len(order), np.cumsum(correct) / k
+
+
+def mpox_operating_point(valid_y, valid_probs, test_y, test_probs, positive: int,
+                         target: float = MPOX_SENSITIVITY) -> dict:
+    """The highest threshold on p(Mpox) whose Mpox sensitivity on Valid reaches `target`, and the
+    sensitivity and specificity it gives on Test (calling Mpox when p(Mpox) >= threshold)."""
+    p_valid = np.sort(np.asarray(valid_probs)[np.asarray(valid_y) == positive, positive])[::-1]
+    if not len(p_valid):
+        return {}
+    t = float(p_valid[int(np.ceil(target * len(p_valid))) - 1])
+    p, y = np.asarray(test_probs)[:, positive], np.asarray(test_y)
+    return dict(target_sensitivity=target, threshold=t,
+                valid_sensitivity=float(np.mean(p_valid >= t)),
+                test_sensitivity=float(np.mean(p[y == positive] >= t)) if (y == positive).any() else float("nan"),
+                test_specificity=float(np.mean(p[y != positive] < t)) if (y != positive).any() else float("nan"))
+
+
+def bootstrap(y_true, probs, groups, num_classes: int, positive: int | None, resamples: int, seed: int) -> np.ndarray:
+    """CI_KEYS of `resamples` bootstrap replicates (resamples x len(CI_KEYS)): whole patients drawn
+    with replacement (images of one patient are not independent), each replicate's images weighted by
+    how often their patient was drawn."""
+    names, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    counts = np.random.default_rng(seed).multinomial(len(names), np.full(len(names), 1 / len(names)), size=resamples)
+    cell = np.asarray(y_true) * num_classes + np.asarray(probs).argmax(1)
+    cms = (counts[:, inverse] @ np.eye(num_classes ** 2)[cell]).reshape(resamples, num_classes, num_classes)
+    m = confusion_metrics(cms, positive)
+    return np.stack([m[k] if k in m else np.full(resamples, np.nan) for k in CI_KEYS], 1)
+
+
+def interval(samples: np.ndarray) -> dict:
+    """Percentile 95% intervals of bootstrap samples (resamples x len(CI_KEYS))."""
+    low, high = np.nanpercentile(samples, [2.5, 97.5], axis=0)
+    return {k: [float(a), float(b)] for k, a, b in zip(CI_KEYS, low, high)}
+
+
+# ----------------------------------------------------------------------------- SVM head
+def fit_svm(train_x, train_y, valid_x, valid_y):
+    """Standardised features -> SVC; the (kernel, C) with the best Valid balanced accuracy wins.
+    Returns (fitted pipeline with predict_proba, the chosen parameters and their Valid score)."""
+    best = None
+    for params in SVM_GRID:
+        # Platt-style probabilities from held-out folds (what SVC(probability=True) did, now deprecated)
+        clf = make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(**params), ensemble=False, cv=3))
+        clf.fit(train_x, train_y)
+        cm = confusion_matrix(valid_y, clf.predict(valid_x), int(max(train_y.max(), valid_y.max())) + 1)
+        score = float(confusion_metrics(cm, None)["balanced_accuracy"])
+        if best is None or score > best[2]:
+            best = (clf, params, score)
+    return best[0], dict(best[1], valid_balanced_accuracy=best[2])
+
+
+def svm_probabilities(classes: list, clf, x) -> np.ndarray:
+    """predict_proba with a column for every class, also ones absent from the SVM's training set."""
+    probs = np.zeros((len(x), len(classes)))
+    probs[:, clf.classes_] = clf.predict_proba(x)
+    return probs
 
 
 # ----------------------------------------------------------------------------- plots
 def plot_confusion(cm, classes, path, title="") -> None:
     cm = np.asarray(cm)
     norm = _ratio(cm, cm.sum(1, keepdims=True))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, data, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "row-normalised (recall)")):
+    fig = Figure(figsize=(13, 5.5))
+    for ax, data, fmt, name in zip(fig.subplots(1, 2), (cm, norm), ("d", ".2f"), ("counts", "row-normalised (recall)")):
         ax.imshow(data, cmap="Blues", vmin=0)
         ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
                title=f"{title} {name}".strip())
@@ -174,12 +203,13 @@ def plot_confusion(cm, classes, path, title="") -> None:
                 ax.text(j, i, format(data[i, j], fmt), ha="center", va="center",
                         color="white" if data[i, j] > data.max() / 2 else "black", fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_roc(y_true, probs, classes, path) -> None:
     y_true, probs = np.asarray(y_true), np.asarray(probs)
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
     for c, name in enumerate(classes):
         if 0 < (y_true == c).sum() < len(y_true):
             fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
@@ -187,25 +217,61 @@ def plot_roc(y_true, probs, classes, path) -> None:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="one-vs-rest ROC")
     ax.legend(loc="lower right", fontsize=8)
-    _save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
-def _save_figure(fig, path) -> None:
-    path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+def plot_reliability(y_true, probs, path, title="") -> None:
+    """Accuracy per confidence bin against the diagonal of perfect calibration."""
+    ece, bins = calibration_bins(y_true, probs)
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
+    used = [b for b in bins if b["n"]]
+    width = 1 / ECE_BINS
+    ax.bar([b["low"] for b in used], [b["accuracy"] for b in used], width, align="edge", edgecolor="k",
+           label="accuracy in bin")
+    ax.bar([b["low"] for b in used], [b["confidence"] - b["accuracy"] for b in used], width,
+           bottom=[b["accuracy"] for b in used], align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title=f"{title} ECE {ece:.3f} (n={len(np.asarray(y_true))})".strip())
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path, dpi=110)
+
+
+def plot_risk_coverage(y_true, probs, path, gate: float) -> None:
+    coverage, accuracy = risk_coverage(y_true, probs)
+    g = gated_metrics(y_true, probs, list(range(np.asarray(probs).shape[1])), gate)
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    ax.plot(coverage, accuracy)
+    if g["n_covered"]:
+        ax.plot([g["coverage"]], [g["accuracy"]], "o", color="tab:red", label=f"gate {gate} (Mpox-AISM)")
+        ax.legend(loc="lower left")
+    ax.set(xlabel="coverage (share of images answered)", ylabel="accuracy on the answered images", ylim=(0, 1.02),
+           title="answering only the most confident images")
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- evaluation
-def predictions_csv(paths, y_true, probs, classes) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
-    for p, y, pr in zip(paths, y_true, probs):
-        w.writerow([p, classes[y], classes[int(np.argmax(pr))], *[f"{v:.6f}" for v in pr]])
-    return buf.getvalue()
+@dataclass
+class Head:
+    """One head's predictions on one fold: calibrated and raw Test probabilities, Valid probabilities."""
+    probs: np.ndarray
+    raw: np.ndarray
+    valid: np.ndarray
+    extra: dict
+
+
+class FoldImages:
+    """A fold's splits, each decoded once per image size."""
+
+    def __init__(self, folds_root, fold: int):
+        self.folds_root, self.fold, self._cache = folds_root, fold, {}
+
+    def __call__(self, split: str, size: int) -> MSLDDataset:
+        if (split, size) not in self._cache:
+            self._cache[split, size] = MSLDDataset(self.folds_root, self.fold, split, cache_size=size)
+        return self._cache[split, size]
 
 
 def load_for_eval(checkpoint, svm: bool):
@@ -220,46 +286,121 @@ def load_for_eval(checkpoint, svm: bool):
     return model.eval(), ckpt, False
 
 
-def write_outputs(out: Path, m: dict, paths, y, probs, classes) -> None:
+def softmax_head(members, images: FoldImages, split: str, rt, batch_size: int, tta: bool) -> Head:
+    """Every member's temperature-scaled probabilities, averaged (one member: no ensemble). Each
+    member's temperature is the one in its best.pt, fitted on Valid for its plain view; with --tta it
+    is fitted again here on Valid for the test-time views."""
+    views = TTA_VIEWS if tta else PLAIN_VIEW
+    probs, raw, valid, temps = [], [], [], []
+    for model, ckpt, _ in members:
+        size = resize_size(model.input_size)
+        valid_set = images("Valid", size)
+        logits_valid = predict_logits(model, valid_set.images, rt, batch_size, views)
+        logits = predict_logits(model, images(split, size).images, rt, batch_size, views)
+        t = ckpt.get("temperature") if not tta and ckpt.get("temperature") else fit_temperature(logits_valid,
+                                                                                                 valid_set.targets)
+        probs.append(probabilities(logits, t))
+        raw.append(probabilities(logits))
+        valid.append(probabilities(logits_valid, t))
+        temps.append(t)
+    mean = lambda ps: torch.stack(ps).mean(0).numpy()  # noqa: E731
+    return Head(mean(probs), mean(raw), mean(valid), dict(temperature=temps[0] if len(temps) == 1 else temps,
+                                                         members=len(members), tta=tta))
+
+
+def svm_head(model, classes, images: FoldImages, split: str, rt, batch_size: int) -> Head:
+    size = resize_size(model.input_size)
+    train, valid, test = (images(s, size) for s in ("Train", "Valid", split))
+    feats = [embed(model, d.images, rt, batch_size).numpy() for d in (train, valid, test)]
+    clf, choice = fit_svm(feats[0], train.targets.numpy(), feats[1], valid.targets.numpy())
+    probs = svm_probabilities(classes, clf, feats[2])
+    return Head(probs, probs, svm_probabilities(classes, clf, feats[1]), dict(svm=choice, temperature=1.0))
+
+
+def head_metrics(head: Head, ds: MSLDDataset, valid_y, threshold: float, resamples: int, seed: int) -> dict:
+    classes, y = ds.classes, ds.targets.numpy()
+    positive = classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in classes else None
+    m = classification_metrics(y, head.probs, classes)
+    m["ece"], m["calibration_bins"] = calibration_bins(y, head.probs)
+    m["ece_raw"] = calibration_bins(y, head.raw)[0]
+    m.update(head.extra, gated=gated_metrics(y, head.probs, classes, threshold),
+             risk_coverage=[gated_metrics(y, head.probs, classes, g) for g in GATES])
+    if positive is not None:
+        m["mpox_operating_point"] = mpox_operating_point(valid_y, head.valid, y, head.probs, positive)
+    groups = [patient_id(p) or str(p) for p in ds.paths]
+    m["ci95"] = interval(bootstrap(y, head.probs, groups, len(classes), positive, resamples, seed))
+    m["bootstrap"] = dict(resamples=resamples, seed=seed, unit="patient", patients=len(set(groups)))
+    return m
+
+
+def predictions_csv(paths, y_true, probs, classes) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
+    for p, y, pr in zip(paths, y_true, probs):
+        w.writerow([p, classes[y], classes[int(np.argmax(pr))], *[f"{v:.6f}" for v in pr]])
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, m: dict, ds: MSLDDataset, probs) -> None:
+    y = ds.targets.numpy()
     atomic_write(out / "metrics.json", json.dumps(m, indent=2))
-    atomic_write(out / "predictions.csv", predictions_csv(paths, y, probs, classes))
+    atomic_write(out / "predictions.csv", predictions_csv(ds.paths, y, probs, ds.classes))
     atomic_write(out / "report.md", report_markdown(m))
-    plot_confusion(m["confusion"], classes, out / "confusion.png", title=f"fold {m['fold']} {m['split']} {m['head']}")
-    plot_roc(y, probs, classes, out / "roc.png")
+    title = f"fold {m['fold']} {m['split']} {m['head']}"
+    plot_confusion(m["confusion"], ds.classes, out / "confusion.png", title=title)
+    plot_roc(y, probs, ds.classes, out / "roc.png")
+    plot_reliability(y, probs, out / "reliability.png", title=title)
+    plot_risk_coverage(y, probs, out / "risk_coverage.png", m["gated"]["threshold"])
 
 
-def evaluate_checkpoint(checkpoint, out, data_root=None, fold=None, split="Test", threshold=0.6,
-                        device=torch.device("cpu"), batch_size=64, svm=False) -> dict[str, dict]:
-    """Evaluate one checkpoint on its fold's `split`: {"softmax": metrics, "svm": metrics} (heads asked for).
-    Outputs go to `out` (softmax head) and `out/svm` (SVM on the pooled features)."""
-    model, ckpt, has_head = load_for_eval(checkpoint, svm)
-    model = to_device(model, device)
+@dataclass
+class FoldResult:
+    metrics: dict
+    paths: list
+    y: np.ndarray
+    probs: np.ndarray
+
+
+def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None, split="Test", threshold=0.6,
+                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0) -> dict[str, FoldResult]:
+    """Evaluate one fold's checkpoint (several: an ensemble) on its `split`, per head asked for:
+    "softmax" (calibrated, averaged over members) and "svm". Outputs go to `out` and `out/svm`."""
+    rt = rt or select_runtime()
+    members = [load_for_eval(c, svm) for c in checkpoints]
+    ckpt = members[0][1]
     data_root = data_root or ckpt["config"].get("data_root")
     fold = fold or ckpt.get("fold") or ckpt["config"].get("fold")
     if data_root is None or fold is None:
-        raise DataError(f"{checkpoint}: records no dataset or fold; pass --data-root and --fold")
-    root, size = find_folds_root(data_root), resize_size(model.input_size)
-    ds = MSLDDataset(root, int(fold), split, cache_size=size)
+        raise DataError(f"{checkpoints[0]}: records no dataset or fold; pass --data-root and --fold")
+    for c, (_, other, _) in zip(checkpoints[1:], members[1:]):
+        if other["classes"] != ckpt["classes"] or (other.get("fold") or fold) != fold:
+            raise ModelError(f"{c}: an ensemble's checkpoints must share the fold and the classes of {checkpoints[0]}")
+    images = FoldImages(find_folds_root(data_root), int(fold))
+    ds = images(split, resize_size(members[0][0].input_size))
     if ds.classes != ckpt["classes"]:
         raise DataError(f"{data_root}: classes {ds.classes} differ from the checkpoint's {ckpt['classes']}")
     heads = {}
-    if has_head:
-        heads["softmax"] = (predict(model, ds.images, device, batch_size).numpy(), {})
-    if svm:  # features of every split computed once, in batches on the device
-        train, valid = (MSLDDataset(root, int(fold), s, cache_size=size) for s in ("Train", "Valid"))
-        feats = [embed(model, d.images, device, batch_size).numpy() for d in (train, valid, ds)]
-        clf, choice = fit_svm(feats[0], train.targets.numpy(), feats[1], valid.targets.numpy())
-        heads["svm"] = (svm_probabilities(ds.classes, clf, feats[2]), {"svm": choice})
-    y, results = ds.targets.numpy(), {}
-    for head, (probs, extra) in heads.items():
-        m = classification_metrics(y, probs, ds.classes)
-        m.update(fold=int(fold), split=split, checkpoint=str(checkpoint), model=ckpt["model"], head=head,
-                 gated=gated_metrics(y, probs, ds.classes, threshold), **extra)
-        write_outputs(Path(out) / ("svm" if head == "svm" else ""), m, ds.paths, y, probs, ds.classes)
-        results[head] = m
+    if all(has_head for *_, has_head in members):
+        heads["softmax"] = softmax_head(members, images, split, rt, batch_size, tta)
+    if svm:
+        heads["svm"] = svm_head(members[0][0], ds.classes, images, split, rt, batch_size)
+    valid_y = images("Valid", resize_size(members[0][0].input_size)).targets.numpy()
+    results = {}
+    for name, head in heads.items():
+        m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, int(fold)))
+        m.update(fold=int(fold), split=split, checkpoint=[str(c) for c in checkpoints] if len(checkpoints) > 1
+                 else str(checkpoints[0]), checkpoint_id=file_id(checkpoints[0]), model=ckpt["model"], head=name)
+        write_outputs(Path(out) / ("svm" if name == "svm" else ""), m, ds, head.probs)
+        results[name] = FoldResult(m, [str(p) for p in ds.paths], ds.targets.numpy(), head.probs)
     if len(results) > 1:
-        atomic_write(Path(out) / "heads.md", heads_table({h: m for h, m in results.items()}))
+        atomic_write(Path(out) / "heads.md", heads_table({h: r.metrics for h, r in results.items()}))
     return results
+
+
+def file_id(path) -> str:
+    """The first 12 hex digits of a file's SHA-1: serve.py shows Test scores only for that very file."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def heads_table(by_head: dict[str, dict]) -> str:
@@ -271,15 +412,98 @@ def heads_table(by_head: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci_line(ci: dict) -> str:
+    return "95% CI (bootstrap over patients): " + ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ci.items())
+
+
 def report_markdown(m: dict) -> str:
     g = m["gated"]
     gate = (f"Confidence gate {g['threshold']}: coverage {g['coverage']:.3f} ({g['n_covered']} of {m['n']})"
             + (f", accuracy on covered {g['accuracy']:.4f}, balanced accuracy {g['balanced_accuracy']:.4f}"
                if g["n_covered"] else ""))
     head = " | ".join(f"{k} {m[k]:.4f}" for k in SUMMARY_KEYS if k in m)
+    rc = ["| threshold | coverage | accuracy on covered |", "|---|---|---|"] + [
+        f"| {r['threshold']} | {r['coverage']:.3f} | {r.get('accuracy', float('nan')):.3f} |"
+        for r in m["risk_coverage"]]
+    op = m.get("mpox_operating_point") or {}
+    mpox = (f"Mpox threshold for {op['target_sensitivity']:.0%} sensitivity on Valid: "
+            f"p(Mpox) >= {op['threshold']:.3f}; on {m['split']}: sensitivity {op['test_sensitivity']:.3f}, "
+            f"specificity {op['test_specificity']:.3f}\n"
+            if op else "")
     return (f"# {m['model']} fold {m['fold']} {m['split']}, {m['head']} head (n={m['n']})\n\n{head}\n\n"
-            f"{per_class_table(m)}\n"
-            f"{gate}\n")
+            f"{_ci_line(m['ci95'])}\n\nCalibration: ECE {m['ece']:.4f} (before temperature scaling "
+            f"{m['ece_raw']:.4f}; temperature {m['temperature']})\n\n{per_class_table(m)}\n{gate}\n\n"
+            + "\n".join(rc) + "\n\n" + mpox)
+
+
+def per_class_table(m: dict) -> str:
+    lines = ["| class | precision | recall | F1 | specificity | ROC-AUC | support |", "|---" * 7 + "|"]
+    for c, v in m["per_class"].items():
+        lines.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['specificity']:.3f} "
+                     f"| {v['roc_auc']:.3f} | {v['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- 5 folds
+def distinct_images(folds: dict[int, FoldResult], classes: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """The Test images of all folds counted once (MSLD v2.0's Test sets overlap): each image keeps the
+    prediction of the first fold (1..5) whose Test split holds it."""
+    seen, paths, ys, probs = set(), [], [], []
+    for k in sorted(folds):
+        r = folds[k]
+        for p, y, pr in zip(r.paths, r.y, r.probs):
+            name = f"{classes[y]}/{Path(p).name}"
+            if name not in seen:
+                seen.add(name)
+                paths.append(p)
+                ys.append(y)
+                probs.append(pr)
+    return paths, np.array(ys), np.array(probs)
+
+
+def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, threshold: float, resamples: int,
+                 seed: int) -> tuple[list[str], dict]:
+    """summary.md's section for one head: per-fold table with mean ± std and the interval of the mean,
+    the confidence gate, the distinct Test images; pooled plots; summary.json's numbers."""
+    metrics = {k: r.metrics for k, r in folds.items()}
+    classes = list(next(iter(metrics.values()))["per_class"])
+    positive = classes.index(POSITIVE_CLASS) if POSITIVE_CLASS in classes else None
+    rows = [dict(fold=k, **{key: m[key] for key in SUMMARY_KEYS if key in m}) for k, m in metrics.items()]
+    samples = [bootstrap(r.y, r.probs, [patient_id(p) or p for p in r.paths], len(classes), positive, resamples,
+                         derived_seed(seed, k)) for k, r in folds.items()]  # the same replicates as per fold
+    ci_mean = interval(np.mean(samples, 0))
+    gated = [dict(fold=k, coverage=m["gated"]["coverage"], **{f"covered_{key}": m["gated"][key]
+                                                              for key in ("accuracy", "balanced_accuracy")
+                                                              if key in m["gated"]}) for k, m in metrics.items()]
+    gate_keys = [k for k in gated[0] if k != "fold" and all(k in g for g in gated)]
+    paths, y, probs = distinct_images(folds, classes)
+    distinct = classification_metrics(y, probs, classes)
+    distinct["ece"] = calibration_bins(y, probs)[0]
+    distinct["ci95"] = interval(bootstrap(y, probs, [patient_id(p) or p for p in paths], len(classes), positive,
+                                          resamples, derived_seed(seed, 0)))
+    entries = sum(len(r.y) for r in folds.values())
+    suffix = "" if head == "softmax" else f"_{head}"
+    pooled_y = np.concatenate([r.y for r in folds.values()])
+    pooled_p = np.concatenate([r.probs for r in folds.values()])
+    plot_confusion(np.sum([m["confusion"] for m in metrics.values()], axis=0), classes,
+                   out / f"confusion_pooled{suffix}.png", title=f"{head}, pooled over folds")
+    plot_reliability(pooled_y, pooled_p, out / f"reliability_pooled{suffix}.png", title=f"{head}, pooled")
+    lines = [f"## {head} head\n", mean_std_table(rows, SUMMARY_KEYS),
+             f"\n95% CI of the {len(folds)}-fold mean (bootstrap over patients within each fold, {resamples} "
+             "resamples): " + ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ci_mean.items()) + "\n",
+             f"\nDistinct Test images: the {len(folds)} Test splits hold {entries} entries but only {len(y)} distinct "
+             f"images; each is scored once, with the prediction of the first fold whose Test split holds it: "
+             f"accuracy {distinct['accuracy']:.4f}, balanced accuracy {distinct['balanced_accuracy']:.4f}, "
+             f"macro F1 {distinct['f1_macro']:.4f}, "
+             f"Mpox sensitivity {distinct.get('mpox_sensitivity', float('nan')):.4f}, ECE {distinct['ece']:.4f}. "
+             f"{_ci_line(distinct['ci95'])}.\n",
+             f"\nConfidence gate {threshold}:\n", mean_std_table(gated, gate_keys)]
+    numbers = dict(folds=rows, ci95_of_mean=ci_mean, gated=gated, distinct=dict(
+        n=len(y), entries=entries, **{k: distinct[k] for k in SUMMARY_KEYS + ["ci95"] if k in distinct}),
+        pooled_confusion=np.sum([m["confusion"] for m in metrics.values()], axis=0).tolist(),
+        pooled_ece=calibration_bins(pooled_y, pooled_p)[0])
+    atomic_write(out / f"summary{suffix}.json", json.dumps(numbers, indent=2))
+    return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
 
 def fold_checkpoints(path: Path) -> dict[int, Path]:
@@ -290,36 +514,40 @@ def fold_checkpoints(path: Path) -> dict[int, Path]:
     return found
 
 
-def evaluate(checkpoint, out=None, **kw) -> dict:
-    """A checkpoint, a run directory holding best.pt, or a --fold all directory of foldK/ runs."""
+def _resolve(checkpoint) -> Path | dict[int, Path]:
+    """A best.pt (or a run directory holding one) -> its path; a --fold all directory -> {fold: best.pt}."""
     path = Path(checkpoint)
     if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"
+        return path / "best.pt"
     if path.is_file():
-        return evaluate_checkpoint(path, Path(out or path.parent / "test"), **kw)
+        return path
     if not path.exists():
         raise ModelError(f"{path}: no such checkpoint or run directory")
-    out = Path(out or path / "test")
-    kw.pop("fold", None)  # each fold's checkpoint knows its fold
-    per_fold = {k: evaluate_checkpoint(ck, out / f"fold{k}", fold=k, **kw) for k, ck in fold_checkpoints(path).items()}
-    summary = [f"# {path.name}: {len(per_fold)} folds, {kw.get('split', 'Test')} split\n"]
-    means = {}
+    return fold_checkpoints(path)
+
+
+def evaluate(checkpoints, out=None, **kw) -> dict:
+    """One checkpoint or several (an ensemble), each a best.pt, a run directory holding one, or a
+    --fold all directory of foldK/ runs. Returns {head: FoldResult} or {fold: {head: FoldResult}}."""
+    checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    found = [_resolve(c) for c in checkpoints]
+    tag = "test" if len(found) == 1 else f"test-ensemble{len(found)}"
+    if all(isinstance(f, Path) for f in found):
+        return evaluate_fold(found, Path(out or found[0].parent / tag), **kw)
+    if not all(isinstance(f, dict) for f in found):
+        raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
+    if kw.get("svm") and len(found) > 1:
+        raise ModelError("--svm fits one network's features: give one checkpoint or run directory")
+    out = Path(out or Path(checkpoints[0]) / tag)
+    kw.pop("fold", None)  # each fold's checkpoints know their fold
+    folds = sorted(set.intersection(*(set(f) for f in found)))
+    per_fold = {k: evaluate_fold([f[k] for f in found], out / f"fold{k}", fold=k, **kw) for k in folds}
+    what = Path(checkpoints[0]).name + (f" + {len(found) - 1} more (ensemble)" if len(found) > 1 else "")
+    summary, means = [f"# {what}: {len(per_fold)} folds, {kw.get('split', 'Test')} split\n"], {}
     for head in next(iter(per_fold.values())):
-        folds = {k: r[head] for k, r in per_fold.items()}
-        rows = [dict(fold=k, **{key: m[key] for key in SUMMARY_KEYS if key in m}) for k, m in folds.items()]
-        gated = [dict(fold=k, coverage=m["gated"]["coverage"],
-                      **{f"covered_{key}": m["gated"][key] for key in ("accuracy", "balanced_accuracy")
-                         if key in m["gated"]}) for k, m in folds.items()]
-        keys = [k for k in gated[0] if k != "fold" and all(k in g for g in gated)]
-        summary += [f"## {head} head\n", mean_std_table(rows),
-                    f"\nConfidence gate {kw.get('threshold', 0.6)}:\n", mean_std_table(gated, keys)]
-        pooled = np.sum([m["confusion"] for m in folds.values()], axis=0)
-        suffix = "" if head == "softmax" else f"_{head}"
-        plot_confusion(pooled, list(next(iter(folds.values()))["per_class"]), out / f"confusion_pooled{suffix}.png",
-                       title=f"{head}, pooled over folds")
-        atomic_write(out / f"summary{suffix}.json",
-                     json.dumps(dict(folds=rows, gated=gated, pooled_confusion=pooled.tolist()), indent=2))
-        means[head] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key != "fold"}
+        lines, means[head] = fold_summary(what, head, {k: r[head] for k, r in per_fold.items()}, out,
+                                          kw.get("threshold", 0.6), kw.get("resamples", 1000), kw.get("seed", 0))
+        summary += lines
     if len(means) > 1:
         summary += ["## heads side by side (mean over folds)\n", heads_table(means)]
     atomic_write(out / "summary.md", "\n".join(summary))
@@ -329,36 +557,46 @@ def evaluate(checkpoint, out=None, **kw) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
+    d = DEFAULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--checkpoint", required=True, help="best.pt, or a run directory (--fold all runs too)")
-    p.add_argument("--data-root", default=DEFAULTS["data_root"], help="default: the one the run trained on")
-    p.add_argument("--fold", type=int, default=DEFAULTS["fold"], help="default: the checkpoint's fold")
-    p.add_argument("--split", default=DEFAULTS["split"], choices=["Train", "Valid", "Test"])
-    p.add_argument("--threshold", type=float, default=DEFAULTS["threshold"], help="confidence gate")
-    p.add_argument("--out", default=DEFAULTS["out"], help="output folder (default: RUN/test)")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--device", default=DEFAULTS["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--checkpoint", nargs="+", required=True,
+                   help="best.pt or a run directory (--fold all runs too); several: an ensemble")
+    p.add_argument("--data-root", default=d["data_root"], help="default: the one the run trained on")
+    p.add_argument("--fold", type=int, default=d["fold"], help="default: the checkpoint's fold")
+    p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="confidence gate")
+    p.add_argument("--tta", action="store_true",
+                   help=f"average {len(TTA_VIEWS)} test-time views: flips and corner crops")
     p.add_argument("--svm", action="store_true", help="also fit an SVM on the pooled features (C, kernel on Valid)")
+    p.add_argument("--bootstrap", type=int, default=d["bootstrap"], help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the bootstrap")
+    p.add_argument("--out", default=d["out"], help="output folder (default: RUN/test)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS)
+    p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     return p.parse_args(argv)
 
 
+def run(args) -> dict:
+    if not 0 <= args.threshold <= 1:
+        raise DataError(f"--threshold {args.threshold}: must be between 0 and 1")
+    if args.bootstrap < 10:
+        raise DataError(f"--bootstrap {args.bootstrap}: use at least 10 resamples (1000 for reported intervals)")
+    rt = select_runtime(args.device, args.precision, args.memory_format)
+    result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
+                      threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
+                      resamples=args.bootstrap, seed=args.seed)
+    if all(isinstance(v, FoldResult) for v in result.values()):  # one fold
+        print("\n".join(report_markdown(r.metrics) for r in result.values()))
+        if len(result) > 1:
+            print(heads_table({h: r.metrics for h, r in result.items()}))
+    return result
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if not 0 <= args.threshold <= 1:
-            raise DataError(f"--threshold {args.threshold}: must be between 0 and 1")
-        result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
-                          threshold=args.threshold, device=select_device(args.device), batch_size=args.batch_size,
-                          svm=args.svm)
-        if all(isinstance(v, dict) and "n" in v for v in result.values()):  # one checkpoint
-            print("\n".join(report_markdown(m) for m in result.values()))
-            if len(result) > 1:
-                print(heads_table(result))
-        return 0
-    except (DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

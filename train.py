@@ -4,54 +4,71 @@
     python train.py --model resnext101_64x4d --init imagenet --fold all --epochs 30 --lr 1e-4 --batch-size 32
     torchrun --nproc_per_node=4 train.py --model resnext101_64x4d --fold all     # DistributedDataParallel
     python train.py --resume --out runs/lenet-fold1  # continue a killed run (same arguments)
+    python train.py --benchmark --model resnet18 --input-size 64                  # images/s table
 
 The fast path: every image is decoded once into a uint8 tensor cache, moved to the device once, and
 augmented there a batch at a time (augment.BatchAugment); the model runs in bf16 and channels_last on
-CUDA. Model selection sees only the Valid split; the Test split is left to testing.py.
+CUDA (and on CPU with --precision bf16 --memory-format channels_last). Model selection sees only the
+Valid split, which also fits the temperature stored in best.pt; the Test split is left to testing.py.
 Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK/ each, for --fold all).
 """
 import argparse
 import copy
-import csv
-import io
 import json
-import sys
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from augment import TRAIN_OPS, BatchAugment  # noqa: E402
-from getData import (FOLDS, DataError, MSLDDataset, atomic_write, batch_indices, derived_seed,  # noqa: E402
-                     list_classes, patient_id, resize_size, resolve_data_root, set_seed)
-from models import (OPTIMIZERS, ModelError, autocast, build_model, check_resumable, checkpoint_dict,  # noqa: E402
-                    load_checkpoint, make_optimizer, restore_rng, rng_state, save_checkpoint, select_device,
-                    setup_distributed, to_device, unwrap, warmup_cosine)
-from testing import classification_metrics, mean_std_table, predict  # noqa: E402
+from augment import TRAIN_AUGMENTS, BatchAugment, mix_batch
+from getData import FOLDS, DataError, MSLDDataset, atomic_write, list_classes, patient_id, resolve_data_root, run_main
+from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, batch_indices, build_model,
+                    checkpoint_dict, derived_seed, distributed, fit_temperature, make_optimizer, mean_std_table,
+                    param_groups, per_rank_batch, predict_logits, probabilities, resize_size, resume,
+                    save_checkpoint, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
-    data_root="data", model="lenet", init="none", fold="1", epochs=60, batch_size=16, lr=2e-3,
-    optimizer="adamw", weight_decay=0.05, warmup_epochs=3, label_smoothing=0.1, balance="none",
-    input_size=None, aug_dir=None, no_augment=False, aug_device="auto", seed=0, device="auto", compile=False,
-    out=None, resume=False,
+    data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
+    optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
+    label_smoothing=0.1, balance="none", augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None, aug_device="auto",
+    seed=0, device="auto", precision="auto", memory_format="auto", compile=False, out=None, resume=False,
+    benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
-# Settings that may change when a run is resumed: where it runs, not what it computes.
-RUNTIME_KEYS = {"resume", "device", "aug_device", "compile"}
+# Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
+RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "precision", "memory_format", "world_size", "data_root",
+                "benchmark", "peak_tflops"}
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
                   "epoch_s", "train_images_per_s"]
+CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "valid_acc", "valid_bal_acc"])]
 
 
-# ----------------------------------------------------------------------------- set-up
+# ----------------------------------------------------------------------------- data and loss
+class FoldData:
+    """The fold's Train and Valid images, decoded once and moved once: Train to the augmentation
+    device, Valid to the training device."""
+
+    def __init__(self, folds_root, fold: int, input_size: int, rt: Runtime, aug_device, aug_dirs=()):
+        classes = list_classes(folds_root)
+        size = resize_size(input_size)
+        train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
+        valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
+        self.classes, self.train_paths = classes, train.paths
+        self.train_images, self.train_targets = train.images.to(aug_device), train.targets.to(aug_device)
+        self.valid_images, self.valid_targets = valid.images.to(rt.device), valid.targets
+
+    def __len__(self):
+        return len(self.train_targets)
+
+
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse class frequency, scaled to mean 1 over the classes present."""
     counts = torch.bincount(targets, minlength=num_classes).float()
@@ -59,57 +76,172 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return w / w[counts > 0].mean()
 
 
-# ----------------------------------------------------------------------------- one fold
-class FoldData:
-    """The fold's Train and Valid images, decoded once and moved once: Train to the augmentation
-    device, Valid to the training device."""
-
-    def __init__(self, folds_root, fold: int, input_size: int, device, aug_device, aug_dirs=()):
-        classes = list_classes(folds_root)
-        size = resize_size(input_size)
-        train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
-        valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
-        self.classes, self.train_paths = classes, train.paths
-        self.train_images, self.train_targets = train.images.to(aug_device), train.targets.to(aug_device)
-        self.valid_images, self.valid_targets = valid.images.to(device), valid.targets
+def balancing(balance: str, label_smoothing: float, data: FoldData, rt: Runtime):
+    """(loss function, per-image sampling weights or None) for --balance none|loss|sampler."""
+    weights = class_weights(data.train_targets.cpu(), len(data.classes))  # sampling draws on the CPU
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(rt.device) if balance == "loss" else None,
+                                  label_smoothing=label_smoothing)
+    return loss_fn, weights[data.train_targets.cpu()] if balance == "sampler" else None
 
 
-def train_epoch(model, data: FoldData, opt, sched, loss_fn, aug, cfg: dict, epoch: int, device,
-                rank=0, world=1, extra_loss=None, sample_weights=None, indices=None, stream=()) -> dict:
-    """One pass over the Train images (or the subset `indices`, e.g. one federated site).
-    `stream` extends the (seed, epoch) key of this pass's random numbers. Returns loss, accuracy, images/s."""
-    model.train()
-    pool = indices if indices is not None else torch.arange(len(data.train_targets))
-    order_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, *stream))  # same on every rank
-    aug_gen = torch.Generator().manual_seed(derived_seed(cfg["seed"], epoch, *stream, rank + 1))  # own views
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Step:
+    """What one optimisation step uses; train_epoch runs it over an epoch's batches."""
+    net: nn.Module  # the model as trained: maybe wrapped in DDP and/or torch.compile
+    opt: torch.optim.Optimizer
+    sched: object
+    loss_fn: nn.Module
+    aug: BatchAugment
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    clip_grad: float = 0.0
+    ema: EMA | None = None
+    extra_loss: object = None  # e.g. FedProx's proximal term: a callable returning a scalar
+
+
+def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size: int, indices=None,
+                sample_weights=None) -> dict:
+    """One pass over the Train images (or the subset `indices`, e.g. one federated site). `key` names
+    this pass's random streams, e.g. (seed, epoch). Returns loss, accuracy and images/s."""
+    step.net.train()
+    pool = indices if indices is not None else torch.arange(len(data))
+    order_gen = torch.Generator().manual_seed(derived_seed(*key))  # the same on every rank
+    aug_gen = torch.Generator().manual_seed(derived_seed(*key, rt.rank + 1))  # each rank's own views
     weights = sample_weights[pool] if sample_weights is not None else None
-    steps = list(batch_indices(len(pool), cfg["batch_size"], order_gen, weights))
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: no sync per step
+    batches = list(batch_indices(len(pool), batch_size, order_gen, weights))
+    total = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count: no sync per step
     start = time.perf_counter()
-    for idx in tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or bool(stream)):
-        idx = pool[idx][rank::world].to(data.train_images.device, non_blocking=True)  # this rank's share
-        x = aug(data.train_images[idx], aug_gen).to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = data.train_targets[idx].to(device, non_blocking=True)
-        with autocast(device):
-            logits = model(x)
-            loss = loss_fn(logits.float(), y)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        opt.zero_grad(set_to_none=True)
+    for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if rt.rank or indices is not None
+                    else None):  # None: shown on a terminal, not in logs
+        idx = shard(pool[idx], rt).to(data.train_images.device, non_blocking=True)
+        x, target = mix_batch(step.aug(data.train_images[idx], aug_gen), data.train_targets[idx], len(data.classes),
+                              aug_gen, step.mixup, step.cutmix)
+        target = target.to(rt.device, non_blocking=True)
+        logits = rt.forward(step.net, x)
+        loss = step.loss_fn(logits, target) + (step.extra_loss() if step.extra_loss else 0)
+        step.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        total[0] += loss.detach() * len(y)
-        total[1] += (logits.argmax(1) == y).sum()
-        total[2] += len(y)
-    if world > 1:
+        if step.clip_grad:
+            nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+        step.opt.step()
+        if step.sched is not None:
+            step.sched.step()
+        if step.ema is not None:
+            step.ema.update(step.net)
+        labels = target if target.ndim == 1 else target.argmax(1)  # mixed targets: the larger share
+        total[0] += loss.detach() * len(labels)
+        total[1] += (logits.argmax(1) == labels).sum()
+        total[2] += len(labels)
+    if rt.world > 1:
         dist.all_reduce(total)
     loss_sum, correct, n = total.tolist()
     n = max(n, 1)
     return dict(train_loss=loss_sum / n, train_acc=correct / n, train_images_per_s=n / (time.perf_counter() - start))
+
+
+def validate(model, data: FoldData, rt: Runtime) -> tuple[dict, torch.Tensor]:
+    """Valid loss, accuracy and balanced accuracy (the classes are imbalanced); and the logits."""
+    unwrap(model).eval()
+    logits = predict_logits(unwrap(model), data.valid_images, rt)
+    probs, y = probabilities(logits), data.valid_targets
+    pred = probs.argmax(1)
+    return dict(valid_loss=F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
+                valid_acc=(pred == y).double().mean().item(),
+                valid_bal_acc=float(balanced_accuracy_score(y.numpy(), pred.numpy()))), logits
+
+
+def is_better(new: dict, best: dict | None) -> bool:
+    """Valid balanced accuracy, ties broken by lower valid loss."""
+    return best is None or (new["valid_bal_acc"], -new["valid_loss"]) > (best["valid_bal_acc"], -best["valid_loss"])
+
+
+class FoldRun:
+    """One fold's run directory, written by rank 0: config.json, history.csv + curves.png, best.pt
+    (the best Valid epoch, with the temperature fitted on Valid), last.pt (everything --resume needs)."""
+
+    def __init__(self, out: Path, config: dict, data: FoldData, rt: Runtime, unit: str = "epoch"):
+        self.out, self.config, self.data, self.rt, self.unit = out, config, data, rt, unit
+        self.history, self.best = [], None
+
+    def start(self, want_resume: bool, model, opt=None, sched=None, **modules) -> int:
+        """The epoch to start from: after last.pt's when resuming (every rank restores), else 0."""
+        fold, last = self.config["fold"], self.out / "last.pt"
+        if want_resume and last.is_file():
+            ckpt = resume(last, self.config, RUNTIME_KEYS, model, opt, sched, **modules)
+            self.history, self.best = ckpt["history"], ckpt["best"]
+            if self.rt.rank == 0:
+                print(f"fold {fold}: resuming after {self.unit} {ckpt['epoch']} from {last}")
+            return ckpt["epoch"]
+        if self.rt.rank == 0:
+            if want_resume:
+                print(f"fold {fold}: no {last} to resume from: starting it")
+            atomic_write(self.out / "config.json", json.dumps(self.config, indent=2))
+        return 0
+
+    def end(self, row: dict, model, evaluated, started: float, opt=None, sched=None, **modules) -> None:
+        """After each epoch (rank 0): validate `evaluated` (the model or its EMA), save, report."""
+        if self.rt.rank != 0:
+            return
+        metrics, logits = validate(evaluated, self.data, self.rt)
+        row.update(metrics, epoch_s=time.perf_counter() - started)
+        self.history.append(row)
+        classes, config = self.data.classes, self.config
+        if is_better(row, self.best):
+            self.best = row
+            save_checkpoint(checkpoint_dict(evaluated, "classifier", classes, config, row["epoch"], row,
+                                            temperature=fit_temperature(logits, self.data.valid_targets)),
+                            self.out / "best.pt")
+        save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
+                                        **training_state(opt, sched, self.history, self.best, **modules)),
+                        self.out / "last.pt")
+        write_history(self.history, HISTORY_FIELDS, self.out, CURVES)
+        total = config["rounds" if self.unit == "round" else "epochs"]
+        print(f"fold {config['fold']} {self.unit} {row['epoch']}/{total}: "
+              f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} "
+              f"acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
+
+    def summary(self) -> dict:
+        if self.rt.world > 1:
+            dist.barrier()
+        best = self.best or {}
+        return dict(fold=self.config["fold"], best_epoch=best.get("epoch"),
+                    **{k: v for k, v in best.items() if k.startswith("valid")})
+
+
+def setup_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime, unit="epoch"):
+    """The seeded model on its device, the fold's decoded images, and its run directory."""
+    set_seed(cfg["seed"])
+    model = rt.module(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"], cfg["input_size"]))
+    aug_device = rt.device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
+    data = FoldData(folds_root, fold, model.input_size, rt, aug_device, cfg["aug_dir"] or ())
+    config = dict(cfg, fold=fold, data_root=str(folds_root), classes=data.classes, train_images=len(data))
+    return model, data, FoldRun(out, config, data, rt, unit)
+
+
+def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:
+    """Train one fold into `out`; returns the best epoch's Valid metrics."""
+    model, data, run = setup_fold(cfg, fold, folds_root, out, rt)
+    batch = per_rank_batch(cfg["batch_size"], rt.world) * rt.world
+    steps = len(data) // batch
+    if steps == 0:
+        raise DataError(f"fold {fold}: {len(data)} Train images, fewer than --batch-size {batch}; lower --batch-size")
+    opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"], cfg["decay_all"]), cfg["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
+    ema = EMA(model, cfg["ema"]) if cfg["ema"] else None
+    kept = {"ema": ema} if ema else {}
+    start = run.start(cfg["resume"], model, opt, sched, **kept)
+    net = rt.wrap(model)
+    loss_fn, sample_weights = balancing(cfg["balance"], cfg["label_smoothing"], data, rt)
+    step = Step(torch.compile(net) if cfg["compile"] else net, opt, sched, loss_fn,
+                BatchAugment(model.input_size, TRAIN_AUGMENTS[cfg["augment"]]), cfg["mixup"], cfg["cutmix"],
+                cfg["clip_grad"], ema)
+    for epoch in range(start, cfg["epochs"]):
+        started = time.perf_counter()
+        row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
+        row.update(train_epoch(step, data, rt, (cfg["seed"], epoch), batch, sample_weights=sample_weights))
+        run.end(row, model, ema.module if ema else model, started, opt, sched, **kept)
+    return run.summary()
 
 
 # ----------------------------------------------------------------------------- federated simulation
@@ -155,28 +287,29 @@ def average_states(states: list[dict], weights) -> dict:
     return out
 
 
-def federated_round(model, data: FoldData, sites, loss_fn, aug, cfg: dict, rnd: int, device, lr: float,
-                    sample_weights=None) -> dict:
+def federated_round(model, data: FoldData, sites, loss_fn, aug, rt: Runtime, key: tuple, lr: float, *,
+                    optimizer: str, weight_decay: float, decay_all: bool, local_epochs: int, batch_size: int,
+                    mu: float, sample_weights=None) -> dict:
     """FedAvg / FedProx (McMahan et al. 2017; Li et al. 2020): every site trains a copy of the global
-    model for --local-epochs on its own images; the copies are averaged, weighted by site size.
-    FedProx adds (mu/2)||w - w_global||^2 to each local loss, keeping sites near the global model."""
+    model for `local_epochs` on its own images; the copies are averaged, weighted by site size.
+    With mu > 0 (FedProx) each local loss adds (mu/2)||w - w_global||^2, keeping sites near the
+    global model."""
     start = time.perf_counter()
     global_state = copy.deepcopy(model.state_dict())
     anchor = [p.detach().clone() for p in model.parameters()]
+    params = list(model.parameters())
+    prox = (lambda: mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))) if mu else None
     states, sizes, totals = [], [], torch.zeros(3, dtype=torch.float64)
     for site, idx in enumerate(sites):
-        if len(idx) < cfg["batch_size"]:
+        if len(idx) < batch_size:
             continue  # a site too small for one batch sits this round out
         model.load_state_dict(global_state)
-        opt = make_optimizer(cfg["optimizer"], model.parameters(), lr, cfg["weight_decay"])
-        prox = None
-        if cfg["federated"] == "fedprox":
-            params = list(model.parameters())
-            prox = lambda: cfg["mu"] / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-        for e in range(cfg["local_epochs"]):
-            r = train_epoch(model, data, opt, None, loss_fn, aug, cfg, rnd, device, extra_loss=prox, indices=idx,
-                            sample_weights=sample_weights, stream=(site + 1, e + 1))
-            n = len(idx) // cfg["batch_size"] * cfg["batch_size"]
+        opt = make_optimizer(optimizer, param_groups(model, weight_decay, decay_all), lr)
+        step = Step(model, opt, None, loss_fn, aug, extra_loss=prox)
+        for e in range(local_epochs):
+            r = train_epoch(step, data, rt, (*key, site + 1, e + 1), batch_size, indices=idx,
+                            sample_weights=sample_weights)
+            n = len(idx) // batch_size * batch_size
             totals += torch.tensor([r["train_loss"] * n, r["train_acc"] * n, n], dtype=torch.float64)
         states.append(copy.deepcopy(model.state_dict()))
         sizes.append(len(idx))
@@ -186,125 +319,123 @@ def federated_round(model, data: FoldData, sites, loss_fn, aug, cfg: dict, rnd: 
                 train_images_per_s=n / (time.perf_counter() - start))
 
 
-def validate(model, data: FoldData, device) -> dict:
+def train_fold_federated(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:
+    """The federated simulation of one fold: sites trained one after another in this process; the
+    global model is validated and saved after every round like an epoch of central training."""
+    model, data, run = setup_fold(cfg, fold, folds_root, out, rt, unit="round")
+    sites = split_sites(data.train_paths, data.train_targets.cpu(), cfg["clients"], cfg["partition"], cfg["alpha"],
+                        cfg["seed"])
+    run.config["site_sizes"] = [len(s) for s in sites]
+    start = run.start(cfg["resume"], model)  # sites build their own optimizers each round
+    loss_fn, sample_weights = balancing(cfg["balance"], cfg["label_smoothing"], data, rt)
+    aug = BatchAugment(model.input_size, TRAIN_AUGMENTS[cfg["augment"]])
+    local = {k: cfg[k] for k in ("optimizer", "weight_decay", "decay_all", "local_epochs", "batch_size")}
+    mu = cfg["mu"] if cfg["federated"] == "fedprox" else 0.0
+    for rnd in range(start, cfg["rounds"]):
+        started = time.perf_counter()
+        lr = cfg["lr"] * warmup_cosine(cfg["rounds"], 0)(rnd)  # a cosine over rounds
+        row = dict(epoch=rnd + 1, lr=lr)
+        row.update(federated_round(model, data, sites, loss_fn, aug, rt, (cfg["seed"], rnd), lr, mu=mu,
+                                   sample_weights=sample_weights, **local))
+        run.end(row, model, model, started)
+    return run.summary()
+
+
+# ----------------------------------------------------------------------------- benchmark
+# Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets, matched against the device name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
+
+
+def peak_tflops(rt: Runtime, given: float | None) -> float | None:
+    if given:
+        return given
+    if rt.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(rt.device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+BENCHMARK_SECONDS = 2.0  # timed per measurement, after the warm-up
+
+
+def _images_per_s(fn, batch: int, rt: Runtime) -> float:
+    """Steps of `fn` for at least BENCHMARK_SECONDS after three warm-up steps (compilation, autotuning)."""
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    steps, start = 0, time.perf_counter()
+    while steps < 5 or time.perf_counter() - start < BENCHMARK_SECONDS:
+        fn()
+        steps += 1
+    sync()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def benchmark_row(cfg: dict, rt: Runtime, classes: int = 6) -> dict:
+    """images/s of the bare model step (random tensors), the full training step (uint8 cache on the
+    device -> BatchAugment -> model step) and inference, for one precision/layout/compile setting;
+    and the training step's FLOPs per image."""
+    set_seed(0)
+    model = rt.module(build_model(cfg["model"], classes, input_size=cfg["input_size"]))
+    size, batch = model.input_size, cfg["batch_size"]
+    net = torch.compile(model) if cfg["compile"] else model
+    opt = make_optimizer("adamw", param_groups(model, 0.05), 1e-4)
+    x, y = torch.randn(batch, 3, size, size, device=rt.device), torch.randint(classes, (batch,), device=rt.device)
+    side = resize_size(size)
+    cache = torch.randint(256, (4 * batch, 3, side, side), dtype=torch.uint8, device=rt.device)
+    aug, gen = BatchAugment(size, TRAIN_AUGMENTS["basic"]), torch.Generator().manual_seed(0)
+
+    def step(inputs, targets):
+        loss = F.cross_entropy(rt.forward(net, inputs), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def full_step():
+        idx = torch.randint(len(cache), (batch,), generator=gen).to(rt.device)
+        step(aug(cache[idx], gen), y)
+
+    def infer():
+        with torch.no_grad():
+            rt.forward(net, x)
+    model.train()
+    bare, full = _images_per_s(lambda: step(x, y), batch, rt), _images_per_s(full_step, batch, rt)
     model.eval()
-    probs = predict(unwrap(model), data.valid_images, device)
-    y = data.valid_targets
-    m = classification_metrics(y.numpy(), probs.numpy(), data.classes)
-    loss = F.nll_loss(probs.clamp_min(1e-12).log(), y).item()
-    return dict(valid_loss=loss, valid_acc=m["accuracy"], valid_bal_acc=m["balanced_accuracy"])
+    inference = _images_per_s(infer, batch, rt)
+    model.train()
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        step(x, y)
+    return dict(bare=bare, full=full, inference=inference, flops=counter.get_total_flops() / batch)
 
 
-def is_better(new: dict, best: dict | None) -> bool:
-    """Valid balanced accuracy (the classes are imbalanced), ties broken by lower valid loss."""
-    return best is None or (new["valid_bal_acc"], -new["valid_loss"]) > (best["valid_bal_acc"], -best["valid_loss"])
-
-
-def write_history(history: list[dict], out: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, HISTORY_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(out / "history.csv", buf.getvalue())
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [h["epoch"] for h in history]
-    for ax, key, name in ((a, "loss", "loss"), (b, "acc", "accuracy")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"valid_{key}"] for h in history], label="valid")
-        ax.set(xlabel="epoch", title=name)
-        ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(out / "curves.png", png.getvalue())
-
-
-def save_epoch(model, classes, config, history, best, opt, sched, out: Path) -> None:
-    """After each epoch (rank 0): best.pt when Valid improved, last.pt always, history and curves."""
-    row = history[-1]
-    if best is row:
-        save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], best), out / "best.pt")
-    save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row, best=best,
-                                    rng=rng_state(), optimizer=opt and opt.state_dict(),
-                                    scheduler=sched and sched.state_dict(), history=history), out / "last.pt")
-    write_history(history, out)
-
-
-def resume_state(out: Path, config: dict, model, opt, sched) -> tuple[int, dict | None, list]:
-    """Restore model, optimizer, scheduler and RNG from out/last.pt; refuse a different configuration."""
-    ckpt = load_checkpoint(out / "last.pt")
-    check_resumable(ckpt, config, RUNTIME_KEYS, out / "last.pt")
-    unwrap(model).load_state_dict(ckpt["state_dict"])
-    if opt is not None:  # (federated runs keep no global optimizer)
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-    restore_rng(ckpt["rng"])
-    return ckpt["epoch"], ckpt.get("best"), ckpt.get("history", [])
-
-
-def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, device, rank=0, world=1) -> dict:
-    """Train one fold into `out`; returns the best epoch's validation metrics."""
-    config = dict(cfg, fold=fold, data_root=str(folds_root))
-    set_seed(cfg["seed"])
-    model = to_device(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"], cfg["input_size"]), device)
-    aug_device = device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
-    data = FoldData(folds_root, fold, model.input_size, device, aug_device, cfg["aug_dir"] or ())
-    config["classes"] = data.classes
-    steps_per_epoch = len(data.train_targets) // cfg["batch_size"]
-    if steps_per_epoch == 0:
-        raise DataError(f"fold {fold}: {len(data.train_targets)} Train images, fewer than --batch-size "
-                        f"{cfg['batch_size']}; lower --batch-size")
-    opt = sched = sites = None
-    if cfg["federated"]:  # sites build their own optimizers each round; the LR follows a cosine over rounds
-        sites = split_sites(data.train_paths, data.train_targets.cpu(), cfg["clients"], cfg["partition"], cfg["alpha"],
-                            cfg["seed"])
-        config["site_sizes"] = [len(s) for s in sites]
-    else:
-        opt = make_optimizer(cfg["optimizer"], model.parameters(), cfg["lr"], cfg["weight_decay"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps_per_epoch,
-                                                                     cfg["warmup_epochs"] * steps_per_epoch))
-    start, best, history = 0, None, []
-    if cfg["resume"] and (out / "last.pt").is_file():
-        start, best, history = resume_state(out, config, model, opt, sched)
-        if rank == 0:
-            print(f"fold {fold}: resuming after epoch {start} from {out}/last.pt")
-    elif rank == 0:
-        if cfg["resume"]:
-            print(f"fold {fold}: no {out}/last.pt to resume from: starting it")
-        atomic_write(out / "config.json", json.dumps(config, indent=2))
-    weights = class_weights(data.train_targets.cpu(), len(data.classes))  # sampling draws on the CPU
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights.to(device) if cfg["balance"] == "loss" else None,
-                                        label_smoothing=cfg["label_smoothing"])
-    sample_weights = weights[data.train_targets.cpu()] if cfg["balance"] == "sampler" else None
-    aug = BatchAugment(model.input_size, {} if cfg["no_augment"] else TRAIN_OPS)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
-    net = torch.compile(net) if cfg["compile"] else net
-    epochs = cfg["rounds"] if cfg["federated"] else cfg["epochs"]
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        if cfg["federated"]:
-            lr = cfg["lr"] * warmup_cosine(epochs, 0)(epoch)
-            row = dict(epoch=epoch + 1, lr=lr)
-            row.update(federated_round(model, data, sites, loss_fn, aug, cfg, epoch, device, lr, sample_weights))
-        else:
-            row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
-            row.update(train_epoch(net, data, opt, sched, loss_fn, aug, cfg, epoch, device, rank, world,
-                                   sample_weights=sample_weights))
-        if rank == 0:
-            row.update(validate(model, data, device), epoch_s=time.perf_counter() - t0)
-            history.append(row)
-            best = row if is_better(row, best) else best
-            save_epoch(model, data.classes, config, history, best, opt, sched, out)
-            print(f"fold {fold} {'round' if cfg['federated'] else 'epoch'} {epoch + 1}/{epochs}: "
-                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss "
-                  f"{row['valid_loss']:.4f} acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | "
-                  f"{row['train_images_per_s']:.0f} img/s")
-    if world > 1:
-        dist.barrier()
-    return dict(fold=fold, best_epoch=(best or {}).get("epoch"),
-                **{k: v for k, v in (best or {}).items() if k.startswith("valid")})
+def benchmark(cfg: dict, rt: Runtime) -> list[dict]:
+    """Every precision x memory format (x compile, with --compile) on this device: a table."""
+    peak = peak_tflops(rt, cfg["peak_tflops"])
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for layout in ("contiguous", "channels_last"):
+            for compiled in ((False, True) if cfg["compile"] else (False,)):
+                here = Runtime(rt.device, bf16=precision == "bf16", channels_last=layout == "channels_last")
+                r = benchmark_row(dict(cfg, compile=compiled), here)
+                r.update(precision=precision, layout=layout, compile=compiled,
+                         peak_share=r["full"] * r["flops"] / 1e12 / peak if peak else None)
+                rows.append(r)
+                print(f"  {precision} {layout}{' compiled' if compiled else ''}: training step {r['full']:.0f} img/s",
+                      flush=True)
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    size = f"{cfg['input_size']}x{cfg['input_size']}" if cfg["input_size"] else "its native size"
+    print(f"\n{cfg['model']} at {size}, batch {cfg['batch_size']}, "
+          f"on {name}; images/s (bf16 peak {peak or 'unknown: pass --peak-tflops'} TFLOPS)")
+    print(f"{'precision':<10}{'layout':<15}{'compile':<9}{'bare step':>10}{'full step':>10}{'full/bare':>10}"
+          f"{'inference':>10}{'GFLOP/img':>10}{'of peak':>9}")
+    for r in rows:
+        share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else "-"
+        print(f"{r['precision']:<10}{r['layout']:<15}{'yes' if r['compile'] else 'no':<9}{r['bare']:>10.0f}"
+              f"{r['full']:>10.0f}{r['full'] / r['bare']:>10.2f}{r['inference']:>10.0f}"
+              f"{r['flops'] / 1e9:>10.2f}{share:>9}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -328,21 +459,36 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over ranks")
     p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
-    p.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
-    p.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
+    o.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="on weights; none on norms and biases")
+    o.add_argument("--decay-all", action="store_true", help="weight decay on norms and biases too")
+    o.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"], help="linear warm-up, then cosine")
+    o.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="clip the gradient norm (0: off)")
+    o.add_argument("--ema", type=float, default=d["ema"], help="evaluate and keep an EMA of the weights with this "
+                   "decay per step, e.g. 0.998 (0: off)")
+    o.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    o.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
                    help="class-balanced loss weights or sampler (Mpox is 38%% of images, Measles 7%%)")
-    p.add_argument("--aug-dir", action="append", default=d["aug_dir"], help="augment.py output to add to Train")
-    p.add_argument("--no-augment", action="store_true", help="train without random augmentation")
-    p.add_argument("--aug-device", default=d["aug_device"], choices=["auto", "cpu", "cuda"],
+    a = p.add_argument_group("augmentation")
+    a.add_argument("--augment", default=d["augment"], choices=list(TRAIN_AUGMENTS),
+                   help="basic: crop, flips, mild colour jitter; trivial: crop, flips, one TrivialAugment op; none")
+    a.add_argument("--mixup", type=float, default=d["mixup"], help="MixUp Beta(alpha, alpha), e.g. 0.2 (0: off)")
+    a.add_argument("--cutmix", type=float, default=d["cutmix"], help="CutMix Beta(alpha, alpha), e.g. 1.0 (0: off)")
+    a.add_argument("--aug-dir", action="append", default=d["aug_dir"], help="augment.py output to add to Train")
+    a.add_argument("--aug-device", default=d["aug_device"], choices=["auto", "cpu", "cuda"],
                    help="where batches are augmented (auto: the training device)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    r = p.add_argument_group("where and how it runs")
+    r.add_argument("--seed", type=int, default=d["seed"])
+    r.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
+    r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
+                   help="auto: channels_last on CUDA, contiguous on CPU")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    r.add_argument("--benchmark", action="store_true", help="print images/s of --model at --input-size instead")
+    r.add_argument("--peak-tflops", type=float, default=d["peak_tflops"], help="benchmark: the device's bf16 peak")
     f = p.add_argument_group("federated simulation (sites trained one after another, in this process)")
     f.add_argument("--federated", default=d["federated"], choices=["fedavg", "fedprox"])
     f.add_argument("--clients", type=int, default=d["clients"], help="simulated sites")
@@ -355,63 +501,51 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    for name in ("epochs", "batch_size"):
+    positive = ["epochs", "batch_size"] + (["clients", "rounds", "local_epochs"] if args.federated else [])
+    for name in positive:
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.lr <= 0:
         raise DataError(f"--lr {args.lr}: must be positive")
+    for name in ("mixup", "cutmix", "clip_grad", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: cannot be negative")
+    if not 0 <= args.ema < 1:
+        raise DataError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.998 (0: off)")
     if args.aug_device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--aug-device cuda: no CUDA device is available")
     if args.federated:
-        for name in ("clients", "rounds", "local_epochs"):
-            if getattr(args, name) < 1:
-                raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
         if args.mu < 0:
             raise DataError(f"--mu {args.mu}: the proximal weight cannot be negative")
         if args.alpha <= 0:
             raise DataError(f"--alpha {args.alpha}: must be positive")
-        if "RANK" in __import__("os").environ:
+        if "RANK" in os.environ:
             raise DataError("--federated simulates every site in one process: run it without torchrun")
 
 
 def run(args) -> list[dict]:
     check_args(args)
     folds = parse_fold(args.fold)
-    rank, world, local_rank = setup_distributed()
-    try:
-        device = select_device(args.device, local_rank)
-        folds_root = resolve_data_root(args.data_root) if rank == 0 else None
-        if world > 1:  # rank 0 may have generated the synthetic set: everyone uses its answer
-            shared = [folds_root]
-            dist.broadcast_object_list(shared)
-            folds_root = shared[0]
-        cfg = vars(args).copy()
+    with distributed(args.device, args.precision, args.memory_format) as rt:
+        cfg = dict(vars(args), world_size=rt.world)
+        if args.benchmark:
+            return benchmark(cfg, rt)
+        folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
-        cfg["world_size"] = world
-        results = []
-        for k in folds:
-            out = Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "")
-            results.append(train_fold(cfg, k, Path(folds_root), out, device, rank, world))
-        if rank == 0 and args.fold == "all":
+        fit = train_fold_federated if args.federated else train_fold
+        results = [fit(cfg, k, folds_root, Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else ""), rt)
+                   for k in folds]
+        if rt.rank == 0 and args.fold == "all":
             table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "best_epoch"])
             atomic_write(Path(cfg["out"]) / "summary.md",
                          f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
         return results
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-        return 0
-    except (DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -17,12 +17,15 @@ MODEL_NAMES = ["lenet"] + [n for n in torchvision.models.list_models(module=torc
 
 # Grad-CAM target: the last spatial feature map, by family (name prefix -> (module path, layout)).
 # "nhwc": Swin keeps channels last; "tokens": ViT's (B, 1 + H*W, C) sequence with the class token first.
+# ViT's head reads the class token alone, so after the last block the patch tokens get no gradient:
+# its target is the last block's first LayerNorm, whose output reaches the class token through
+# attention. "[-1]" stands for the last child of a container.
 CAM_LAYERS = [("lenet", "relu2", "nchw"), ("resnet", "layer4", "nchw"), ("resnext", "layer4", "nchw"),
               ("wide_resnet", "layer4", "nchw"), ("regnet", "trunk_output", "nchw"),
               ("efficientnet", "features", "nchw"), ("mobilenet", "features", "nchw"),
               ("mnasnet", "layers", "nchw"), ("convnext", "features", "nchw"), ("densenet", "features", "nchw"),
               ("vgg", "features", "nchw"), ("alexnet", "features", "nchw"), ("shufflenet", "conv5", "nchw"),
-              ("maxvit", "blocks", "nchw"), ("swin", "features", "nhwc"), ("vit", "encoder.layers", "tokens")]
+              ("maxvit", "blocks", "nchw"), ("swin", "features", "nhwc"), ("vit", "encoder.layers.[-1].ln_1", "tokens")]
 
 
 class Classifier(nn.Module):
@@ -36,7 +39,14 @@ class Classifier(nn.Module):
         self.head = nn.Linear(num_features, num_classes)
         layer, self.cam_layout = next(((p, lay) for prefix, p, lay in CAM_LAYERS if name.startswith(prefix)),
                                       (None, None))
-        self.cam_layer = f"backbone.{layer}" if layer else None
+        self.cam_layer = self._resolve(f"backbone.{layer}") if layer else None
+
+    def _resolve(self, path: str) -> str:
+        head, sep, tail = path.partition(".[-1]")
+        if not sep:
+            return path
+        last = list(self.get_submodule(head).named_children())[-1][0]
+        return self._resolve(f"{head}.{last}{tail}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features): for linear probes, k-NN and SVMs."""

@@ -2,17 +2,20 @@
 
     {"model": name, "kind": "classifier" | "encoder", "state_dict": unwrapped weights,
      "classes": [...], "input_size": int, "fold": int, "epoch": int, "metric": {...},
-     "config": {...}}  + in last.pt: "optimizer", "scheduler", "rng", "history" for --resume.
+     "config": {...}}  (+ "temperature" in a classifier's best.pt, fitted on Valid)
+    + in last.pt: "optimizer", "scheduler", "rng", "history", "best" and the state of any other
+      module the loop trains or keeps (SimCLR's "projector", the weights' "ema") for --resume.
 """
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from getData import UserError, atomic_path
 
-class ModelError(Exception):
-    """A wrong model name, weights or checkpoint: reported as one line without a traceback."""
+
+class ModelError(UserError):
+    """A wrong model name, weights, checkpoint or run-time setting."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,35 +38,8 @@ def checkpoint_dict(model: nn.Module, kind: str, classes, config: dict, epoch: i
 
 def save_checkpoint(ckpt: dict, path) -> None:
     """Write atomically: a killed process leaves the previous file, never half of a new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def rng_state() -> dict:
-    """The global torch RNGs (CPU and every CUDA device) for last.pt: dropout draws from them."""
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
-    """--resume continues the same computation: every setting but where it runs must match."""
-    changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
-    if changed:
-        k = changed[0]
-        raise ModelError(f"{path}: --{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
-                         "resume with the run's original arguments")
 
 
 def load_checkpoint(path) -> dict:
@@ -79,6 +55,62 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
+# ----------------------------------------------------------------------------- resume
+def rng_state() -> dict:
+    """The global torch RNGs (CPU and every CUDA device) for last.pt: dropout draws from them."""
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def restore_rng(state: dict) -> str | None:
+    """Restore what this machine has room for. Returns a note when last.pt came from a machine with
+    another number of GPUs: those CUDA streams start afresh (the run goes on, not bit-identically)."""
+    torch.set_rng_state(state["torch"])
+    saved = list(state.get("cuda") or [])
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(min(len(saved), have)):
+        torch.cuda.set_rng_state(saved[i], i)
+    if len(saved) > have:
+        return (f"the run was saved with the random state of {len(saved)} CUDA device(s) and this machine "
+                f"has {have}: it continues, but not bit-identically to an uninterrupted run")
+    return None
+
+
+def training_state(opt, sched, history: list, best, **modules) -> dict:
+    """What last.pt adds to the checkpoint so that --resume continues the same computation."""
+    return dict(optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(), rng=rng_state(),
+                history=history, best=best, **{name: m.state_dict() for name, m in modules.items()})
+
+
+def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
+    """--resume continues the same computation: every setting but where it runs must match."""
+    changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
+    if changed:
+        k = changed[0]
+        raise ModelError(f"{path}: --{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
+                         "resume with the run's original arguments")
+
+
+def resume(path, config: dict, runtime_keys, model: nn.Module, opt=None, sched=None, **modules) -> dict:
+    """Restore the model, optimizer, scheduler, RNG and `modules` from last.pt; refuse a changed
+    configuration. Returns the checkpoint (its "epoch", "history" and "best" say where to go on)."""
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, config, runtime_keys, path)
+    model = unwrap(model)
+    (model.backbone if ckpt["kind"] == "encoder" else model).load_state_dict(ckpt["state_dict"])
+    if opt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    if sched is not None:
+        sched.load_state_dict(ckpt["scheduler"])
+    for name, m in modules.items():
+        m.load_state_dict(ckpt[name])
+    note = restore_rng(ckpt["rng"])
+    if note:
+        print(f"note: {path}: {note}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- weights
 def _load(module: nn.Module, state: dict, path, what: str) -> None:
     try:
         module.load_state_dict(state)

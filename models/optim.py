@@ -1,9 +1,12 @@
-"""How networks are optimised: optimizers by name (LARS written out), warm-up + cosine schedule."""
+"""How networks are optimised: parameter groups, optimizers by name (LARS written out), warm-up +
+cosine schedule, and an exponential moving average of the weights."""
+import copy
 import math
 
 import torch
+from torch import nn
 
-from models.checkpoint import ModelError
+from models.checkpoint import ModelError, unwrap
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "lars")
 
@@ -12,7 +15,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al. 2017), as SimCLR pre-trains with.
 
     Each weight's step is scaled by trust * ||w|| / ||g + wd * w||. Biases and normalisation
-    parameters (1-d tensors) get neither weight decay nor the trust ratio, as in SimCLR.
+    parameters (1-d tensors) keep plain momentum SGD, without the trust ratio, as in SimCLR; their
+    weight decay is their group's (none, with param_groups' split).
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001, eps=1e-8):
@@ -26,9 +30,8 @@ class LARS(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
+                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
                 if p.ndim > 1:
-                    g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = p.norm(), g.norm()
                     trust = torch.where((w_norm > 0) & (g_norm > 0),
                                         group["trust_coefficient"] * w_norm / (g_norm + group["eps"]),
@@ -43,18 +46,30 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = list(params)
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Weight decay on weights only: biases and normalisation parameters (the 1-d tensors) get none,
+    as in Goyal et al. 2017 and most recipes since; decaying BatchNorm's scale only fights its
+    scale invariance. `decay_all` puts everything in one decayed group instead."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, weight_decay=weight_decay)]
+    groups = [dict(params=[p for p in params if p.ndim > 1], weight_decay=weight_decay),
+              dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """An optimizer by name over parameter groups that carry their own weight decay."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr, momentum=0.9, nesterov=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr, weight_decay=weight_decay)
+        return torch.optim.Adagrad(groups, lr)
     if name == "lars":
-        return LARS(params, lr, weight_decay=weight_decay)
+        return LARS(groups, lr)
     raise ModelError(f"--optimizer {name}: use {', '.join(OPTIMIZERS)}")
 
 
@@ -65,3 +80,31 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
             return (step + 1) / warmup_steps
         return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
     return factor
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak & Juditsky 1992), evaluated in place of
+    the raw weights. The decay ramps up as (1 + n) / (10 + n) over the first updates (as in
+    TensorFlow's ExponentialMovingAverage), so early averages do not remember the random init.
+    BatchNorm statistics are averaged like weights; integer buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, new in zip(self.module.state_dict().values(), unwrap(model).state_dict().values()):
+            if avg.is_floating_point():
+                avg.lerp_(new, 1 - d)
+            else:
+                avg.copy_(new)
+
+    def state_dict(self) -> dict:
+        return dict(module=self.module.state_dict(), updates=self.updates)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]

@@ -1,4 +1,8 @@
 """Shared fixtures: one synthetic dataset per session, the real data when it sits beside the checkout."""
+import contextlib
+import importlib
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +35,24 @@ def run_script(*args, cwd=REPO, timeout=600):
     """Run a repository script as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_cli(script, *args, cwd=None):
+    """A script's command line run through its main() in this process: its exit status and what it
+    printed, as a CompletedProcess. Seconds faster than a new interpreter importing torch; the process
+    boundary itself is covered by the tests that need it (fresh clone, torchrun, a terminal)."""
+    module = importlib.import_module(Path(script).stem)
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or before)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own errors
+                code = e.code
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(proc, *fragments):

@@ -1,11 +1,13 @@
-
 import pytest
 import torch
+from torchvision.transforms import v2
 
-from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, BatchAugment, augment_batch, eval_transform,
-                     geometric, simclr_transform, to_input, train_transform, write_augmented)
-from conftest import assert_one_line_error, run_script
+from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
+                     TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
+                     write_augmented)
+from conftest import assert_one_line_error, run_cli
 from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
+from models import MEAN, STD, resize_size, to_input
 
 
 def _batch(n=6, h=40, w=40, seed=0):
@@ -64,8 +66,7 @@ def test_batch_path_matches_torchvision_distribution():
     Calibrated: the gap is <= 0.015 on these statistics (flip rates: binomial noise, <= 0.035),
     while colour jitter 0.3 instead of 0.2 moves the spread by 0.11 and crop scale 0.4 the stds by 0.06.
     """
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
-    img = (torch.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy, 0.5 * (xx + yy)]) * 255).to(torch.uint8)
+    img = _gradient()
     n = 1500
     torch.manual_seed(0)
     tv = train_transform(32)
@@ -76,14 +77,67 @@ def test_batch_path_matches_torchvision_distribution():
     assert torch.allclose(b[9:], torch.tensor([0.5, 0.5]), atol=0.05)  # flips happen half the time
 
 
-def test_simclr_views_differ_and_eval_is_deterministic(synthetic):
+def _gradient(side=48, texture=0.0):
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    img = torch.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy, 0.5 * (xx + yy)])
+    img = img + texture * torch.sin(40 * xx) * torch.sin(40 * yy)  # detail for sharpness to act on
+    return (img.clamp(0, 1) * 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("op", [k for k in TRIVIAL_OPS if k != "identity"])
+def test_trivial_ops_match_torchvision_per_op(op):
+    """Each TrivialAugment op, forced, draws the same distribution in the batched and per-image paths
+    (statistics of the central region: the batched path reflects at the border, torchvision fills)."""
+    img = _gradient(texture=0.15)
+    ops = {op: TRIVIAL_OPS[op]}
+    n = 600
+    torch.manual_seed(0)
+    tv = TrivialAugment(ops)
+    a = torch.stack([tv(img.float() / 255) for _ in range(n)])
+    b = augment_batch(img.float().div(255).expand(n, -1, -1, -1), torch.Generator().manual_seed(0), {"trivial": ops})
+    inner = (slice(None), slice(None), slice(18, 30), slice(18, 30))
+    sa, sb = _summary(a[inner]), _summary(b[inner])
+    assert torch.allclose(sa[:9], sb[:9], atol=0.03), (op, sa, sb)
+    changed = (b - img.float() / 255).abs().amax((1, 2, 3)) > 1 / 255
+    assert changed.float().mean() > 0.5  # the op does act, at random strengths
+
+
+def test_trivial_picks_one_op_of_random_strength_per_image():
+    img = _gradient().float().div(255).expand(400, -1, -1, -1)
+    out = augment_batch(img, torch.Generator().manual_seed(0), {"trivial": TRIVIAL_OPS})
+    same = (out - img).abs().amax((1, 2, 3)) < 1e-5
+    share = same.float().mean().item()  # identity (1 op in 12), or a strength drawn near 0
+    assert 0.03 < share < 0.2
+    train = BatchAugment(32, TRIVIAL_TRAIN_OPS)(_gradient().expand(8, -1, -1, -1), torch.Generator().manual_seed(1))
+    assert train.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixed_labels_sum_to_one_and_follow_the_pixels(mixup, cutmix):
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(8)  # image i is the constant i, of class i
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16)
+    for _ in range(20):
+        mixed, target = mix_batch(x, y, 8, g, mixup, cutmix)
+        assert target.shape == (8, 8) and torch.allclose(target.sum(1), torch.ones(8))
+        # an image's own label keeps the share lambda of its pixels, its partner's label the rest:
+        # the mean pixel must be lambda * i + (1 - lambda) * partner
+        lam, partner = target[y, y], (target - torch.diag(target.diagonal())).argmax(1).float()
+        expected = lam * y + (1 - lam) * torch.where(lam < 1, partner, y.float())
+        assert torch.allclose(mixed.mean((1, 2, 3)), expected, atol=1e-4)
+    plain_x, plain_y = mix_batch(x, y, 8, g)
+    assert plain_x is x and torch.equal(plain_y, y)  # off: the batch and its class indices, unchanged
+
+
+def test_simclr_views_differ_and_eval_matches_an_independent_reference(synthetic):
     im = load_image(next((synthetic / "fold1" / "Train" / "Cowpox").iterdir()))
-    v1, v2 = simclr_transform(32)(im)
-    assert v1.shape == v2.shape == (3, 32, 32) and not torch.equal(v1, v2)
-    e = eval_transform(32)
-    assert torch.equal(e(im), e(im))
-    # eval on a file equals eval on the uint8 cache: one preprocessing everywhere
-    assert torch.equal(e(im), to_input(prepare(im, 37)[None], 32)[0])
+    v1, v2_ = simclr_transform(32)(im)
+    assert v1.shape == v2_.shape == (3, 32, 32) and not torch.equal(v1, v2_)
+    ours = to_input(prepare(im, resize_size(32))[None], 32)[0]
+    ref = v2.Compose([v2.ToImage(), v2.Resize(resize_size(32), antialias=True), v2.CenterCrop(resize_size(32)),
+                      v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])(im)
+    assert ours.shape == ref.shape and (ours - ref).abs().mean() < 0.1  # resampling differs, not the geometry
+    assert (ours - ref.flip(-1)).abs().mean() > 2 * (ours - ref).abs().mean()  # (the test sees a wrong crop)
 
 
 # ----------------------------------------------------------------------------- offline writer
@@ -107,7 +161,7 @@ def test_writer_factor_counts_names_and_never_valid_test(tmp_path, synthetic):
 def test_writer_is_deterministic(tmp_path, synthetic):
     a = write_augmented(synthetic, 2, tmp_path / "a", factor=1, seed=3, workers=2)
     write_augmented(synthetic, 2, tmp_path / "b", factor=1, seed=3, workers=1)
-    assert a
+    assert sum(a.values()) == len(index_split(synthetic, 2, "Train")) == len(list((tmp_path / "a").rglob("*.jpg")))
     for p in (tmp_path / "a").rglob("*.jpg"):
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
 
@@ -134,18 +188,10 @@ def test_writer_bad_arguments(tmp_path, synthetic):
 
 def test_writer_cli_errors_are_one_line(tmp_path, synthetic):
     base = ("augment.py", "--data-root", synthetic, "--fold", "1")
-    assert_one_line_error(run_script(*base, "--out", tmp_path / "o", "--ops", "sharpen"), "unknown operation")
-    assert_one_line_error(run_script(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0")
-    assert_one_line_error(run_script(*base, "--out", synthetic / "aug"), "inside the source dataset")
-    assert_one_line_error(run_script(*base, "--out", tmp_path / "o", "--fold", "9"), "fold 9")
-
-
-def test_train_uses_aug_dir(tmp_path, synthetic):
-    """train.py's --aug-dir reaches the dataset index: copies join Train of their fold."""
-    write_augmented(synthetic, 1, tmp_path / "aug", factor=1, ops="hflip", workers=1)
-    plain = index_split(synthetic, 1, "Train")
-    extended = index_split(synthetic, 1, "Train", extra_dirs=[tmp_path / "aug"])
-    assert len(extended) == 2 * len(plain)
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--ops", "sharpen"), "unknown operation")
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0")
+    assert_one_line_error(run_cli(*base, "--out", synthetic / "aug"), "inside the source dataset")
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--fold", "9"), "fold 9")
 
 
 def test_color_matches_torchvision_formulas():

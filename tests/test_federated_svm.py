@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import train
-from conftest import assert_one_line_error, run_script, train_args
+from conftest import assert_one_line_error, run_cli, train_args
 from getData import index_split, patient_id
-from models import checkpoint_dict, load_classifier, save_checkpoint
+from models import build_model, checkpoint_dict, load_classifier, save_checkpoint
 from testing import evaluate
 
 
 # ----------------------------------------------------------------------------- aggregation
 def test_averaging_identical_models_returns_the_model():
-    state = train.build_model("resnet18", 6).state_dict()
+    state = build_model("resnet18", 6).state_dict()
     avg = train.average_states([state, state, state], [10, 3, 7])
     assert all(torch.allclose(avg[k].float(), v.float()) and avg[k].dtype == v.dtype for k, v in state.items())
 
@@ -60,14 +60,14 @@ def test_fedprox_with_mu_zero_equals_fedavg_and_writes_the_usual_outputs(synthet
 
 def test_federated_bad_arguments(synthetic, tmp_path):
     base = ("train.py", "--data-root", synthetic, "--out", tmp_path / "f", "--federated", "fedprox")
-    assert_one_line_error(run_script(*base, "--clients", 500), "--clients 500", "patients")
-    assert_one_line_error(run_script(*base, "--mu", -1), "--mu -1")
+    assert_one_line_error(run_cli(*base, "--clients", 500), "--clients 500", "patients")
+    assert_one_line_error(run_cli(*base, "--mu", -1), "--mu -1")
 
 
 # ----------------------------------------------------------------------------- SVM head
 def test_svm_head_beats_chance_side_by_side(trained, tmp_path):
     result = evaluate(trained / "best.pt", tmp_path / "t", svm=True)
-    svm, soft = result["svm"], result["softmax"]
+    svm, soft = result["svm"].metrics, result["softmax"].metrics
     support = [v["support"] for v in svm["per_class"].values()]
     assert svm["accuracy"] >= max(support) / sum(support) + 0.15
     assert svm["svm"]["kernel"] in ("linear", "rbf") and svm["svm"]["C"] > 0
@@ -80,7 +80,7 @@ def test_svm_on_a_simclr_encoder(trained, synthetic, tmp_path):
     model, ckpt = load_classifier(trained / "best.pt")
     encoder = tmp_path / "encoder.pt"
     save_checkpoint(checkpoint_dict(model, "encoder", ckpt["classes"], ckpt["config"], 1, {}), encoder)
-    proc = run_script("testing.py", "--checkpoint", encoder, "--svm", "--out", tmp_path / "e")
+    proc = run_cli("testing.py", "--checkpoint", encoder, "--svm", "--out", tmp_path / "e")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "e" / "svm" / "metrics.json").is_file() and not (tmp_path / "e" / "metrics.json").exists()
-    assert_one_line_error(run_script("testing.py", "--checkpoint", encoder), "--svm")
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", encoder), "--svm")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import getData
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_cli
 from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, index_split, list_classes,
                      load_image, make_synthetic, origin_stem, patient_id)
 
@@ -46,18 +46,18 @@ def test_missing_fold_and_unknown_layout_are_clear_errors(tmp_path, synthetic):
 
 
 def test_cli_errors_are_one_line(tmp_path, synthetic):
-    assert_one_line_error(run_script("getData.py", "--data-root", tmp_path / "nope"), "no such folder")
+    assert_one_line_error(run_cli("getData.py", "--data-root", tmp_path / "nope"), "no such folder")
     bad = tmp_path / "FOLDS"
     shutil.copytree(synthetic, bad)
     for p in (bad / "fold3" / "Valid" / "Measles").iterdir():
         p.unlink()
-    proc = run_script("getData.py", "--data-root", tmp_path)
+    proc = run_cli("getData.py", "--data-root", tmp_path)
     assert_one_line_error(proc, "not usable", "Measles")
     assert "audit:" in proc.stdout  # the table and audit still print
 
 
 def test_unknown_flag_is_an_error():
-    proc = run_script("getData.py", "--no-such-flag")
+    proc = run_cli("getData.py", "--no-such-flag")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
 
 
@@ -126,6 +126,15 @@ def _duplicate(root):
     return ["HEALTHY_98_01.jpg", "in two splits"]
 
 
+def _near_duplicate(root):
+    """A Test photo resized and re-compressed, filed in Train under another patient's number."""
+    src = _first(root, 1, "Test", "Monkeypox")
+    im = Image.open(src)
+    im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(root / "fold1" / "Train" / "Monkeypox" / "MKP_97_01.jpg",
+                                                            quality=60)
+    return [src.name, "MKP_97_01.jpg", "fold1 Train/Test", "patients"]
+
+
 def _patients(root):
     test_patient = patient_id(_first(root, 1, "Test", "Monkeypox"))
     _variant(_first(root, 1, "Train", "Monkeypox"), root / "fold1" / "Train" / "Monkeypox" / f"{test_patient}_09.jpg")
@@ -156,6 +165,7 @@ def _augmented(root):
 ADDS = "test sets across folds"  # an image added to one fold only is never tested
 DEFECTS = {"readable images": (_corrupt, {ADDS, "file-name prefix vs class folder"}),
            "duplicate content": (_duplicate, {ADDS, "patient overlap between splits"}),
+           "near-duplicate images": (_near_duplicate, {ADDS}),
            "patient overlap between splits": (_patients, {ADDS}),
            "test sets across folds": (_test_overlap, {"patient overlap between splits"}),
            "file-name prefix vs class folder": (_prefix, set()),
@@ -194,10 +204,10 @@ def test_audit_sees_augment_output_dirs(tmp_path, synthetic):
 
 def test_cli_report_json(tmp_path, synthetic):
     out = tmp_path / "r" / "audit.json"
-    proc = run_script("getData.py", "--data-root", synthetic, "--report", out)
+    proc = run_cli("getData.py", "--data-root", synthetic, "--report", out)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert report["classes"] == CLASSES and len(report["checks"]) == 6
+    assert report["classes"] == CLASSES and len(report["checks"]) == 7
     assert "0=Chickenpox" in proc.stdout and "fold5" in proc.stdout
 
 
@@ -378,6 +388,15 @@ def test_real_layout_counts_and_known_defects(real_root):
 
 
 def test_real_cli_prints_table_and_audit(real_root):
-    proc = run_script("getData.py", "--data-root", Path(__file__).resolve().parents[2] / "shared" / "data")
+    proc = run_cli("getData.py", "--data-root", Path(__file__).resolve().parents[2] / "shared" / "data")
     assert proc.returncode == 0, proc.stderr
     assert "Monkeypox          202/55/27" in proc.stdout and "[WARN] duplicate content" in proc.stdout
+
+
+def test_near_duplicate_pairs_are_in_the_json_report(tmp_path, synthetic):
+    root = _copy(synthetic, tmp_path)
+    _near_duplicate(root)
+    near = next(c for c in audit(root)["checks"] if c["check"] == "near-duplicate images")
+    pair, = near["pairs"]
+    assert {pair["a"], pair["b"]} == {f"Monkeypox/{_first(root, 1, 'Test', 'Monkeypox').name}", "Monkeypox/MKP_97_01.jpg"}
+    assert 0 <= pair["distance"] <= getData.NEAR_DUPLICATE_BITS and pair["split_across"] == ["fold1 Train/Test"]

@@ -2,15 +2,17 @@ import gc
 import hashlib
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from conftest import assert_one_line_error, run_script
-from gradcam import GradCAM, explain
-from getData import load_image
-from models import build_model, checkpoint_dict, load_classifier, save_checkpoint
+import torch.nn.functional as F
+
+from conftest import assert_one_line_error, run_cli
+from gradcam import GradCAM, overlay_png
+from models import build_model, checkpoint_dict, save_checkpoint, select_runtime
 
 
 class QuadrantNet(nn.Module):
@@ -79,22 +81,71 @@ def test_batched_equals_per_image_and_shapes():
     assert torch.allclose(probs.sum(1), torch.ones(4))
 
 
+def reference_cam(model, x, target):
+    """Grad-CAM computed another way: the layer's output is swapped for a leaf tensor, whose gradient
+    autograd returns directly; no tensor hooks, no stored state."""
+    leaf = {}
+
+    def swap(module, inputs, output):
+        leaf["a"] = output.detach().requires_grad_(True)
+        return leaf["a"]
+    handle = model.get_submodule(model.cam_layer).register_forward_hook(swap)
+    try:
+        with torch.enable_grad():
+            score = model.eval()(x).gather(1, target.view(-1, 1)).sum()
+            grad, = torch.autograd.grad(score, leaf["a"])
+    finally:
+        handle.remove()
+    a, g = leaf["a"].detach(), grad
+    if model.cam_layout == "nhwc":
+        a, g = a.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+    elif model.cam_layout == "tokens":
+        side = int((a.shape[1] - 1) ** 0.5)
+        a, g = (t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, side, side) for t in (a, g))
+    cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
+    return (cam - low) / (high - low).clamp_min(1e-8)
+
+
 @pytest.mark.parametrize("name", ["lenet", "efficientnet_b0", "convnext_tiny", "vit_b_16", "swin_t"])
-def test_every_family_gives_a_map_even_under_no_grad(name):
+def test_every_family_matches_the_reference_even_under_no_grad(name):
+    torch.manual_seed(0)
     model = build_model(name, 6)
     x = torch.randn(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():  # an untrained net: BatchNorm statistics of one batch (at init they zero
+        for m in model.modules():  # EfficientNet's activations), and some positive evidence to map
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        model.train()(torch.randn(8, 3, model.input_size, model.input_size))
+        model.eval().head.weight.abs_()
+    target = torch.tensor([1, 4])
+    assert (reference_cam(model, x, target).amax((1, 2)) > 0.5).all()  # neither map is all zeros
+    ref = reference_cam(model, x, target)
     with torch.no_grad(), GradCAM(model) as cam:
-        maps, _ = cam(x, torch.tensor([1, 4]))
-    assert maps.shape == (2, model.input_size, model.input_size) and torch.isfinite(maps).all()
-    assert maps.min() >= 0 and maps.max() <= 1  # (an untrained net may have no positive evidence: all 0)
+        maps, _ = cam(x, target)
+    assert maps.shape == (2, model.input_size, model.input_size)
+    assert torch.allclose(maps, ref, atol=1e-4) and maps.amax() == pytest.approx(1.0)
     assert all(p.grad is None for p in model.parameters())  # explaining leaves no gradients behind
 
 
-def test_explain_for_serve(trained, synthetic, tmp_path, monkeypatch):
+def test_two_step_api_explains_a_class_chosen_after_the_forward():
+    torch.manual_seed(1)
+    model = build_model("resnet18", 6).eval()
+    x = torch.randn(3, 3, 64, 64)
+    target = torch.tensor([5, 0, 2])
+    with GradCAM(model) as cam:
+        logits = cam.forward(x, select_runtime("cpu"))
+        two_step = cam.maps(logits, target)
+        one_step, probs = cam(x, target)
+    assert torch.allclose(two_step, one_step, atol=1e-6) and torch.allclose(probs, logits.softmax(1), atol=1e-6)
+    assert torch.allclose(two_step, reference_cam(model, x, target), atol=1e-4)
+
+
+def test_overlay_png_for_serve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model, ckpt = load_classifier(trained / "best.pt")
-    probs, png = explain(model, load_image(next(synthetic.rglob("MKP_*.jpg"))), ckpt["classes"])
-    assert probs.shape == (6,) and probs.sum() == pytest.approx(1, abs=1e-5)
+    shown = (torch.rand(224, 224, 3) * 255).to(torch.uint8).numpy()
+    png = overlay_png(shown, torch.rand(32, 32).numpy())
     assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (224, 224)
     assert list(tmp_path.iterdir()) == []  # no files written
 
@@ -102,12 +153,16 @@ def test_explain_for_serve(trained, synthetic, tmp_path, monkeypatch):
 def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     photos = sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:2]
     before = [hashlib.sha1(p.read_bytes()).hexdigest() for p in photos]
-    proc = run_script("gradcam.py", "--checkpoint", trained / "best.pt", *photos, "--out", tmp_path / "a",
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos, "--out", tmp_path / "a",
                       "--target-class", "Cowpox")
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "a").iterdir()} == {f"{p.stem}_gradcam.png" for p in photos} | {"grid.png"}
+    figure = Image.open(tmp_path / "a" / f"{photos[0].stem}_gradcam.png").convert("RGB")
+    left, right = (figure.crop(box) for box in ((0, 0, figure.width // 2, figure.height),
+                                                (figure.width // 2, 0, figure.width, figure.height)))
+    assert (np.asarray(left, float) - np.asarray(right, float)).std() > 5  # the overlay differs from the photo
     assert [hashlib.sha1(p.read_bytes()).hexdigest() for p in photos] == before  # originals untouched
-    proc = run_script("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "1", "--split", "Test",
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "1", "--split", "Test",
                       "--limit", "5", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 5
@@ -118,12 +173,12 @@ def test_cli_bad_input_is_one_line(trained, synthetic, tmp_path):
     text.write_text("not an image")
     photo = next(synthetic.rglob("*.jpg"))
     ck = trained / "best.pt"
-    assert_one_line_error(run_script("gradcam.py", "--checkpoint", ck, text, "--out", tmp_path / "o"),
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, text, "--out", tmp_path / "o"),
                           "notes.jpg", "not a readable image")
     assert not (tmp_path / "o").exists()
     encoder = tmp_path / "encoder.pt"
     save_checkpoint(checkpoint_dict(build_model("lenet", 6), "encoder", list("abcdef"), {}, 1, {}), encoder)
-    assert_one_line_error(run_script("gradcam.py", "--checkpoint", encoder, photo), "SimCLR encoder")
-    assert_one_line_error(run_script("gradcam.py", "--checkpoint", ck, photo, "--layer", "backbone.layer9"),
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", encoder, photo), "SimCLR encoder")
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, photo, "--layer", "backbone.layer9"),
                           "no such module")
-    assert_one_line_error(run_script("gradcam.py", "--checkpoint", ck, photo, "--target-class", "Flu"), "Flu")
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, photo, "--target-class", "Flu"), "Flu")

@@ -2,9 +2,14 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
 
-from models import MODEL_NAMES, ModelError, build_model, checkpoint_dict, load_checkpoint, load_classifier, save_checkpoint
+from models import (EMA, MODEL_NAMES, PLAIN_VIEW, TTA_VIEWS, ModelError, backend_for, batch_indices, build_model,
+                    checkpoint_dict, crop, fit_temperature, load_checkpoint, load_classifier, make_optimizer,
+                    param_groups, per_rank_batch, predict, predict_logits, probabilities, restore_rng, rng_state,
+                    save_checkpoint, select_runtime, shard, to_input, unwrap, view)
 
 REQUIRED = ["lenet", "resnext101_64x4d", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16",
             "swin_t"]
@@ -20,7 +25,13 @@ def test_every_model_builds_and_trains_at_its_input_size(name):
     logits.sum().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
     assert model.features(x).shape == (2, model.num_features)
-    assert model.get_submodule(model.cam_layer) is not None and model.cam_layout in ("nchw", "nhwc", "tokens")
+    seen = []  # the Grad-CAM layer must give a spatial map (a grid of more than one position)
+    handle = model.get_submodule(model.cam_layer).register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x)
+    handle.remove()
+    shape = seen[0]
+    grid = {"nchw": shape[2:], "nhwc": shape[1:3], "tokens": (shape[1] - 1,)}[model.cam_layout]
+    assert len(shape) in (3, 4) and torch.Size(grid).numel() > 1, (name, shape)
 
 
 def test_model_names_cover_torchvision():
@@ -104,3 +115,144 @@ def test_checkpoint_is_weights_only_and_written_atomically(tmp_path, monkeypatch
         save_checkpoint(_ckpt(model), tmp_path / "best.pt")
     assert (tmp_path / "best.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_checkpoints_hold_unwrapped_weights_whatever_wraps_the_model():
+    model = build_model("lenet", 6)
+    wrapped = torch.compile(nn.DataParallel(model))  # DDP and compile wrappers expose .module / ._orig_mod
+    assert unwrap(wrapped) is model
+    keys = list(checkpoint_dict(wrapped, "classifier", list("abcdef"), {}, 1, {})["state_dict"])
+    assert keys == list(model.state_dict()) and not any(k.startswith(("module.", "_orig_mod")) for k in keys)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def test_no_weight_decay_on_norms_and_biases_for_every_optimizer():
+    model = build_model("resnet18", 6)
+    groups = param_groups(model, 0.1)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    bn = model.backbone.bn1
+    assert {id(bn.weight), id(bn.bias), id(model.head.bias)} <= no_decay
+    assert id(model.head.weight) not in no_decay and id(model.backbone.conv1.weight) not in no_decay
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for name in ("sgd", "adam", "adamw", "adagrad", "lars"):  # a step with zero gradients: only decay moves weights
+        net = build_model("lenet", 6)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt = make_optimizer(name, param_groups(net, 0.5), lr=0.1)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in net.named_parameters():
+            moved = not torch.equal(p, before[n])
+            assert moved == (p.ndim > 1), (name, n)
+        decay_all = make_optimizer(name, param_groups(net, 0.5, decay_all=True), lr=0.1)
+        assert len(decay_all.param_groups) == 1 and decay_all.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_ema_follows_its_formula_and_copies_integer_buffers():
+    model = nn.BatchNorm1d(2)
+    ema = EMA(model, decay=0.9)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    model.num_batches_tracked.fill_(7)
+    ema.update(model)  # decay ramps up: min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * 3.0)
+    assert ema.module.num_batches_tracked == 7
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.module.weight, torch.full((2,), 3.0), atol=1e-6)
+    restored = EMA(nn.BatchNorm1d(2), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 201 and torch.equal(restored.module.weight, ema.module.weight)
+
+
+# ----------------------------------------------------------------------------- predict
+def test_views_crop_where_they_say_and_flip():
+    x = torch.arange(5 * 5, dtype=torch.uint8).view(1, 1, 5, 5).expand(1, 3, 5, 5)
+    assert crop(x, 3)[0, 0, 0].tolist() == [6, 7, 8]  # centre
+    assert crop(x, 3, "top-left")[0, 0, 0, 0] == 0 and crop(x, 3, "bottom-right")[0, 0, -1, -1] == 24
+    assert crop(x, 3, "top-right")[0, 0, 0].tolist() == [2, 3, 4] and crop(x, 3, "bottom-left")[0, 0, -1, 0] == 20
+    assert torch.equal(view(x, 3, "center", "h"), view(x, 3).flip(-1))
+    assert torch.equal(view(x, 3, "center", "hv"), view(x, 3).flip(-1).flip(-2))
+    assert len(TTA_VIEWS) == 8 and TTA_VIEWS[0] == PLAIN_VIEW[0]
+
+
+def test_tta_with_one_view_is_the_plain_prediction():
+    torch.manual_seed(0)
+    model = build_model("lenet", 6).eval()
+    images = torch.randint(0, 256, (10, 3, 37, 37), dtype=torch.uint8)
+    rt = select_runtime("cpu")
+    plain = model(to_input(images, 32)).softmax(1)
+    assert torch.allclose(predict(model, images, rt), plain, atol=1e-6)
+    assert torch.allclose(probabilities(predict_logits(model, images, rt, views=TTA_VIEWS[:1])), plain, atol=1e-6)
+    assert not torch.allclose(predict(model, images, rt, tta=True), plain, atol=1e-3)  # 8 views do differ
+
+
+def test_temperature_scaling_lowers_valid_nll_and_keeps_the_argmax():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 6, (300,), generator=g)
+    logits = torch.randn(300, 6, generator=g) * 2
+    logits[torch.arange(300), y] += 2.0
+    logits = 4 * logits  # an over-confident network
+    t = fit_temperature(logits[None], y)
+    nll = lambda T: F.nll_loss(probabilities(logits[None], T).log(), y).item()  # noqa: E731
+    assert t > 1.5 and nll(t) < nll(1.0) - 0.1
+    assert nll(t) <= min(nll(t * 0.9), nll(t * 1.1))  # a minimum
+    assert torch.equal(probabilities(logits[None], t).argmax(1), logits.argmax(1))
+
+
+# ----------------------------------------------------------------------------- runtime
+def test_runtime_choices_and_errors():
+    cpu = select_runtime("cpu")
+    assert cpu.device.type == "cpu" and not cpu.bf16 and not cpu.channels_last
+    fast = select_runtime("cpu", "bf16", "channels_last")
+    model = fast.module(build_model("resnet18", 6, input_size=32))
+    out = fast.forward(model, torch.randn(2, 3, 32, 32))
+    assert out.dtype == torch.float32 and model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert backend_for(torch.device("cpu")) == "gloo" and backend_for(torch.device("cuda", 0)) == "nccl"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA device"):
+            select_runtime("cuda")
+    with pytest.raises(ModelError, match="--precision fp16"):
+        select_runtime("cpu", "fp16")
+
+
+def test_every_rank_gets_an_equal_share_of_a_batch():
+    class Rt:  # what shard() reads of a Runtime
+        def __init__(self, rank, world):
+            self.rank, self.world = rank, world
+    for batch, world in ((10, 4), (7, 2)):
+        per = per_rank_batch(batch, world)
+        assert per == batch // world
+        idx = next(batch_indices(40, per * world, torch.Generator().manual_seed(0)))
+        shares = [shard(idx, Rt(r, world)) for r in range(world)]
+        assert all(len(s) == per for s in shares) and len(torch.cat(shares).unique()) == per * world
+    with pytest.raises(ModelError, match="at least 8"):
+        per_rank_batch(7, 4)
+
+
+def test_sampler_weights_draw_balanced_classes():
+    targets = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
+    counts = torch.bincount(targets).float()
+    weights = (1 / counts)[targets]
+    drawn = torch.cat(list(batch_indices(len(targets), 10, torch.Generator().manual_seed(0), weights)))
+    many = torch.cat([torch.cat(list(batch_indices(len(targets), 10, torch.Generator().manual_seed(s), weights)))
+                      for s in range(300)])
+    share = torch.bincount(targets[many], minlength=3) / float(len(many))
+    assert len(drawn) == 100 and torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02)
+    plain = torch.cat(list(batch_indices(len(targets), 10, torch.Generator().manual_seed(0))))
+    assert sorted(plain.tolist()) == list(range(100))  # without weights: a permutation
+
+
+def test_rng_state_from_a_machine_with_more_gpus_restores_with_a_note():
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (torch.cuda.device_count() + 2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    state["torch"] = torch.get_rng_state()
+    torch.rand(5)
+    note = restore_rng(state)
+    assert f"{len(state['cuda'])} CUDA device(s)" in note
+    assert torch.equal(torch.rand(3), expected)  # the CPU stream is restored all the same

@@ -9,19 +9,23 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import serve
-from conftest import assert_one_line_error, run_script
-from models import select_device
+from conftest import assert_one_line_error, run_cli
+from getData import DataError, load_image, prepare
+from gradcam import GradCAM
+from models import probabilities, resize_size, select_runtime, to_input
+from testing import evaluate
 
 
 @pytest.fixture(scope="module")
 def server(trained):
-    predictor = serve.Predictor(trained / "best.pt", select_device("cpu"), max_batch=8, max_wait_ms=20)
+    predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"), max_batch=8, max_wait_ms=20)
     srv = serve.make_server(predictor, max_bytes=2_000_000, timeout=1.0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
@@ -53,6 +57,43 @@ def test_page_health_info(server):
     assert request(server, "GET", "/health") == (200, {"status": "ready", "model_loaded": True})
     status, info = request(server, "GET", "/info")
     assert status == 200 and info["model"] == "lenet" and info["input_size"] == 32 and len(info["classes"]) == 6
+    best = torch.load(server.RequestHandlerClass.predictor.info["checkpoint"], weights_only=True)
+    assert info["fold"] == 1 and info["epoch"] == best["epoch"] and info["calibrated"]
+    assert info["valid"]["balanced_accuracy"] == best["metric"]["valid_bal_acc"]
+    assert info["temperature"] == pytest.approx(best["temperature"])
+
+
+def test_info_shows_test_scores_of_this_very_checkpoint(trained, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "best.pt", run / "best.pt")
+    rt = select_runtime("cpu")
+    assert serve.Predictor(run / "best.pt", rt).info["test"] is None  # not evaluated yet
+    m = evaluate(run / "best.pt", rt=rt, resamples=50)["softmax"].metrics  # writes run/test/metrics.json
+    test = serve.Predictor(run / "best.pt", rt).info["test"]
+    assert test["accuracy"] == m["accuracy"] and test["ci95"] == m["ci95"] and test["n"] == m["n"]
+    other = torch.load(run / "best.pt", weights_only=True)
+    other["epoch"] += 1  # another file, the same metrics.json beside it: no Test scores claimed for it
+    torch.save(other, run / "best.pt")
+    assert serve.Predictor(run / "best.pt", rt).info["test"] is None
+
+
+def test_one_pass_gives_label_probabilities_and_the_map_of_that_label(server, synthetic):
+    predictor = server.RequestHandlerClass.predictor
+    images = [load_image(p) for p in sorted(synthetic.rglob("*.jpg"))[:4]]
+    futures = [predictor.submit(im, explain_it=i % 2 == 0) for i, im in enumerate(images)]
+    explained = [f.result() for f in futures]
+    plain = [predictor.submit(im).result() for im in images]
+    x = torch.stack([prepare(im, resize_size(32)) for im in images])
+    with GradCAM(predictor.model) as cam:
+        logits = cam.forward(to_input(x, 32))
+        probs = probabilities(logits[None], predictor.temperature).detach()
+        maps = cam.maps(logits, probs.argmax(1))
+    for i, (e, p) in enumerate(zip(explained, plain)):
+        assert np.allclose(e["probs"], p["probs"], atol=1e-6) and np.allclose(e["probs"], probs[i].numpy(), atol=1e-6)
+        assert (e["cam"] is not None) == (i % 2 == 0) and p["cam"] is None
+        if e["cam"] is not None:
+            assert np.allclose(e["cam"], maps[i].numpy(), atol=1e-5)  # the map of the returned class
 
 
 def test_predict_raw_multipart_and_gradcam(server, synthetic):
@@ -105,6 +146,14 @@ def test_truncated_image_and_bomb(server, synthetic):
     assert predict(server, data)[0] == 200
 
 
+def test_413_comes_from_the_pixel_limit_error_type_not_its_wording(server, synthetic, monkeypatch):
+    def worded(*a, **k):
+        raise DataError("upload: over the limit of what this decoder reads")
+    monkeypatch.setattr(serve, "load_image", worded)
+    got, answer = predict(server, photo(synthetic))
+    assert got == 400 and "limit" in answer["error"]
+
+
 def test_oversized_body_refused_before_reading(server, synthetic):
     with socket.create_connection(server.server_address[:2], timeout=10) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n")
@@ -136,7 +185,7 @@ def test_concurrent_answers_equal_sequential(server, synthetic):
 
 
 def test_cli_without_checkpoint_says_what_to_run(tmp_path):
-    assert_one_line_error(run_script(Path(__file__).resolve().parents[1] / "serve.py", cwd=tmp_path),
+    assert_one_line_error(run_cli("serve.py", cwd=tmp_path),
                           "run `python train.py` first")
 
 
@@ -208,7 +257,7 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
                 "({shown: !document.getElementById('result').hidden, label: document.getElementById('label').textContent,"
                 " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
                 " fill: (document.querySelector('#bars .fill') || {getBoundingClientRect: () => ({width: 0})})"
-                ".getBoundingClientRect().width,"
+                ".getBoundingClientRect().width, facts: document.getElementById('model').textContent,"
                 " error: document.getElementById('error').textContent})"))["result"]["value"]
             if state["shown"] or state["error"]:
                 break
@@ -217,4 +266,7 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
         browser.close()
     assert state["shown"] and not state["error"], state
     assert state["bars"] == 6 and state["cam"] > 1000 and state["fill"] > 0  # the top bar is drawn
+    facts = state["facts"]
+    assert "Answered by lenet, trained on fold 1" in facts and "Validation: accuracy" in facts
+    assert "calibrated (temperature" in facts and "Test: not evaluated yet" in facts
     assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))

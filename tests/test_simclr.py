@@ -10,13 +10,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import json
+import subprocess
+import sys
+
 import simclr
 import train
-from conftest import assert_one_line_error, run_script, train_args
-from getData import batch_indices, index_split, resize_size
-from models import LARS, build_model
-from simclr import Monitor, knn_accuracy, nt_xent
-from testing import embed
+from conftest import REPO, assert_one_line_error, run_cli, train_args
+from getData import index_split, patient_id
+from models import LARS, batch_indices, build_model, embed, resize_size, select_runtime
+from simclr import Monitor, knn_accuracy, nt_xent, patient_partners, second_images, unlabeled_files
 
 
 def slow_nt_xent(z1, z2, t):
@@ -131,22 +134,23 @@ def test_unlabeled_images_leave_out_the_test_split(synthetic, tmp_path):
     shutil.copy(test_img, extra / "renamed.jpg")  # same content, other name
     shutil.copy(test_img, extra / f"{test_img.stem}__aug01.jpg")  # an augmented copy, by name
     shutil.copy(index_split(synthetic, 1, "Train")[0][0], extra / "other.jpg")
-    files, excluded = simclr.unlabeled_files(synthetic, 1, [tmp_path / "extra"])
+    files, splits, excluded = unlabeled_files(synthetic, 1, [tmp_path / "extra"])
     train_valid = len(index_split(synthetic, 1, "Train")) + len(index_split(synthetic, 1, "Valid"))
     assert len(files) == train_valid + 1 and excluded == 2
     assert not {p.name for p, _ in index_split(synthetic, 1, "Test")} & {p.name for p in files}
-    with_test, _ = simclr.unlabeled_files(synthetic, 1, [tmp_path / "extra"], include_test=True)
+    with_test, _, _ = unlabeled_files(synthetic, 1, [tmp_path / "extra"], include_test=True)
+    assert splits.count("extra") == 1 and splits[:len(index_split(synthetic, 1, "Train"))] == ["Train"] * len(
+        index_split(synthetic, 1, "Train"))
     assert len(with_test) == len(files) + len(index_split(synthetic, 1, "Test")) + 2
 
 
 def _mean_knn(synthetic, init):
-    accs = []
+    accs, rt = [], select_runtime("cpu")
     for fold in range(1, 6):
         m = Monitor.for_fold(synthetic, fold, resize_size(32), 5)
         torch.manual_seed(0)
         enc = build_model("lenet", 6, init=init).eval()
-        accs.append(knn_accuracy(embed(enc, m.train_x, torch.device("cpu")), m.train_y,
-                                 embed(enc, m.valid_x, torch.device("cpu")), m.valid_y, 5))
+        accs.append(knn_accuracy(embed(enc, m.train_x, rt), m.train_y, embed(enc, m.valid_x, rt), m.valid_y, 5))
     return float(np.mean(accs))
 
 
@@ -162,7 +166,7 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
     before, after = _mean_knn(synthetic, "none"), _mean_knn(synthetic, str(out / "encoder.pt"))
     assert after >= before + 0.08, (before, after)  # measured: 0.25 -> 0.44
     assert train.main(train_args(synthetic, tmp_path / "ft", "--epochs", 1, "--init", out / "encoder.pt")) == 0
-    proc = run_script("train.py", *train_args(synthetic, tmp_path / "bad", "--epochs", 1, "--model", "resnet18",
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "bad", "--epochs", 1, "--model", "resnet18",
                                               "--init", out / "encoder.pt"))
     assert_one_line_error(proc, "checkpoint is for lenet, not resnet18")
 
@@ -189,6 +193,64 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
 
 
 def test_bad_arguments(synthetic, tmp_path):
-    assert_one_line_error(run_script("simclr.py", "--data-root", synthetic, "--temperature", "0"), "--temperature")
-    assert_one_line_error(run_script("simclr.py", "--data-root", synthetic, "--extra", tmp_path / "nope",
+    assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--temperature", "0"), "--temperature")
+    assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--extra", tmp_path / "nope",
                                      "--out", tmp_path / "o"), "--extra")
+
+
+# ----------------------------------------------------------------------------- torchrun, shards, patients
+def _torchrun(nproc, *args, timeout=300):
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_two_processes_pretrain_the_real_simclr_module(synthetic, tmp_path):
+    """Two gloo processes on the real SimCLR module (backbone + projector): it trains, and a global
+    batch that does not divide by the ranks (7 on 2) is shared out equally, 3 images each."""
+    for batch, out in ((16, "even"), (7, "odd")):
+        proc = _torchrun(2, "simclr.py", "--data-root", synthetic, "--model", "lenet", "--epochs", 2,
+                         "--batch-size", batch, "--device", "cpu", "--eval-every", 1, "--out", tmp_path / out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        config = json.loads((tmp_path / out / "config.json").read_text())
+        last = torch.load(tmp_path / out / "last.pt", weights_only=True)
+        assert config["world_size"] == 2 and last["epoch"] == 2 and len(last["history"]) == 2
+        assert all(np.isfinite(h["loss"]) for h in last["history"])
+    # every rank drops the same share of a 7-image batch, never a different one (that would hang)
+    losses = [h["loss"] for h in torch.load(tmp_path / "odd" / "last.pt", weights_only=True)["history"]]
+    assert losses[1] < math.log(2 * 6 - 1) + 0.5  # a global batch of 6: the loss is read over 12 views
+
+
+def test_a_batch_smaller_than_two_per_rank_is_a_one_line_error(synthetic, tmp_path):
+    proc = _torchrun(2, "simclr.py", "--data-root", synthetic, "--epochs", 1, "--batch-size", 3, "--device", "cpu",
+                     "--out", tmp_path / "o", timeout=120)
+    assert proc.returncode != 0  # and promptly: no rank waits in a collective for a share it never gets
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and all("--batch-size 3: 2 process(es) need at least 4" in ln for ln in errors)
+    assert 'simclr.py", line' not in proc.stderr  # no traceback from our code (torchrun reports the exit codes)
+
+
+def test_patient_pairs_stay_in_their_split_and_single_photos_pair_with_themselves(synthetic):
+    files, splits, _ = unlabeled_files(synthetic, 1, include_test=True)
+    table, count = patient_partners(files, splits)
+    assert (count > 0).any() and (count == 0).any()  # some patients have several photos, some one
+    for i in range(len(files)):
+        for j in table[i, :count[i]].tolist():
+            assert j != i and splits[j] == splits[i] and patient_id(files[j]) == patient_id(files[i])
+        siblings = [j for j in range(len(files)) if j != i and splits[j] == splits[i]
+                    and patient_id(files[j]) == patient_id(files[i])]
+        assert sorted(table[i, :count[i]].tolist()) == sorted(siblings)  # every sibling is a candidate
+    idx = torch.arange(len(files))
+    drawn = torch.stack([second_images(idx, (table, count), torch.Generator().manual_seed(s)) for s in range(20)])
+    alone = count == 0
+    assert torch.equal(drawn[:, alone], idx[alone].expand(20, -1))  # single photos: two views of themselves
+    assert (drawn[:, ~alone] != idx[~alone]).all()  # others: always another photo of the patient
+    assert torch.equal(second_images(idx, None, torch.Generator()), idx)  # --positives views
+
+
+def test_patient_positives_pretrain(synthetic, tmp_path):
+    out = tmp_path / "micle"
+    assert simclr.main(["--data-root", str(synthetic), "--out", str(out), "--epochs", "2", "--positives", "patient",
+                        "--device", "cpu"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["positives"] == "patient" and 0 < config["patient_pairs"] < config["n_images"]

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import assert_one_line_error, run_script
-from testing import classification_metrics, gated_metrics, mean_std_table
+from conftest import assert_one_line_error, run_cli
+from models import mean_std_table
+from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
+                     confusion_metrics, gated_metrics, interval, mpox_operating_point, risk_coverage)
 
 CLASSES = ["Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"]
 
@@ -59,7 +61,7 @@ def test_mean_std_table():
 
 def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     out = tmp_path / "eval"
-    proc = run_script("testing.py", "--checkpoint", trained_all, "--out", out, "--threshold", "0.3")
+    proc = run_cli("testing.py", "--checkpoint", trained_all, "--out", out, "--threshold", "0.3")
     assert proc.returncode == 0, proc.stderr
     for k in range(1, 6):
         d = out / f"fold{k}"
@@ -71,6 +73,19 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
         assert m["split"] == "Test" and m["fold"] == k and m["gated"]["threshold"] == 0.3
     summary = (out / "summary.md").read_text()
     assert "mean ± std" in summary and summary.count("\n| ") >= 6
+    assert "95% CI of the 5-fold mean" in summary and "distinct images" in summary
+    m = json.loads((out / "fold1" / "metrics.json").read_text())
+    assert {"ece", "ece_raw", "temperature", "ci95", "risk_coverage", "mpox_operating_point"} <= set(m)
+    low, high = m["ci95"]["accuracy"]
+    assert low <= m["accuracy"] <= high
+    rows = list(__import__("csv").DictReader(open(out / "fold1" / "predictions.csv")))
+    probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])  # the calibrated probabilities
+    y = np.array([CLASSES.index(r["true"]) for r in rows])
+    assert calibration_bins(y, probs)[0] == pytest.approx(m["ece"], abs=1e-4)
+    for name in ("reliability.png", "risk_coverage.png"):
+        assert (out / "fold1" / name).read_bytes().startswith(b"\x89PNG")
+    numbers = json.loads((out / "summary.json").read_text())
+    assert numbers["distinct"]["n"] == numbers["distinct"]["entries"]  # the synthetic Test sets are disjoint
     assert (out / "confusion_pooled.png").stat().st_size > 0
     pooled = json.loads((out / "summary.json").read_text())["pooled_confusion"]
     assert np.sum(pooled) == sum(json.loads((out / f"fold{k}" / "metrics.json").read_text())["n"] for k in range(1, 6))
@@ -78,7 +93,72 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
 
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
     (tmp_path / "x.pt").write_text("not a checkpoint")
-    assert_one_line_error(run_script("testing.py", "--checkpoint", tmp_path / "x.pt"), "not a PyTorch checkpoint")
-    assert_one_line_error(run_script("testing.py", "--checkpoint", tmp_path / "nothing"), "no such")
-    assert_one_line_error(run_script("testing.py", "--checkpoint", trained_all / "fold1" / "best.pt",
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", tmp_path / "x.pt"), "not a PyTorch checkpoint")
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", tmp_path / "nothing"), "no such")
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained_all / "fold1" / "best.pt",
                                      "--data-root", tmp_path), "no MSLD v2.0 layout")
+
+
+# ----------------------------------------------------------------------------- trust
+def _calibrated(n, seed, overconfident=False):
+    """Predictions whose top probability is the chance of being right (or far above it)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 6, n)
+    conf = rng.uniform(0.2, 1.0, n)
+    right = rng.random(n) < (conf if not overconfident else conf * 0.6)
+    pred = np.where(right, y, (y + rng.integers(1, 6, n)) % 6)
+    probs = np.tile(((1 - conf) / 5)[:, None], (1, 6))
+    probs[np.arange(n), pred] = conf
+    return y, probs
+
+
+def test_ece_is_near_zero_when_calibrated_and_large_when_overconfident():
+    y, probs = _calibrated(20000, 0)
+    ece, bins = calibration_bins(y, probs)
+    assert ece < 0.02 and sum(b["n"] for b in bins) == 20000 and len(bins) == 15
+    y, probs = _calibrated(20000, 0, overconfident=True)
+    assert calibration_bins(y, probs)[0] > 0.2
+
+
+def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients():
+    widths = []
+    for patients in (30, 600):
+        y, probs = _calibrated(2 * patients, patients)
+        groups = np.repeat(np.arange(patients), 2)  # two photos per patient
+        samples = bootstrap(y, probs, groups, 6, 5, 1000, seed=0)
+        ci = interval(samples)
+        m = classification_metrics(y, probs, CLASSES)
+        for k in CI_KEYS:
+            assert ci[k][0] <= m[k] <= ci[k][1], (k, ci[k], m[k])
+        widths.append(ci["accuracy"][1] - ci["accuracy"][0])
+        assert np.allclose(bootstrap(y, probs, groups, 6, 5, 50, seed=1), bootstrap(y, probs, groups, 6, 5, 50, seed=1))
+    assert widths[1] < widths[0] / 2  # 20 times the patients: about 4.5 times narrower
+
+
+def test_batched_confusion_metrics_equal_one_at_a_time():
+    rng = np.random.default_rng(0)
+    cms = rng.integers(0, 9, (5, 6, 6))
+    batched = confusion_metrics(cms, 5)
+    for i, cm in enumerate(cms):
+        one = confusion_metrics(cm, 5)
+        for k in ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity"):
+            assert batched[k][i] == pytest.approx(one[k])
+    y, probs = _hand_made()
+    m = confusion_metrics(confusion_matrix(y, probs.argmax(1), 6), 5)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, probs.argmax(1)))
+
+
+def test_risk_coverage_and_the_mpox_operating_point():
+    y, probs = _hand_made(2, 200)
+    coverage, accuracy = risk_coverage(y, probs)
+    assert coverage[-1] == 1 and accuracy[-1] == pytest.approx((probs.argmax(1) == y).mean())
+    y, probs = _calibrated(4000, 3)
+    coverage, accuracy = risk_coverage(y, probs)
+    assert accuracy[int(0.2 * len(y))] > accuracy[-1] + 0.15  # the confident fifth is more often right
+    valid_y, valid_p = _calibrated(500, 4)
+    op = mpox_operating_point(valid_y, valid_p, y, probs, positive=5)
+    assert op["valid_sensitivity"] >= 0.95
+    assert np.mean(valid_p[valid_y == 5, 5] >= op["threshold"] + 1e-9) < 0.95  # the highest such threshold
+    t = op["threshold"]
+    assert op["test_sensitivity"] == pytest.approx(np.mean(probs[y == 5, 5] >= t))
+    assert op["test_specificity"] == pytest.approx(np.mean(probs[y != 5, 5] < t))

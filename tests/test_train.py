@@ -1,15 +1,23 @@
 import csv
+import fcntl
+import io
 import json
 import os
+import pty
+import struct
+import subprocess
 import sys
+import termios
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
-from conftest import REPO, assert_one_line_error, run_script, train_args
-from getData import list_classes
+from augment import write_augmented
+from conftest import REPO, assert_one_line_error, run_cli, run_script, train_args
+from getData import index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
 
@@ -20,7 +28,7 @@ def _history(out):
 
 
 def test_training_beats_chance_on_test(trained, tmp_path):
-    m = evaluate(trained / "best.pt", tmp_path / "test")["softmax"]
+    m = evaluate(trained / "best.pt", tmp_path / "test")["softmax"].metrics
     majority = max(np.bincount([list(m["per_class"]).index(c) for c, v in m["per_class"].items()
                                 for _ in range(v["support"])])) / m["n"]
     assert m["accuracy"] >= majority + 0.2, (m["accuracy"], majority)  # constant predictor: `majority`
@@ -37,7 +45,9 @@ def test_run_directory_contents(trained):
     assert best["kind"] == "classifier" and best["fold"] == 1 and best["config"] == config
     assert {"optimizer", "scheduler", "rng", "history"} <= set(last) and last["epoch"] == 40
     assert best["metric"]["valid_bal_acc"] == max(float(r["valid_bal_acc"]) for r in _history(trained))
-    assert not any(k.startswith("module.") or k.startswith("_orig_mod") for k in best["state_dict"])
+    assert best["temperature"] > 0 and best["temperature"] != 1.0  # fitted on Valid
+    curves = Image.open(io.BytesIO((trained / "curves.png").read_bytes()))
+    assert curves.format == "PNG" and curves.size[0] > 500 and len(np.unique(np.asarray(curves.convert("L")))) > 10
 
 
 def test_test_split_is_never_read_during_training(synthetic, tmp_path, monkeypatch):
@@ -92,8 +102,8 @@ def test_fold_all_writes_summary(trained_all):
 
 
 def test_ddp_two_gloo_processes_match_one_process(synthetic, tmp_path):
-    common = ["--epochs", 1, "--batch-size", 16, "--no-augment", "--device", "cpu"]
-    single = run_script("train.py", "--data-root", synthetic, "--out", tmp_path / "one", *common)
+    common = ["--epochs", 1, "--batch-size", 16, "--augment", "none", "--device", "cpu"]
+    single = run_cli("train.py", "--data-root", synthetic, "--out", tmp_path / "one", *common)
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = __import__("subprocess").run(
@@ -117,12 +127,12 @@ def test_main_job_falls_back_to_synthetic_data(tmp_path):
 
 def test_bad_arguments_are_one_line_errors(synthetic, tmp_path):
     base = ("train.py", "--data-root", synthetic, "--out", tmp_path / "r", "--epochs", "1")
-    assert_one_line_error(run_script("train.py", "--data-root", tmp_path / "missing"), "no such folder")
-    assert_one_line_error(run_script(*base, "--model", "resnet19"), "unknown or unsupported model")
-    assert_one_line_error(run_script(*base, "--fold", "7"), "--fold 7")
+    assert_one_line_error(run_cli("train.py", "--data-root", tmp_path / "missing"), "no such folder")
+    assert_one_line_error(run_cli(*base, "--model", "resnet19"), "unknown or unsupported model")
+    assert_one_line_error(run_cli(*base, "--fold", "7"), "--fold 7")
     lenet = tmp_path / "lenet.pt"
     save_checkpoint(checkpoint_dict(build_model("lenet", 6), "classifier", list_classes(synthetic), {}, 1, {}), lenet)
-    assert_one_line_error(run_script(*base, "--model", "resnet18", "--init", lenet), "checkpoint is for lenet")
+    assert_one_line_error(run_cli(*base, "--model", "resnet18", "--init", lenet), "checkpoint is for lenet")
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
@@ -130,8 +140,91 @@ def test_balancing_helpers():
     targets = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
     w = train.class_weights(targets, 3)
     assert w[2] > w[1] > w[0] and w.mean() == pytest.approx(1.0)
-    draws = torch.multinomial(w[targets], 30000, replacement=True, generator=torch.Generator().manual_seed(0))
-    share = torch.bincount(targets[draws], minlength=3) / 30000.0
-    assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.02)  # the sampler balances classes
+    assert torch.allclose(w * torch.bincount(targets), torch.full((3,), float((w * torch.bincount(targets))[0])))
     f = warmup_cosine(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
+
+
+def test_aug_dir_copies_join_training(synthetic, tmp_path):
+    write_augmented(synthetic, 1, tmp_path / "aug", factor=1, ops="hflip", workers=1)
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--aug-dir", tmp_path / "aug")) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["train_images"] == 2 * len(index_split(synthetic, 1, "Train"))
+
+
+def _screen(raw: bytes) -> list[str]:
+    """What a terminal shows: each carriage return rewrites its line from the first column."""
+    lines = []
+    for line in raw.decode(errors="replace").replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return [ln for ln in lines if ln.strip()]
+
+
+def test_console_ends_with_clean_summaries_on_a_terminal(synthetic, tmp_path):
+    """Progress bars draw on a terminal and are wiped before each epoch's summary line."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    args = train_args(synthetic, tmp_path / "r", "--epochs", 2)
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=REPO, stdout=follower, stderr=follower)
+    os.close(follower)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        raw += chunk
+    assert proc.wait() == 0
+    assert b"it/s]" in raw or b"s/it]" in raw  # a bar was drawn
+    screen = _screen(raw)
+    assert screen[-1].startswith("fold 1 epoch 2/2: train loss") and "%|" not in screen[-1], screen[-3:]
+    assert screen[-2].startswith("fold 1 epoch 1/2: train loss") and "%|" not in screen[-2], screen[-3:]
+    logged = run_cli("train.py", *train_args(synthetic, tmp_path / "log", "--epochs", 1))  # output not a terminal
+    assert logged.returncode == 0 and "%|" not in logged.stderr + logged.stdout  # no bars in logs
+
+
+def test_resume_of_a_run_saved_with_gpus_continues_on_cpu_with_a_note(synthetic, tmp_path, capsys):
+    args = train_args(synthetic, tmp_path / "r", "--epochs", 2)
+    assert train.main([*args[:-2], "--epochs", "1"]) == 0  # one epoch, then its last.pt is made to look as if
+    # written on a 2-GPU machine: the CUDA random states of two devices
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    last["config"]["epochs"] = 2  # (the same run, as if started with --epochs 2)
+    last["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2
+    save_checkpoint(last, tmp_path / "r" / "last.pt")
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "2 CUDA device(s)" in out and "fold 1 epoch 2/2" in out
+
+
+def test_bf16_channels_last_and_compile_run_on_cpu(synthetic, tmp_path):
+    fast = ("--precision", "bf16", "--memory-format", "channels_last")
+    assert train.main(train_args(synthetic, tmp_path / "bf16", "--epochs", 1, *fast)) == 0
+    assert train.main(train_args(synthetic, tmp_path / "compiled", "--epochs", 1, "--compile")) == 0
+    for run in ("bf16", "compiled"):
+        row = _history(tmp_path / run)[0]
+        assert np.isfinite(float(row["train_loss"])) and float(row["valid_acc"]) > 0
+
+
+def test_benchmark_prints_every_precision_and_layout(monkeypatch, capsys):
+    monkeypatch.setattr(train, "BENCHMARK_SECONDS", 0.05)
+    rows = train.run(train.parse_args(["--benchmark", "--model", "lenet", "--batch-size", "8", "--device", "cpu"]))
+    assert [(r["precision"], r["layout"]) for r in rows] == [("fp32", "contiguous"), ("fp32", "channels_last"),
+                                                             ("bf16", "contiguous"), ("bf16", "channels_last")]
+    assert all(r["bare"] > 0 and r["full"] > 0 and r["inference"] > 0 for r in rows)
+    conv1, rest = 6 * 28 * 28 * 75, 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 6  # LeNet's multiply-adds
+    # 2 FLOPs per multiply-add; backward is twice the forward, less conv1's gradient for the input images
+    assert rows[0]["flops"] == pytest.approx(2 * (3 * (conv1 + rest) - conv1), rel=0.01)
+    table = capsys.readouterr().out
+    assert "full/bare" in table and "bf16" in table and "unknown: pass --peak-tflops" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_a_one_line_error(synthetic, tmp_path):
+    assert_one_line_error(run_cli("train.py", "--data-root", synthetic, "--out", tmp_path / "r", "--device", "cuda"),
+                          "--device cuda", "no CUDA device")

@@ -1,0 +1,57 @@
+"""What a run directory holds besides checkpoints: history.csv and its curves, figures, summary tables.
+
+Figures are matplotlib `Figure` objects rendered by the Agg canvas straight to PNG bytes: no pyplot
+state, so plotting is safe from any thread and needs no display.
+"""
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from getData import atomic_write
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path, dpi: int = 100) -> None:
+    atomic_write(path, png_bytes(fig, dpi))
+
+
+def write_history(history: list[dict], fields: list[str], out: Path, panels: list[tuple[str, list[str]]],
+                  name: str = "curves.png") -> None:
+    """history.csv (one row per epoch) and a figure with one panel per (title, columns)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(Path(out) / "history.csv", buf.getvalue())
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    for ax, (title, keys) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
+        for key in keys:
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < len(history) else None,
+                        label=key.split("_")[0] if len(keys) > 1 else None)
+        ax.set(xlabel="epoch", title=title)
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    save_figure(fig, Path(out) / name)
+
+
+def mean_std_table(rows: list[dict], keys, label: str = "fold") -> str:
+    """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs."""
+    keys = [k for k in keys if all(k in r for r in rows)]
+    lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+    stats = [(np.mean([r[k] for r in rows]), np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0.0)
+             for k in keys]
+    lines.append("| mean ± std | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in stats) + " |")
+    return "\n".join(lines) + "\n"

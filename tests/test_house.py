@@ -1,0 +1,73 @@
+"""The house rules: which script may import which, and README's table of what each one brings along."""
+import ast
+import re
+
+from conftest import REPO
+
+COMMANDS = ["train", "testing", "simclr", "gradcam", "serve"]
+SHARED = ["getData", "augment", "models"]
+ALLOWED = {("serve", "gradcam")}  # serve.py draws Grad-CAM with gradcam.GradCAM
+
+
+def repo_imports(path) -> tuple[set[str], list[int]]:
+    """The repository modules a file imports at its top level, and the lines of any imported elsewhere."""
+    tree = ast.parse(path.read_text())
+    names = {f.stem for f in REPO.glob("*.py")} | {"models"}
+    top, nested = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found = {m.split(".")[0] for m in mods} & names
+            if found and node in tree.body:
+                top |= found
+            elif found:
+                nested.append(node.lineno)
+    return top - {path.stem}, nested
+
+
+def files_of(module: str) -> list:
+    return sorted((REPO / "models").glob("*.py")) if module == "models" else [REPO / f"{module}.py"]
+
+
+def closure(script: str) -> list:
+    """The files a copy of `script` needs: itself and every repository file it imports, transitively."""
+    seen, todo = [], [script]
+    while todo:
+        module = todo.pop()
+        for f in files_of(module):
+            if f not in seen:
+                seen.append(f)
+                todo += sorted(repo_imports(f)[0] - set(todo))
+    return seen
+
+
+def test_no_command_script_imports_another_and_imports_sit_at_the_top():
+    for name in COMMANDS + SHARED:
+        for f in files_of(name):
+            top, nested = repo_imports(f)
+            assert not nested, f"{f.name}: repository imports inside functions at lines {nested}"
+            if name in COMMANDS:
+                others = {m for m in top if m in COMMANDS and (name, m) not in ALLOWED}
+                assert not others, f"{f.name} imports the command script(s) {others}"
+            else:
+                assert not top & set(COMMANDS), f"{f.name}: a shared module imports a command script"
+
+
+def test_the_shared_modules_form_one_chain():
+    assert repo_imports(REPO / "getData.py")[0] == set()
+    assert {m for f in files_of("models") for m in repo_imports(f)[0]} == {"getData", "models"}
+    assert repo_imports(REPO / "augment.py")[0] == {"getData", "models"}
+
+
+def test_readme_script_table_says_what_each_script_brings():
+    """README's table: each script, what it imports from the repo, and the lines a copy carries."""
+    table = {}
+    row_re = r"^\| `(\w+)(?:\.py|/)` \|[^|]*\| ([^|]*) \| ([\d,]+) \|$"
+    for row in re.findall(row_re, (REPO / "README.md").read_text(), re.M):
+        table[row[0]] = (row[1].strip(), int(row[2].replace(",", "")))
+    assert set(table) == set(COMMANDS + SHARED), sorted(table)
+    for name, (imports, lines) in table.items():
+        direct = sorted(set().union(*(repo_imports(f)[0] for f in files_of(name))) - {name})
+        assert imports == (", ".join(direct) or "—"), (name, imports, direct)
+        counted = sum(len(f.read_text().splitlines()) for f in closure(name))
+        assert lines == counted, f"README says {name} brings {lines} lines; it brings {counted}"
