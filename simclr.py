@@ -37,7 +37,7 @@ DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, f
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
                 weight_decay=1e-6, warmup_epochs=5, temperature=0.5, proj_dim=128, eval_every=10, knn_k=5, seed=0,
                 device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False)
-RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "data_root"}
+RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "backend", "data_root"}
 HISTORY_FIELDS = ["epoch", "lr", "loss", "knn_acc", "epoch_s", "images_per_s"]
 CURVES = [("NT-Xent loss", ["loss"]), ("k-NN accuracy (Train -> Valid)", ["knn_acc"])]
 
@@ -220,6 +220,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
     partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
+                  backend=rt.backend,
                   patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
     size = resize_size(encoder.input_size)
     images = decode_all(files, size, desc="decode").to(rt.device)

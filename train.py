@@ -44,8 +44,8 @@ DEFAULTS = dict(
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
-RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "precision", "memory_format", "world_size", "data_root",
-                "benchmark", "peak_tflops"}
+RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "precision", "memory_format", "world_size", "backend",
+                "data_root", "benchmark", "peak_tflops"}
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
                   "epoch_s", "train_images_per_s"]
 CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "valid_acc", "valid_bal_acc"])]
@@ -527,7 +527,7 @@ def run(args) -> list[dict]:
     check_args(args)
     folds = parse_fold(args.fold)
     with distributed(args.device, args.precision, args.memory_format) as rt:
-        cfg = dict(vars(args), world_size=rt.world)
+        cfg = dict(vars(args), world_size=rt.world, backend=rt.backend)
         if args.benchmark:
             return benchmark(cfg, rt)
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))

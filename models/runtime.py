@@ -56,6 +56,11 @@ class Runtime:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend under torchrun (nccl or gloo), None alone."""
+        return dist.get_backend() if self.world > 1 and dist.is_initialized() else None
+
     def from_rank0(self, compute):
         """compute() on rank 0 only (e.g. it may write the synthetic set); every rank gets its value."""
         value = [compute() if self.rank == 0 else None]

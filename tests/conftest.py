@@ -17,6 +17,20 @@ from getData import find_folds_root, make_synthetic  # noqa: E402
 REAL_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on machines without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory) -> Path:
     """The synthetic MSLD-layout dataset, generated once (seed 0)."""

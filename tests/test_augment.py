@@ -33,6 +33,15 @@ def test_batch_augment_output_and_determinism(ops):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_affine_grid_equals_torch():
+    import torch.nn.functional as F
+    from augment import affine_grid
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for h, w in ((7, 9), (32, 32)):
+        assert torch.allclose(affine_grid(theta, h, w), F.affine_grid(theta, [5, 3, h, w], align_corners=False),
+                              atol=1e-6)
+
+
 def test_geometry_is_exact_for_identity_and_flips():
     x = _batch(4, 20, 30)
     g = torch.Generator().manual_seed(0)

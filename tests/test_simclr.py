@@ -214,7 +214,8 @@ def test_torchrun_two_processes_pretrain_the_real_simclr_module(synthetic, tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
         config = json.loads((tmp_path / out / "config.json").read_text())
         last = torch.load(tmp_path / out / "last.pt", weights_only=True)
-        assert config["world_size"] == 2 and last["epoch"] == 2 and len(last["history"]) == 2
+        assert config["world_size"] == 2 and config["backend"] == "gloo" and last["epoch"] == 2
+        assert len(last["history"]) == 2
         assert all(np.isfinite(h["loss"]) for h in last["history"])
     # every rank drops the same share of a 7-image batch, never a different one (that would hang)
     losses = [h["loss"] for h in torch.load(tmp_path / "odd" / "last.pt", weights_only=True)["history"]]

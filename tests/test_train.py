@@ -114,7 +114,8 @@ def test_ddp_two_gloo_processes_match_one_process(synthetic, tmp_path):
     one, two = _history(tmp_path / "one")[0], _history(tmp_path / "two")[0]
     assert float(two["train_loss"]) == pytest.approx(float(one["train_loss"]), rel=1e-5)
     assert float(two["valid_loss"]) == pytest.approx(float(one["valid_loss"]), rel=1e-4)
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["backend"] == "gloo"
 
 
 def test_main_job_falls_back_to_synthetic_data(tmp_path):

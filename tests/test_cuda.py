@@ -1,0 +1,105 @@
+"""The CUDA paths, on a machine with a GPU (the `cuda` marker skips them elsewhere): every script
+end to end, the batched augmentation, checkpoints across devices, exact resume, NCCL, the benchmark."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from augment import SIMCLR_OPS, TRAIN_OPS, TRIVIAL_TRAIN_OPS, BatchAugment
+from conftest import REPO, run_cli, train_args
+from getData import load_image
+from models import load_classifier, predict, select_runtime
+from testing import evaluate
+
+pytestmark = pytest.mark.cuda
+
+
+def cuda_args(data, out, *extra):
+    return [a if a != "cpu" else "cuda" for a in train_args(data, out, *extra)]
+
+
+def test_every_script_runs_end_to_end_on_cuda(synthetic, tmp_path):
+    assert run_cli("simclr.py", "--data-root", synthetic, "--epochs", 2, "--device", "cuda",
+                   "--out", tmp_path / "simclr").returncode == 0
+    assert train.main(cuda_args(synthetic, tmp_path / "r", "--epochs", 3, "--init",
+                                tmp_path / "simclr" / "encoder.pt")) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["precision"] == "auto" and config["device"] == "cuda"
+    m = evaluate(tmp_path / "r", rt=select_runtime("cuda"), tta=True, resamples=50)["softmax"].metrics
+    assert 0 <= m["accuracy"] <= 1 and m["n"] > 0
+    assert run_cli("gradcam.py", "--checkpoint", tmp_path / "r" / "best.pt", "--fold", 1, "--limit", 4,
+                   "--device", "cuda", "--out", tmp_path / "cam").returncode == 0
+    assert len(list((tmp_path / "cam").glob("*_gradcam.png"))) == 4
+    import serve
+    predictor = serve.Predictor(tmp_path / "r" / "best.pt", select_runtime("cuda"))
+    answer = predictor.answer(predictor.submit(load_image(next(synthetic.rglob("MKP_*.jpg"))), True).result())
+    assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4) and answer["gradcam_png"]
+
+
+@pytest.mark.parametrize("ops", [TRAIN_OPS, TRIVIAL_TRAIN_OPS, SIMCLR_OPS], ids=["basic", "trivial", "simclr"])
+def test_batch_augment_on_cuda_equals_the_cpu_path(ops):
+    """Random parameters are drawn on the CPU, so one seed gives the same augmentations on both devices."""
+    x = torch.randint(0, 256, (16, 3, 73, 73), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = BatchAugment(64, ops)
+    cpu = aug(x, torch.Generator().manual_seed(1))
+    gpu = aug(x.cuda(), torch.Generator().manual_seed(1)).cpu()
+    assert torch.allclose(cpu, gpu, atol=2e-3), (cpu - gpu).abs().max()
+
+
+def test_checkpoints_move_between_cuda_and_cpu(synthetic, tmp_path):
+    for device, other in (("cuda", "cpu"), ("cpu", "cuda")):
+        out = tmp_path / device
+        args = train_args(synthetic, out, "--epochs", 1)
+        assert train.main([a if a != "cpu" else device for a in args]) == 0
+        images = torch.randint(0, 256, (8, 3, 37, 37), dtype=torch.uint8)
+        here, there = select_runtime(device, "fp32"), select_runtime(other, "fp32")
+        a = predict(here.module(load_classifier(out / "best.pt")[0]), images, here)
+        b = predict(there.module(load_classifier(out / "best.pt")[0]), images, there)
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_resume_on_cuda_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
+    """cuDNN may pick non-deterministic kernels (benchmark mode, bf16): the resumed weights must agree
+    with the uninterrupted run's to within 1% of their norm, and the first epochs' losses exactly."""
+    args = ["--epochs", 3, "--model", "resnet18", "--input-size", 32, "--batch-size", 16]
+    assert train.main(cuda_args(synthetic, tmp_path / "full", *args)) == 0
+    real, calls = train.validate, {"n": 0}
+
+    def killed_in_epoch_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "validate", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cuda_args(synthetic, tmp_path / "cut", *args))
+    monkeypatch.setattr(train, "validate", real)
+    assert train.main(cuda_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
+    full, cut = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("full", "cut"))
+    for k, v in full["state_dict"].items():
+        if v.is_floating_point():
+            assert (v - cut["state_dict"][k]).norm() <= 0.01 * v.norm() + 1e-6, k
+    assert [h["train_loss"] for h in full["history"][:2]] == [h["train_loss"] for h in cut["history"][:2]]
+
+
+def test_torchrun_one_process_trains_with_nccl(synthetic, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           "train.py", *map(str, cuda_args(synthetic, tmp_path / "r", "--epochs", 1))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["backend"] == "nccl" and config["world_size"] == 1
+
+
+def test_benchmark_on_cuda_reports_the_share_of_peak(monkeypatch):
+    monkeypatch.setattr(train, "BENCHMARK_SECONDS", 0.2)
+    rows = train.run(train.parse_args(["--benchmark", "--model", "resnet18", "--input-size", "64",
+                                       "--batch-size", "32", "--device", "cuda", "--peak-tflops", "100"]))
+    assert len(rows) == 4 and all(0 < r["peak_share"] < 1 for r in rows)
+    bf16 = next(r for r in rows if r["precision"] == "bf16" and r["layout"] == "channels_last")
+    assert bf16["full"] > 0 and bf16["bare"] > 0
