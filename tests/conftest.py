@@ -79,6 +79,20 @@ def assert_one_line_error(proc, *fragments):
         assert f in lines[0], lines[0]
 
 
+def killed_on_call(monkeypatch, module, name: str, n: int = 3):
+    """Make module.name raise KeyboardInterrupt on its n-th call (a run killed mid-way); returns a
+    function that puts the real one back."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, dies)
+    return lambda: monkeypatch.setattr(module, name, real)
+
+
 def train_args(data, out, *extra):
     return ["--data-root", str(data), "--out", str(out), "--device", "cpu", *map(str, extra)]
 

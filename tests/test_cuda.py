@@ -10,7 +10,7 @@ import torch
 
 import train
 from augment import SIMCLR_OPS, TRAIN_OPS, TRIVIAL_TRAIN_OPS, BatchAugment
-from conftest import REPO, run_cli, train_args
+from conftest import REPO, killed_on_call, run_cli, train_args
 from getData import load_image
 from models import load_classifier, predict, select_runtime
 from testing import evaluate
@@ -67,17 +67,10 @@ def test_resume_on_cuda_matches_an_uninterrupted_run(synthetic, tmp_path, monkey
     with the uninterrupted run's to within 1% of their norm, and the first epochs' losses exactly."""
     args = ["--epochs", 3, "--model", "resnet18", "--input-size", 32, "--batch-size", 16]
     assert train.main(cuda_args(synthetic, tmp_path / "full", *args)) == 0
-    real, calls = train.validate, {"n": 0}
-
-    def killed_in_epoch_3(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(train, "validate", killed_in_epoch_3)
+    revive = killed_on_call(monkeypatch, train, "validate", 3)
     with pytest.raises(KeyboardInterrupt):
         train.main(cuda_args(synthetic, tmp_path / "cut", *args))
-    monkeypatch.setattr(train, "validate", real)
+    revive()
     assert train.main(cuda_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
     full, cut = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("full", "cut"))
     for k, v in full["state_dict"].items():

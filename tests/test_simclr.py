@@ -16,7 +16,7 @@ import sys
 
 import simclr
 import train
-from conftest import REPO, assert_one_line_error, run_cli, train_args
+from conftest import REPO, assert_one_line_error, killed_on_call, run_cli, train_args
 from getData import index_split, patient_id
 from models import LARS, batch_indices, build_model, embed, resize_size, select_runtime
 from simclr import Monitor, knn_accuracy, nt_xent, patient_partners, second_images, unlabeled_files
@@ -174,17 +174,10 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
 def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     args = ["--data-root", str(synthetic), "--epochs", "3", "--eval-every", "2", "--device", "cpu"]
     assert simclr.main([*args, "--out", str(tmp_path / "full")]) == 0
-    real, calls = simclr.pretrain_epoch, {"n": 0}
-
-    def dies_in_epoch_3(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(simclr, "pretrain_epoch", dies_in_epoch_3)
+    revive = killed_on_call(monkeypatch, simclr, "pretrain_epoch", 3)
     with pytest.raises(KeyboardInterrupt):
         simclr.main([*args, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(simclr, "pretrain_epoch", real)
+    revive()
     assert simclr.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     full, cut = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("full", "cut"))
     for k, v in full["state_dict"].items():

@@ -16,7 +16,7 @@ from PIL import Image
 
 import train
 from augment import write_augmented
-from conftest import REPO, assert_one_line_error, run_cli, run_script, train_args
+from conftest import REPO, assert_one_line_error, killed_on_call, run_cli, run_script, train_args
 from getData import index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
@@ -66,19 +66,11 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     args = ["--epochs", 4, "--batch-size", 16, "--balance", "sampler", "--model", "lenet"]
     assert train.main(train_args(synthetic, tmp_path / "full", *args)) == 0
 
-    calls = {"n": 0}
-    real_validate = train.validate
-
-    def killed_in_epoch_3(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # the process dies before epoch 3 is saved
-        return real_validate(*a, **k)
-    monkeypatch.setattr(train, "validate", killed_in_epoch_3)
+    revive = killed_on_call(monkeypatch, train, "validate", 3)  # the process dies before epoch 3 is saved
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(synthetic, tmp_path / "cut", *args))
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(train, "validate", real_validate)
+    revive()
     assert train.main(train_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
 
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
