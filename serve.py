@@ -61,14 +61,16 @@ def model_facts(checkpoint: Path, ckpt: dict, digest: str) -> dict:
                  checkpoint_id=digest, temperature=ckpt.get("temperature"),
                  valid={k: metric[f"valid_{s}"] for k, s in (("accuracy", "acc"), ("balanced_accuracy", "bal_acc"))
                         if f"valid_{s}" in metric}, test=None)
-    report = checkpoint.parent / "test" / "metrics.json"
-    if report.is_file():
+    # where testing.py writes: RUN/test/ for a run, RUN/test/foldK/ for a fold of a --fold all run
+    for report in (checkpoint.parent / "test" / "metrics.json",
+                   checkpoint.parent.parent / "test" / checkpoint.parent.name / "metrics.json"):
         try:
             m = json.loads(report.read_text())
-        except ValueError:
-            m = {}
+        except (OSError, ValueError):
+            continue
         if m.get("checkpoint_id") == digest and m.get("split") == "Test":
             facts["test"] = dict({k: m[k] for k in TRUST_KEYS if k in m}, n=m.get("n"), ci95=m.get("ci95"))
+            break
     return facts
 
 

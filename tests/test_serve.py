@@ -72,6 +72,11 @@ def test_info_shows_test_scores_of_this_very_checkpoint(trained, tmp_path):
     m = evaluate(run / "best.pt", rt=rt, resamples=50)["softmax"].metrics  # writes run/test/metrics.json
     test = serve.Predictor(run / "best.pt", rt).info["test"]
     assert test["accuracy"] == m["accuracy"] and test["ci95"] == m["ci95"] and test["n"] == m["n"]
+    folds = tmp_path / "all"  # a --fold all run: testing.py writes all/test/fold1/metrics.json
+    (folds / "fold1").mkdir(parents=True)
+    shutil.copy(run / "best.pt", folds / "fold1" / "best.pt")
+    evaluate(folds, rt=rt, resamples=50)
+    assert serve.Predictor(folds / "fold1" / "best.pt", rt).info["test"]["accuracy"] == m["accuracy"]
     other = torch.load(run / "best.pt", weights_only=True)
     other["epoch"] += 1  # another file, the same metrics.json beside it: no Test scores claimed for it
     torch.save(other, run / "best.pt")

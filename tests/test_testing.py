@@ -5,9 +5,10 @@ import pytest
 from sklearn import metrics as skm
 
 from conftest import assert_one_line_error, run_cli
-from models import mean_std_table
+from getData import MSLDDataset
+from models import mean_std_table, resize_size
 from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
-                     confusion_metrics, gated_metrics, interval, mpox_operating_point, risk_coverage)
+                     confusion_metrics, evaluate, gated_metrics, interval, mpox_operating_point, risk_coverage)
 
 CLASSES = ["Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"]
 
@@ -89,6 +90,18 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     assert (out / "confusion_pooled.png").stat().st_size > 0
     pooled = json.loads((out / "summary.json").read_text())["pooled_confusion"]
     assert np.sum(pooled) == sum(json.loads((out / f"fold{k}" / "metrics.json").read_text())["n"] for k in range(1, 6))
+
+
+def test_calibration_changes_confidence_not_answers(trained, tmp_path):
+    from models import load_classifier, predict, select_runtime
+    r = evaluate(trained / "best.pt", tmp_path / "t", resamples=20)["softmax"]
+    model, ckpt = load_classifier(trained / "best.pt")
+    ds = MSLDDataset(ckpt["config"]["data_root"], 1, "Test", cache_size=resize_size(32))
+    raw = predict(model, ds.images, select_runtime("cpu")).numpy()
+    assert ckpt["temperature"] != 1 and not np.allclose(raw, r.probs, atol=1e-3)  # the probabilities moved...
+    assert np.array_equal(raw.argmax(1), r.probs.argmax(1))  # ...the answers did not
+    assert r.metrics["accuracy"] == pytest.approx((raw.argmax(1) == ds.targets.numpy()).mean())
+    assert r.metrics["ece"] != r.metrics["ece_raw"]
 
 
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
