@@ -104,6 +104,16 @@ def test_calibration_changes_confidence_not_answers(trained, tmp_path):
     assert r.metrics["ece"] != r.metrics["ece_raw"]
 
 
+def test_an_ensemble_averages_its_members(trained_all, tmp_path):
+    single = evaluate(trained_all / "fold2" / "best.pt", tmp_path / "one", resamples=20)["softmax"]
+    twice = evaluate([trained_all, trained_all], tmp_path / "two", resamples=20)  # every fold, two members
+    assert np.allclose(twice[2]["softmax"].probs, single.probs, atol=1e-6)  # the mean of equal members
+    m = twice[2]["softmax"].metrics
+    assert m["members"] == 2 and len(m["checkpoint"]) == 2 and "ensemble" in (tmp_path / "two" / "summary.md").read_text()
+    with pytest.raises(Exception, match="not both"):
+        evaluate([trained_all, trained_all / "fold1" / "best.pt"], tmp_path / "mixed")
+
+
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
     (tmp_path / "x.pt").write_text("not a checkpoint")
     assert_one_line_error(run_cli("testing.py", "--checkpoint", tmp_path / "x.pt"), "not a PyTorch checkpoint")
