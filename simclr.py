@@ -211,8 +211,7 @@ def pretrain(cfg: dict) -> dict:
 
 
 def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
-    out = Path(cfg["out"])
-    batch = per_rank_batch(cfg["batch_size"], rt.world) * rt.world
+    out, batch = Path(cfg["out"]), per_rank_batch(cfg["batch_size"], rt.world) * rt.world
     set_seed(cfg["seed"])
     classes = list_classes(folds_root)
     encoder = build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"])
@@ -220,49 +219,60 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
     partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
-                  backend=rt.backend,
-                  patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
+                  backend=rt.backend, patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
     size = resize_size(encoder.input_size)
     images = decode_all(files, size, desc="decode").to(rt.device)
     monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rt.rank == 0 else None
     opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"]), cfg["lr"])
     steps = -(-len(files) // batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
-    start, history, knn_start = 0, [], None
-    if cfg["resume"] and (out / "last.pt").is_file():
-        ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, encoder, opt, sched, projector=model.projector)
-        start, history, knn_start = ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
-    elif rt.rank == 0:
-        atomic_write(out / "config.json", json.dumps(config, indent=2))
-        atomic_write(out / "files.txt", "".join(f"{p}\n" for p in files))
-        knn_start = monitor(encoder, rt)
-        pairs = f"; {config['patient_pairs']} with another photo of their patient" if partners else ""
-        print(f"simclr: {len(files)} unlabeled images ({excluded} --extra files left out as fold {cfg['fold']} "
-              f"Test images{pairs}); k-NN of the initial encoder: {knn_start:.3f}")
+    start, history, knn_start = _start(out, config, files, excluded, encoder, model, opt, sched, monitor, rt)
     net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
         row.update(pretrain_epoch(net, images, aug, opt, sched, rt, (cfg["seed"], epoch), batch, cfg["temperature"],
                                   partners))
-        if rt.rank != 0:
-            continue
-        last = epoch + 1 == cfg["epochs"]
-        row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
-        row["epoch_s"] = time.perf_counter() - t0
-        history.append(row)
-        metric = {"loss": row["loss"], "knn_acc_start": knn_start,
-                  "knn_acc": next((h["knn_acc"] for h in reversed(history) if h["knn_acc"] is not None), None)}
-        save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric,
-                                        **training_state(opt, sched, history, None, projector=model.projector)),
-                        out / "last.pt")
-        save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch + 1, metric), out / "encoder.pt")
-        write_history(history, HISTORY_FIELDS, out, CURVES, name="loss.png")
-        knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
-        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
+        if rt.rank == 0:
+            last = epoch + 1 == cfg["epochs"]
+            row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
+            row["epoch_s"] = time.perf_counter() - t0
+            history.append(row)
+            _save_epoch(out, config, encoder, model, opt, sched, history, knn_start)
     if rt.world > 1:
         dist.barrier()
     return history[-1] if history else {}
+
+
+def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, sched, monitor, rt: Runtime):
+    """(first epoch, history, k-NN of the initial encoder): from last.pt with --resume, else a new run."""
+    if config["resume"] and (out / "last.pt").is_file():
+        ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, encoder, opt, sched, projector=model.projector)
+        return ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
+    if rt.rank != 0:
+        return 0, [], None
+    atomic_write(out / "config.json", json.dumps(config, indent=2))
+    atomic_write(out / "files.txt", "".join(f"{p}\n" for p in files))
+    knn_start = monitor(encoder, rt)
+    pairs = f"; {config['patient_pairs']} with another photo of their patient" if config["patient_pairs"] else ""
+    print(f"simclr: {len(files)} unlabeled images ({excluded} --extra files left out as fold {config['fold']} "
+          f"Test images{pairs}); k-NN of the initial encoder: {knn_start:.3f}")
+    return 0, [], knn_start
+
+
+def _save_epoch(out: Path, config: dict, encoder, model, opt, sched, history: list, knn_start) -> None:
+    """last.pt (for --resume), encoder.pt (for train.py --init), history.csv and loss.png; a line."""
+    row = history[-1]
+    metric = {"loss": row["loss"], "knn_acc_start": knn_start,
+              "knn_acc": next((h["knn_acc"] for h in reversed(history) if h["knn_acc"] is not None), None)}
+    classes, epoch = config["classes"], row["epoch"]
+    save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch, metric,
+                                    **training_state(opt, sched, history, None, projector=model.projector)),
+                    out / "last.pt")
+    save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch, metric), out / "encoder.pt")
+    write_history(history, HISTORY_FIELDS, out, CURVES, name="loss.png")
+    knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
+    print(f"epoch {epoch}/{config['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
 
 
 # ----------------------------------------------------------------------------- CLI
