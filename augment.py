@@ -32,7 +32,8 @@ from getData import (AUG_TAG, DataError, MSLDDataset, atomic_path, decode_all, f
                      list_classes, load_image, run_main)
 from models import MEAN, STD, derived_seed, normalize, resize_size, seed_worker, to_input
 
-DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64)
+DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
+                augment="basic")
 
 # TrivialAugment (Müller & Hutter 2021): each image gets one operation, at a strength drawn uniformly
 # from [0, max] (signed ops: either direction). Geometry as its "wide" space (rotation narrower, shear
@@ -504,16 +505,19 @@ def _rate(fn, n_images, repeats=3):
     return n_images / best
 
 
-def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int) -> list[tuple[str, float]]:
-    """images/s of one training epoch's input pipeline, three ways, at `size` x `size`."""
+def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
+              augment: str = "basic") -> list[tuple[str, float]]:
+    """images/s of one training epoch's input pipeline, three ways, at `size` x `size`, for one of
+    train.py's --augment op sets."""
     folds_root = find_folds_root(data_root)
-    ds = MSLDDataset(folds_root, fold, "Train", transform=train_transform(size))
+    ops = TRAIN_AUGMENTS[augment]
+    ds = MSLDDataset(folds_root, fold, "Train", transform=train_transform(size, ops))
     workers = workers or os.cpu_count() or 1
     loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers,
                                          worker_init_fn=seed_worker, persistent_workers=True)
     rows = [("DataLoader + PIL decode + torchvision v2", _rate(lambda: [b for b in loader], len(ds)))]
     cache = decode_all(ds.paths, resize_size(size))
-    aug, gen = BatchAugment(size), torch.Generator().manual_seed(0)
+    aug, gen = BatchAugment(size, ops), torch.Generator().manual_seed(0)
 
     def epoch(images):
         for i in range(0, len(images), batch_size):
@@ -543,14 +547,17 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="processes (0 = all cores)")
     p.add_argument("--benchmark", action="store_true", help="print images/s of the three input pipelines")
     p.add_argument("--size", type=int, default=DEFAULTS["size"], help="benchmark image size")
+    p.add_argument("--augment", default=DEFAULTS["augment"], choices=["basic", "trivial"],
+                   help="benchmark: train.py's op set to time")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="benchmark batch size")
     return p.parse_args(argv)
 
 
 def run(args) -> None:
     if args.benchmark:
-        rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers)
-        print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}:")
+        rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers, args.augment)
+        print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}, "
+              f"--augment {args.augment}:")
         print(f"{'path':<44}{'images/s':>10}")
         for name, rate in rows:
             print(f"{name:<44}{rate:>10.0f}" if rate == rate else f"{name:<44}{'no CUDA':>10}")

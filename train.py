@@ -111,9 +111,10 @@ def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size:
     weights = sample_weights[pool] if sample_weights is not None else None
     batches = list(batch_indices(len(pool), batch_size, order_gen, weights))
     total = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count: no sync per step
+    quiet = rt.rank != 0 or indices is not None  # other ranks and federated sites draw no bar; the rest draw
+    # one on a terminal only (disable=None), so logs carry no bar
     start = time.perf_counter()
-    for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if rt.rank or indices is not None
-                    else None):  # None: shown on a terminal, not in logs
+    for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if quiet else None):
         idx = shard(pool[idx], rt).to(data.train_images.device, non_blocking=True)
         x, target = mix_batch(step.aug(data.train_images[idx], aug_gen), data.train_targets[idx], len(data.classes),
                               aug_gen, step.mixup, step.cutmix)
