@@ -214,3 +214,13 @@ def test_color_matches_torchvision_formulas():
     for i in range(3):
         ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i])), float(s[i]))
         assert torch.allclose(ours[i], ref, atol=1e-5)
+
+
+def test_benchmark_prints_the_input_pipeline_table(synthetic):
+    proc = run_cli("augment.py", "--benchmark", "--data-root", synthetic, "--size", 32, "--batch-size", 16,
+                   "--workers", 1, "--augment", "trivial")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line[:44].strip(): line[44:].strip() for line in proc.stdout.splitlines() if "BatchAugment" in line
+            or "DataLoader" in line}
+    assert float(rows["DataLoader + PIL decode + torchvision v2"]) > 0
+    assert float(rows["uint8 cache on CPU + BatchAugment"]) > 0 and "--augment trivial" in proc.stdout
