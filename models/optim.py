@@ -47,9 +47,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
-    """Weight decay on weights only: biases and normalisation parameters (the 1-d tensors) get none,
-    as in Goyal et al. 2017 and most recipes since; decaying BatchNorm's scale only fights its
-    scale invariance. `decay_all` puts everything in one decayed group instead."""
+    """Weight decay on weights only: biases and normalisation parameters (the 1-d tensors) get none
+    ("no bias decay", He et al. 2019, after Jia et al. 2018); decaying BatchNorm's scale only fights
+    its scale invariance. `decay_all` puts everything in one decayed group instead."""
     params = [p for p in model.parameters() if p.requires_grad]
     if decay_all:
         return [dict(params=params, weight_decay=weight_decay)]
