@@ -229,8 +229,9 @@ def plot_reliability(y_true, probs, path, title="") -> None:
     width = 1 / ECE_BINS
     ax.bar([b["low"] for b in used], [b["accuracy"] for b in used], width, align="edge", edgecolor="k",
            label="accuracy in bin")
-    ax.bar([b["low"] for b in used], [b["confidence"] - b["accuracy"] for b in used], width,
-           bottom=[b["accuracy"] for b in used], align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+    ax.bar([b["low"] for b in used], [abs(b["confidence"] - b["accuracy"]) for b in used], width,
+           bottom=[min(b["accuracy"], b["confidence"]) for b in used], align="edge", fill=False, hatch="//",
+           edgecolor="tab:red", label="gap to the bin's mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
            title=f"{title} ECE {ece:.3f} (n={len(np.asarray(y_true))})".strip())

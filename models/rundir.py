@@ -35,9 +35,10 @@ def write_history(history: list[dict], fields: list[str], out: Path, panels: lis
     for ax, (title, keys) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
         for key in keys:
             points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
-            if points:
+            if points:  # train_loss -> "train", valid_bal_acc -> "valid balanced"
+                label = key.rsplit("_", 1)[0].replace("_", " ").replace("bal", "balanced")
                 ax.plot(*zip(*points), marker="o" if len(points) < len(history) else None,
-                        label=key.split("_")[0] if len(keys) > 1 else None)
+                        label=label if len(keys) > 1 else None)
         ax.set(xlabel="epoch", title=title)
         if len(keys) > 1:
             ax.legend()
