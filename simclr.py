@@ -36,8 +36,9 @@ from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, batch_indic
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
                 weight_decay=1e-6, warmup_epochs=5, temperature=0.5, proj_dim=128, eval_every=10, knn_k=5, seed=0,
-                device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False)
-RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "backend", "data_root"}
+                device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False, save_every=60.0)
+RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "backend", "data_root",
+                "save_every"}
 HISTORY_FIELDS = ["epoch", "lr", "loss", "knn_acc", "epoch_s", "images_per_s"]
 CURVES = [("NT-Xent loss", ["loss"]), ("k-NN accuracy (Train -> Valid)", ["knn_acc"])]
 
@@ -228,6 +229,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
     start, history, knn_start = _start(out, config, files, excluded, encoder, model, opt, sched, monitor, rt)
     net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)
+    saved_at = time.perf_counter()
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
@@ -238,7 +240,11 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
             row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
             row["epoch_s"] = time.perf_counter() - t0
             history.append(row)
-            _save_epoch(out, config, encoder, model, opt, sched, history, knn_start)
+            if last or time.perf_counter() - saved_at >= cfg["save_every"]:  # a killed run loses at most that
+                _save_epoch(out, config, encoder, model, opt, sched, history, knn_start)
+                saved_at = time.perf_counter()
+            knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
     if rt.world > 1:
         dist.barrier()
     return history[-1] if history else {}
@@ -261,7 +267,7 @@ def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, s
 
 
 def _save_epoch(out: Path, config: dict, encoder, model, opt, sched, history: list, knn_start) -> None:
-    """last.pt (for --resume), encoder.pt (for train.py --init), history.csv and loss.png; a line."""
+    """last.pt (for --resume), encoder.pt (for train.py --init), history.csv and loss.png."""
     row = history[-1]
     metric = {"loss": row["loss"], "knn_acc_start": knn_start,
               "knn_acc": next((h["knn_acc"] for h in reversed(history) if h["knn_acc"] is not None), None)}
@@ -271,8 +277,6 @@ def _save_epoch(out: Path, config: dict, encoder, model, opt, sched, history: li
                     out / "last.pt")
     save_checkpoint(checkpoint_dict(encoder, "encoder", classes, config, epoch, metric), out / "encoder.pt")
     write_history(history, HISTORY_FIELDS, out, CURVES, name="loss.png")
-    knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
-    print(f"epoch {epoch}/{config['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -306,6 +310,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--out", default=d["out"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--save-every", type=float, default=d["save_every"], metavar="SECONDS",
+                   help="write last.pt, encoder.pt and history at most this often, and at the end (0: every epoch)")
     return p.parse_args(argv)
 
 
@@ -315,6 +321,8 @@ def run(args) -> dict:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.temperature <= 0:
         raise DataError(f"--temperature {args.temperature}: must be positive")
+    if args.save_every < 0:
+        raise DataError(f"--save-every {args.save_every}: cannot be negative")
     return pretrain(vars(args).copy())
 
 

@@ -40,12 +40,12 @@ DEFAULTS = dict(
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
     label_smoothing=0.1, balance="none", augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None, aug_device="auto",
     seed=0, device="auto", precision="auto", memory_format="auto", compile=False, out=None, resume=False,
-    benchmark=False, peak_tflops=None,
+    save_every=60.0, benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
 RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "precision", "memory_format", "world_size", "backend",
-                "data_root", "benchmark", "peak_tflops"}
+                "data_root", "benchmark", "peak_tflops", "save_every"}
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
                   "epoch_s", "train_images_per_s"]
 CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "valid_acc", "valid_bal_acc"])]
@@ -159,11 +159,15 @@ def is_better(new: dict, best: dict | None) -> bool:
 
 class FoldRun:
     """One fold's run directory, written by rank 0: config.json, history.csv + curves.png, best.pt
-    (the best Valid epoch, with the temperature fitted on Valid), last.pt (everything --resume needs)."""
+    (the best Valid epoch, with the temperature fitted on Valid), last.pt (everything --resume needs).
+    best.pt is written whenever Valid improves; last.pt, history and curves at most every
+    --save-every seconds and after the last epoch: a killed run loses at most that much."""
 
     def __init__(self, out: Path, config: dict, data: FoldData, rt: Runtime, unit: str = "epoch"):
         self.out, self.config, self.data, self.rt, self.unit = out, config, data, rt, unit
         self.history, self.best = [], None
+        self.total = config["rounds" if unit == "round" else "epochs"]
+        self.saved_at = time.perf_counter()
 
     def start(self, want_resume: bool, model, opt=None, sched=None, **modules) -> int:
         """The epoch to start from: after last.pt's when resuming (every rank restores), else 0."""
@@ -193,12 +197,13 @@ class FoldRun:
             save_checkpoint(checkpoint_dict(evaluated, "classifier", classes, config, row["epoch"], row,
                                             temperature=fit_temperature(logits, self.data.valid_targets)),
                             self.out / "best.pt")
-        save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
-                                        **training_state(opt, sched, self.history, self.best, **modules)),
-                        self.out / "last.pt")
-        write_history(self.history, HISTORY_FIELDS, self.out, CURVES)
-        total = config["rounds" if self.unit == "round" else "epochs"]
-        print(f"fold {config['fold']} {self.unit} {row['epoch']}/{total}: "
+        if row["epoch"] == self.total or time.perf_counter() - self.saved_at >= config["save_every"]:
+            save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
+                                            **training_state(opt, sched, self.history, self.best, **modules)),
+                            self.out / "last.pt")
+            write_history(self.history, HISTORY_FIELDS, self.out, CURVES)
+            self.saved_at = time.perf_counter()
+        print(f"fold {config['fold']} {self.unit} {row['epoch']}/{self.total}: "
               f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} "
               f"acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
 
@@ -488,6 +493,8 @@ def parse_args(argv=None):
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    r.add_argument("--save-every", type=float, default=d["save_every"], metavar="SECONDS",
+                   help="write last.pt, history and curves at most this often, and at the end (0: every epoch)")
     r.add_argument("--benchmark", action="store_true", help="print images/s of --model at --input-size instead")
     r.add_argument("--peak-tflops", type=float, default=d["peak_tflops"], help="benchmark: the device's bf16 peak")
     f = p.add_argument_group("federated simulation (sites trained one after another, in this process)")
@@ -508,7 +515,7 @@ def check_args(args) -> None:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.lr <= 0:
         raise DataError(f"--lr {args.lr}: must be positive")
-    for name in ("mixup", "cutmix", "clip_grad", "weight_decay"):
+    for name in ("mixup", "cutmix", "clip_grad", "weight_decay", "save_every"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: cannot be negative")
     if not 0 <= args.ema < 1:

@@ -65,7 +65,7 @@ def test_checkpoints_move_between_cuda_and_cpu(synthetic, tmp_path):
 def test_resume_on_cuda_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     """cuDNN may pick non-deterministic kernels (benchmark mode, bf16): the resumed weights must agree
     with the uninterrupted run's to within 1% of their norm, and the first epochs' losses exactly."""
-    args = ["--epochs", 3, "--model", "resnet18", "--input-size", 32, "--batch-size", 16]
+    args = ["--epochs", 3, "--model", "resnet18", "--input-size", 32, "--batch-size", 16, "--save-every", 0]
     assert train.main(cuda_args(synthetic, tmp_path / "full", *args)) == 0
     revive = killed_on_call(monkeypatch, train, "validate", 3)
     with pytest.raises(KeyboardInterrupt):

@@ -172,7 +172,7 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
-    args = ["--data-root", str(synthetic), "--epochs", "3", "--eval-every", "2", "--device", "cpu"]
+    args = ["--data-root", str(synthetic), "--epochs", "3", "--eval-every", "2", "--device", "cpu", "--save-every", "0"]
     assert simclr.main([*args, "--out", str(tmp_path / "full")]) == 0
     revive = killed_on_call(monkeypatch, simclr, "pretrain_epoch", 3)
     with pytest.raises(KeyboardInterrupt):

@@ -63,7 +63,7 @@ def test_test_split_is_never_read_during_training(synthetic, tmp_path, monkeypat
 
 
 def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
-    args = ["--epochs", 4, "--batch-size", 16, "--balance", "sampler", "--model", "lenet"]
+    args = ["--epochs", 4, "--batch-size", 16, "--balance", "sampler", "--model", "lenet", "--save-every", 0]
     assert train.main(train_args(synthetic, tmp_path / "full", *args)) == 0
 
     revive = killed_on_call(monkeypatch, train, "validate", 3)  # the process dies before epoch 3 is saved
@@ -79,6 +79,21 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
         assert torch.equal(v, cut["state_dict"][k]), k
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_s", "train_images_per_s")} for r in rows]
     assert strip(_history(tmp_path / "full")) == strip(_history(tmp_path / "cut"))
+
+
+def test_last_pt_is_written_at_most_every_save_every_seconds_and_at_the_end(synthetic, tmp_path, monkeypatch):
+    writes, real = [], train.save_checkpoint
+
+    def counting(ckpt, path):
+        if path.name == "last.pt":
+            writes.append(ckpt["epoch"])
+        real(ckpt, path)
+    monkeypatch.setattr(train, "save_checkpoint", counting)
+    for every, expected in (("3600", [3]), ("0", [1, 2, 3])):
+        writes.clear()
+        assert train.main(train_args(synthetic, tmp_path / every, "--epochs", 3, "--save-every", every)) == 0
+        assert writes == expected
+        assert len(_history(tmp_path / every)) == 3  # the history is complete all the same
 
 
 def test_resume_refuses_changed_arguments(synthetic, tmp_path):
