@@ -7,6 +7,8 @@
 
 Everything else in the repository imports its data from here: the class list, `load_image`
 (EXIF, odd modes, pixel limit), the fold/split index, `MSLDDataset` and its in-memory uint8 cache.
+And what every script needs for files and mistakes: `atomic_path`/`atomic_write` (a whole output or
+none), `UserError` and `run_main` (a user's mistake is one line and exit status 2).
 """
 import argparse
 import base64
@@ -225,7 +227,7 @@ def load_image(source, name: str | None = None) -> Image.Image:
         with Image.open(source) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} "
-                                "limit (decompression bomb?); resize the photo")
+                                    "limit (decompression bomb?); resize the photo")
             im.load()  # raises on truncated data
             return _to_rgb(ImageOps.exif_transpose(im))
     except DataError:
