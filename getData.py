@@ -72,7 +72,7 @@ def run_main(body, *args) -> int:
         body(*args)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
         return 2
 
 
