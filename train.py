@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, mix_batch
@@ -411,7 +412,7 @@ def benchmark_row(cfg: dict, rt: Runtime, classes: int = 6) -> dict:
     model.eval()
     inference = _images_per_s(infer, batch, rt)
     model.train()
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         step(x, y)
     return dict(bare=bare, full=full, inference=inference, flops=counter.get_total_flops() / batch)
 
