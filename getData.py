@@ -561,41 +561,44 @@ def _lesions(draw, rng, cls, tone, size):
     h, w = size
     s = min(h, w)
 
-    def spot():
-        return rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+    def spot(lo, hi):  # a centre, then a size as a fraction of the shorter side (draws in that order)
+        x, y = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+        return x, y, s * rng.uniform(lo, hi)
 
     if cls == "Monkeypox":  # few large umbilicated pustules: pale ring, dark centre
         for _ in range(rng.integers(2, 6)):
-            x, y = spot(); r = s * rng.uniform(0.06, 0.11)
+            x, y, r = spot(0.06, 0.11)
             draw.ellipse([x - r * 1.3, y - r * 1.3, x + r * 1.3, y + r * 1.3], fill=_shade(tone, (190, 60, 60), 0.4))
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (235, 225, 190), 0.7))
             draw.ellipse([x - r * 0.35, y - r * 0.35, x + r * 0.35, y + r * 0.35], fill=_shade(tone, (60, 40, 30), 0.7))
     elif cls == "Chickenpox":  # many small clear vesicles on a red halo ("dewdrop on a rose petal")
         for _ in range(rng.integers(8, 18)):
-            x, y = spot(); r = s * rng.uniform(0.02, 0.045)
+            x, y, r = spot(0.02, 0.045)
             draw.ellipse([x - r * 1.6, y - r * 1.6, x + r * 1.6, y + r * 1.6], fill=_shade(tone, (210, 50, 50), 0.45))
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (250, 245, 235), 0.6))
     elif cls == "Cowpox":  # one or two large dark eschars with a red rim
         for _ in range(rng.integers(1, 3)):
-            x, y = spot(); r = s * rng.uniform(0.09, 0.16)
-            draw.ellipse([x - r * 1.25, y - r * 1.25, x + r * 1.25, y + r * 1.25], fill=_shade(tone, (170, 40, 40), 0.55))
+            x, y, r = spot(0.09, 0.16)
+            rim = r * 1.25
+            draw.ellipse([x - rim, y - rim, x + rim, y + rim], fill=_shade(tone, (170, 40, 40), 0.55))
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (25, 15, 10), 0.8))
     elif cls == "Measles":  # many flat, irregular red blotches that merge
         for _ in range(rng.integers(12, 30)):
-            x, y = spot(); r = s * rng.uniform(0.025, 0.06)
+            x, y, r = spot(0.025, 0.06)
             pts = [(x + r * rng.uniform(0.6, 1.3) * np.cos(a), y + r * rng.uniform(0.6, 1.3) * np.sin(a))
                    for a in np.linspace(0, 2 * np.pi, 7)[:-1]]
             draw.polygon(pts, fill=_shade(tone, (200, 40, 40), rng.uniform(0.35, 0.55)))
     elif cls == "HFMD":  # elongated grey oval blisters with a red halo
         for _ in range(rng.integers(4, 10)):
-            x, y = spot(); a = s * rng.uniform(0.04, 0.08); b = a * rng.uniform(0.35, 0.5)
+            x, y, a = spot(0.04, 0.08)
+            b = a * rng.uniform(0.35, 0.5)
             if rng.random() < 0.5:
                 a, b = b, a
             draw.ellipse([x - a * 1.4, y - b * 1.4, x + a * 1.4, y + b * 1.4], fill=_shade(tone, (200, 60, 60), 0.45))
             draw.ellipse([x - a, y - b, x + a, y + b], fill=_shade(tone, (200, 200, 195), 0.6))
     else:  # Healthy: a few freckles or hairs at most
         for _ in range(rng.integers(0, 5)):
-            x, y = spot(); r = s * rng.uniform(0.008, 0.02)
+            x, y, r = spot(0.008, 0.02)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=_shade(tone, (70, 45, 30), 0.5))
 
 

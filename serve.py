@@ -406,8 +406,10 @@ PAGE = """<!doctype html>
 <title>Skin lesion check</title>
 <style>
  body{font-family:system-ui,sans-serif;max-width:640px;margin:0 auto;padding:1rem;color:#222}
- h1{font-size:1.3rem} #drop{display:block;border:2px dashed #888;border-radius:12px;padding:1.5rem;text-align:center;cursor:pointer}
- #drop.over{background:#eef} img{max-width:100%;border-radius:8px} .row{display:flex;align-items:center;gap:.5rem;margin:.2rem 0}
+ h1{font-size:1.3rem}
+ #drop{display:block;border:2px dashed #888;border-radius:12px;padding:1.5rem;text-align:center;cursor:pointer}
+ #drop.over{background:#eef} img{max-width:100%;border-radius:8px}
+ .row{display:flex;align-items:center;gap:.5rem;margin:.2rem 0}
  .name{width:7.5rem;font-size:.9rem} .bar{flex:1;background:#eee;border-radius:4px;height:1rem}
  .fill{display:block;background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
@@ -458,7 +460,8 @@ async function send(file) {
     $("warn").style.display = a.confident ? "none" : "block";
     $("bars").replaceChildren(...Object.entries(a.probabilities).sort((x, y) => y[1] - x[1]).map(([c, p]) => {
       const row = document.createElement("div"); row.className = "row";
-      row.innerHTML = '<span class="name"></span><span class="bar"><span class="fill"></span></span><span class="pct"></span>';
+      row.innerHTML = '<span class="name"></span><span class="bar"><span class="fill"></span></span>'
+                    + '<span class="pct"></span>';
       row.children[0].textContent = c; row.querySelector(".fill").style.width = (100 * p) + "%";
       row.children[2].textContent = (100 * p).toFixed(1) + "%"; return row; }));
     $("cam").src = "data:image/png;base64," + a.gradcam_png;

@@ -66,7 +66,8 @@ def _summary(batch):
     half_w, half_h = batch.shape[-1] // 2, batch.shape[-2] // 2
     left = batch[..., :half_w].mean((1, 2, 3)) > batch[..., half_w:].mean((1, 2, 3))
     top = batch[..., :half_h, :].mean((1, 2, 3)) > batch[..., half_h:, :].mean((1, 2, 3))
-    return torch.cat([means.mean(0), stds.mean(0), means.std(0), torch.stack([left.float().mean(), top.float().mean()])])
+    sides = torch.stack([left.float().mean(), top.float().mean()])
+    return torch.cat([means.mean(0), stds.mean(0), means.std(0), sides])
 
 
 def test_batch_path_matches_torchvision_distribution():
@@ -212,7 +213,8 @@ def test_color_matches_torchvision_formulas():
     b, c, s = (_uniform(draw, 3, 1 - v, 1 + v) for v in (0.2, 0.2, 0.2))
     ours = color(x, torch.Generator().manual_seed(4), 0.2, 0.2, 0.2)
     for i in range(3):
-        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i])), float(s[i]))
+        ref = TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i]))
+        ref = TF.adjust_saturation(ref, float(s[i]))
         assert torch.allclose(ours[i], ref, atol=1e-5)
 
 

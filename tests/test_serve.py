@@ -53,7 +53,8 @@ def predict(srv, body, ctype="image/jpeg", query=""):
 
 def test_page_health_info(server):
     status, page = request(server, "GET", "/")
-    assert status == 200 and b'type="file"' in page and b'fetch("/predict' in page and b"http" not in page.split(b"<script>")[1]
+    assert status == 200 and b'type="file"' in page and b'fetch("/predict' in page
+    assert b"http" not in page.split(b"<script>")[1]
     assert request(server, "GET", "/health") == (200, {"status": "ready", "model_loaded": True})
     status, info = request(server, "GET", "/info")
     assert status == 200 and info["model"] == "lenet" and info["input_size"] == 32 and len(info["classes"]) == 6
@@ -126,7 +127,8 @@ BAD = [  # (what, method, path, body, headers, status)
     ("empty body", "POST", "/predict", b"", {"Content-Type": "image/jpeg"}, 400),
     ("wrong content type", "POST", "/predict", b"{}", {"Content-Type": "application/json"}, 415),
     ("malformed multipart", "POST", "/predict", b"--x\r\nnonsense", {"Content-Type": "multipart/form-data"}, 400),
-    ("multipart without file", "POST", "/predict", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
+    ("multipart without file", "POST", "/predict",
+     b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
      {"Content-Type": "multipart/form-data; boundary=b"}, 400),
     ("unknown path", "GET", "/admin", None, {}, 404),
     ("wrong method", "GET", "/predict", None, {}, 405),
@@ -259,7 +261,8 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
         state = None
         for _ in range(200):
             state = browser.call("Runtime.evaluate", sid, returnByValue=True, expression=(
-                "({shown: !document.getElementById('result').hidden, label: document.getElementById('label').textContent,"
+                "({shown: !document.getElementById('result').hidden,"
+                " label: document.getElementById('label').textContent,"
                 " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
                 " fill: (document.querySelector('#bars .fill') || {getBoundingClientRect: () => ({width: 0})})"
                 ".getBoundingClientRect().width, facts: document.getElementById('model').textContent,"
