@@ -142,8 +142,9 @@ def derived_seed(*keys: int) -> int:
 def per_rank_batch(batch_size: int, world: int) -> int:
     """Each rank's share of a global batch. Like DistributedSampler, every rank gets an equal share:
     a global batch that does not divide by the number of processes is rounded down to one that does
-    (the rest of each drawn batch is dropped). Fewer than two images per rank is refused: BatchNorm
-    needs two, and NT-Xent needs a negative."""
+    (7 on 2 ranks: batches of 6, 3 per rank; an epoch's leftover images are dropped, as with
+    drop_last). Fewer than two images per rank is refused: BatchNorm needs two, and NT-Xent needs a
+    negative."""
     if batch_size < 2 * world:
         raise ModelError(f"--batch-size {batch_size}: {world} process(es) need at least {2 * world} "
                          "(two images per process); raise --batch-size")
