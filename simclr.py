@@ -29,9 +29,9 @@ from tqdm import tqdm
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, decode_all, index_split, list_classes, origin_stem,
                      patient_id, resolve_data_root, run_main)
-from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, batch_indices, build_model, checkpoint_dict,
-                    derived_seed, distributed, embed, make_optimizer, param_groups, per_rank_batch, resize_size, resume,
-                    save_checkpoint, set_seed, shard, training_state, warmup_cosine, write_history)
+from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
+                    checkpoint_dict, derived_seed, distributed, embed, make_optimizer, param_groups, per_rank_batch,
+                    resize_size, resume, save_checkpoint, set_seed, shard, training_state, warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -229,7 +229,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
     start, history, knn_start = _start(out, config, files, excluded, encoder, model, opt, sched, monitor, rt)
     net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)
-    saved_at = time.perf_counter()
+    clock = SaveClock(cfg["save_every"])
     for epoch in range(start, cfg["epochs"]):
         t0 = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
@@ -240,9 +240,8 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
             row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
             row["epoch_s"] = time.perf_counter() - t0
             history.append(row)
-            if last or time.perf_counter() - saved_at >= cfg["save_every"]:  # a killed run loses at most that
+            if clock.due(final=last):
                 _save_epoch(out, config, encoder, model, opt, sched, history, knn_start)
-                saved_at = time.perf_counter()
             knn = f" | k-NN {row['knn_acc']:.3f}" if row["knn_acc"] is not None else ""
             print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
     if rt.world > 1:

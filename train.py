@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, mix_batch
 from getData import FOLDS, DataError, MSLDDataset, atomic_write, list_classes, patient_id, resolve_data_root, run_main
-from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, batch_indices, build_model,
-                    checkpoint_dict, derived_seed, distributed, fit_temperature, make_optimizer, mean_std_table,
-                    param_groups, per_rank_batch, predict_logits, probabilities, resize_size, resume,
+from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
+                    build_model, checkpoint_dict, derived_seed, distributed, fit_temperature, make_optimizer,
+                    mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities, resize_size, resume,
                     save_checkpoint, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
@@ -168,7 +168,7 @@ class FoldRun:
         self.out, self.config, self.data, self.rt, self.unit = out, config, data, rt, unit
         self.history, self.best = [], None
         self.total = config["rounds" if unit == "round" else "epochs"]
-        self.saved_at = time.perf_counter()
+        self.clock = SaveClock(config["save_every"])
 
     def start(self, want_resume: bool, model, opt=None, sched=None, **modules) -> int:
         """The epoch to start from: after last.pt's when resuming (every rank restores), else 0."""
@@ -198,12 +198,11 @@ class FoldRun:
             save_checkpoint(checkpoint_dict(evaluated, "classifier", classes, config, row["epoch"], row,
                                             temperature=fit_temperature(logits, self.data.valid_targets)),
                             self.out / "best.pt")
-        if row["epoch"] == self.total or time.perf_counter() - self.saved_at >= config["save_every"]:
+        if self.clock.due(final=row["epoch"] == self.total):
             save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
                                             **training_state(opt, sched, self.history, self.best, **modules)),
                             self.out / "last.pt")
             write_history(self.history, HISTORY_FIELDS, self.out, CURVES)
-            self.saved_at = time.perf_counter()
         print(f"fold {config['fold']} {self.unit} {row['epoch']}/{self.total}: "
               f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} "
               f"acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")

@@ -5,12 +5,28 @@ state, so plotting is safe from any thread and needs no display.
 """
 import csv
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from getData import atomic_write
+
+
+class SaveClock:
+    """When to write last.pt and the history (--save-every SECONDS): at most that often, and always at
+    the end, so a killed run loses at most that much work and a fast epoch loop is not held up by
+    a checkpoint write per epoch. 0 writes every epoch."""
+
+    def __init__(self, every: float):
+        self.every, self.last = every, time.perf_counter()
+
+    def due(self, final: bool) -> bool:
+        if final or time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            return True
+        return False
 
 
 def png_bytes(fig: Figure, dpi: int = 100) -> bytes:

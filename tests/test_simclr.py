@@ -171,6 +171,17 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
     assert_one_line_error(proc, "checkpoint is for lenet, not resnet18")
 
 
+def test_last_pt_is_written_at_most_every_save_every_seconds_and_at_the_end(synthetic, tmp_path, monkeypatch):
+    writes, real = [], simclr._save_epoch
+    monkeypatch.setattr(simclr, "_save_epoch", lambda *a: (writes.append(len(a[6])), real(*a)))  # a[6]: history
+    for every, expected in (("3600", [3]), ("0", [1, 2, 3])):
+        writes.clear()
+        assert simclr.main(["--data-root", str(synthetic), "--epochs", "3", "--device", "cpu", "--save-every", every,
+                            "--out", str(tmp_path / every)]) == 0
+        assert writes == expected
+        assert torch.load(tmp_path / every / "encoder.pt", weights_only=True)["epoch"] == 3
+
+
 def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     args = ["--data-root", str(synthetic), "--epochs", "3", "--eval-every", "2", "--device", "cpu", "--save-every", "0"]
     assert simclr.main([*args, "--out", str(tmp_path / "full")]) == 0
