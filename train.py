@@ -393,8 +393,8 @@ def benchmark_row(cfg: dict, rt: Runtime, classes: int = 6) -> dict:
     cache = torch.randint(256, (4 * batch, 3, side, side), dtype=torch.uint8, device=rt.device)
     aug, gen = BatchAugment(size, TRAIN_AUGMENTS["basic"]), torch.Generator().manual_seed(0)
 
-    def step(inputs, targets):
-        loss = F.cross_entropy(rt.forward(net, inputs), targets)
+    def step(inputs, targets, network=net):
+        loss = F.cross_entropy(rt.forward(network, inputs), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -411,8 +411,8 @@ def benchmark_row(cfg: dict, rt: Runtime, classes: int = 6) -> dict:
     model.eval()
     inference = _images_per_s(infer, batch, rt)
     model.train()
-    with FlopCounterMode(display=False) as counter:
-        step(x, y)
+    with FlopCounterMode(display=False) as counter:  # eager: compiling under the counter's hooks recompiles
+        step(x, y, model)
     return dict(bare=bare, full=full, inference=inference, flops=counter.get_total_flops() / batch)
 
 

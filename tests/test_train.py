@@ -233,6 +233,15 @@ def test_benchmark_prints_every_precision_and_layout(monkeypatch, capsys):
     assert "full/bare" in table and "bf16" in table and "unknown: pass --peak-tflops" in table
 
 
+def test_benchmark_counts_the_flops_of_a_compiled_row_on_the_eager_model(monkeypatch, recwarn):
+    monkeypatch.setattr(train, "BENCHMARK_SECONDS", 0.05)
+    cfg = vars(train.parse_args(["--benchmark", "--model", "lenet", "--batch-size", "8", "--device", "cpu"]))
+    rt = train.Runtime(torch.device("cpu"), bf16=False, channels_last=False)
+    eager, compiled = (train.benchmark_row(dict(cfg, compile=c), rt) for c in (False, True))
+    assert compiled["flops"] == eager["flops"] > 0
+    assert not [w for w in recwarn if "global hooks" in str(w.message)]  # compiling under the counter's hooks
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_a_one_line_error(synthetic, tmp_path):
     assert_one_line_error(run_cli("train.py", "--data-root", synthetic, "--out", tmp_path / "r", "--device", "cuda"),
