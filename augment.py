@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from getData import (AUG_TAG, DataError, MSLDDataset, atomic_path, decode_all, find_folds_root, index_split,
                      list_classes, load_image, run_main)
-from models import MEAN, STD, derived_seed, normalize, resize_size, seed_worker, to_input
+from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
                 augment="basic")
@@ -133,8 +133,11 @@ def simclr_transform(size: int):
 
 
 # ----------------------------------------------------------------------------- batched ops
-# Each op takes a float batch in [0, 1] (B, 3, H, W) and a CPU torch.Generator; per-sample random
-# parameters are drawn on the CPU (a few numbers per image) so results do not depend on the device.
+# Every random op comes in two halves: draw_* takes a CPU torch.Generator and returns the batch's
+# random parameters as CPU tensors (a few numbers per image, so results do not depend on the device),
+# and apply_* uses them on the device the images are on. A batch's draws are sent there together
+# (models.runtime.send: one copy that never makes the host wait for the GPU); `geometric`, `color`,
+# ... below are the two halves in one call, for use on their own.
 def _uniform(gen, shape, lo, hi):
     return lo + (hi - lo) * torch.rand(shape, generator=gen)
 
@@ -170,11 +173,10 @@ def _random_affine(gen, n, degrees, shear, translate, scale, p) -> dict:
                 ty=use * _uniform(gen, n, -2 * translate, 2 * translate))
 
 
-def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=None, moves=None):
-    """Crop-and-resize, rotation/shear/translation/zoom and flips, composed into one grid_sample per batch.
-    `moves`: per-image affine parameters drawn elsewhere (TrivialAugment's), added to RandomAffine's."""
-    n, _, height, width = x.shape
-    out_h, out_w = (out_size, out_size) if isinstance(out_size, int) else (out_size or (height, width))
+def draw_geometry(gen, n, height, width, crop=None, affine=None, hflip=None, vflip=None, moves=None) -> torch.Tensor:
+    """Crop-and-resize, rotation/shear/translation/zoom and flips of n images of height x width,
+    composed into one affine matrix per image (n, 2, 3) for one grid_sample. `moves`: per-image affine
+    parameters drawn elsewhere (TrivialAugment's), added to RandomAffine's."""
     one, zero = torch.ones(n), torch.zeros(n)
     w, h, cx, cy = one, one, zero, zero
     if crop:
@@ -195,8 +197,22 @@ def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=N
     shear = torch.stack([torch.stack([one, m["shear_x"] / aspect], -1),
                          torch.stack([m["shear_y"] * aspect, one], -1)], 1)
     lin = rot @ shear * torch.stack([w * fx, h * fy], -1)[:, None, :] / m["zoom"][:, None, None]
-    theta = torch.cat([lin, torch.stack([cx + m["tx"], cy + m["ty"]], -1)[:, :, None]], 2).to(x)
-    return grid_sample(x, affine_grid(theta, out_h, out_w))
+    return torch.cat([lin, torch.stack([cx + m["tx"], cy + m["ty"]], -1)[:, :, None]], 2)
+
+
+def apply_geometry(x, theta, out_hw) -> torch.Tensor:
+    return grid_sample(x, affine_grid(theta.to(x), *out_hw))
+
+
+def geometric(x, gen, out_size=None, crop=None, affine=None, hflip=None, vflip=None, moves=None):
+    """draw_geometry and apply_geometry in one call; `out_size`: an int, (h, w), or None (x's own)."""
+    n, _, height, width = x.shape
+    theta = draw_geometry(gen, n, height, width, crop, affine, hflip, vflip, moves)
+    return apply_geometry(x, send(theta, x.device), _out_hw(out_size, height, width))
+
+
+def _out_hw(out_size, height, width) -> tuple[int, int]:
+    return (out_size, out_size) if isinstance(out_size, int) else tuple(out_size or (height, width))
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,6 +236,7 @@ def grid_sample(x, grid):
 
 
 GREY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, with torchvision's rounding
+EYE3 = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def color_matrix(x, b, c, s, normalized: bool = False):
@@ -228,74 +245,96 @@ def color_matrix(x, b, c, s, normalized: bool = False):
     we clamp once at the end (differs only for pixels pushed past white and back). `normalized`: fold
     the ImageNet normalisation into the same pass (the clamp to [0, 1] becomes one in its units)."""
     b, c, s = (v.to(x) for v in (b, c, s))
-    w = torch.tensor(GREY).to(x)
+    w = constant(GREY, x.device, x.dtype)
     mean_grey = (x.mean((2, 3)) @ w) * b  # mean luma after brightness
-    sat = s.view(-1, 1, 1) * torch.eye(3).to(x) + (1 - s).view(-1, 1, 1) * w.view(1, 1, 3)  # blend with grey
+    sat = s.view(-1, 1, 1) * constant(EYE3, x.device, x.dtype, (3, 3)) + (1 - s).view(-1, 1, 1) * w.view(1, 1, 3)
     matrix = sat * (b * c).view(-1, 1, 1)
     offset = sat.sum(2) * ((1 - c) * mean_grey).view(-1, 1)  # contrast pulls towards the mean luma
-    low, high = torch.zeros(3, 1).to(x), torch.ones(3, 1).to(x)
+    low, high = constant((0.0,) * 3, x.device, x.dtype, (3, 1)), constant((1.0,) * 3, x.device, x.dtype, (3, 1))
     if normalized:
-        mean, std = torch.tensor(MEAN).to(x).view(3, 1), torch.tensor(STD).to(x).view(3, 1)
+        mean, std = constant(MEAN, x.device, x.dtype, (3, 1)), constant(STD, x.device, x.dtype, (3, 1))
         matrix, offset = matrix / std, (offset - mean.T) / std.T
         low, high = (low - mean) / std, (high - mean) / std
     y = torch.baddbmm(offset[:, :, None], matrix, x.flatten(2))
     return torch.clamp_(y, low, high).view_as(x)
 
 
-def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0, normalized=False):
-    """ColorJitter without hue (and RandomGrayscale, as saturation 0)."""
-    n = x.shape[0]
+def draw_color(gen, n, brightness, contrast, saturation, p=1.0, grey=0.0) -> dict:
+    """ColorJitter without hue (and RandomGrayscale, as saturation 0): per-image factors."""
     use = _coin(gen, n, p)
     b, c, s = (torch.where(use, _uniform(gen, n, 1 - v, 1 + v), torch.ones(n))
                for v in (brightness, contrast, saturation))
     if grey:
         s = torch.where(_coin(gen, n, grey), torch.zeros(n), s)  # saturation 0 is RandomGrayscale
-    return color_matrix(x, b, c, s, normalized)
+    return dict(b=b, c=c, s=s)
 
 
-def gamma(x, gen, gamma, p):
-    g = _uniform(gen, x.shape[0], *gamma).to(x).view(-1, 1, 1, 1)
-    return _where(_coin(gen, x.shape[0], p), x.clamp_min(1e-6) ** g, x)
+def apply_color(x, d, normalized=False):
+    return color_matrix(x, d["b"], d["c"], d["s"], normalized)
+
+
+def draw_gamma(gen, n, gamma, p) -> dict:
+    return dict(g=_uniform(gen, n, *gamma), use=_coin(gen, n, p))
+
+
+def apply_gamma(x, d):
+    return _where(d["use"], x.clamp_min(1e-6) ** d["g"].to(x).view(-1, 1, 1, 1), x)
 
 
 def _blur_kernel(sigma_max, size):
     return min(2 * math.ceil(3 * sigma_max) + 1, (size // 2) * 2 - 1)
 
 
-def blur(x, gen, sigma, p):
+def draw_blur(gen, n, sigma, p) -> dict:
+    return dict(sigma=_uniform(gen, n, *sigma), use=_coin(gen, n, p), sigma_max=sigma[1])
+
+
+def apply_blur(x, d):
     """Gaussian blur with a per-image sigma: one grouped, separable convolution for the batch."""
     n, ch, height, width = x.shape
-    k = _blur_kernel(sigma[1], min(height, width))
-    s = _uniform(gen, n, *sigma).to(x)
+    k = _blur_kernel(d["sigma_max"], min(height, width))
+    s = d["sigma"].to(x)
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     kern = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
     kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # (n*ch, k)
     y = x.reshape(1, n * ch, height, width)
     y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), kern[:, None, None, :], groups=n * ch)
     y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kern[:, None, :, None], groups=n * ch)
-    return _where(_coin(gen, n, p), y.view(n, ch, height, width), x)
+    return _where(d["use"], y.view(n, ch, height, width), x)
 
 
-def noise(x, gen, std, p):
-    """Additive Gaussian noise; the per-pixel draw uses a device generator seeded from `gen`."""
-    n = x.shape[0]
-    s = _uniform(gen, n, *std).to(x).view(-1, 1, 1, 1)
-    dev_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=gen)))
+def draw_noise(gen, n, std, p) -> dict:
+    """Per-image noise strength; the per-pixel draw uses a generator on the images' device, seeded here."""
+    return dict(std=_uniform(gen, n, *std), seed=int(torch.randint(2**62, (1,), generator=gen)), use=_coin(gen, n, p))
+
+
+def apply_noise(x, d):
+    dev_gen = torch.Generator(device=x.device).manual_seed(d["seed"])
+    s = d["std"].to(x).view(-1, 1, 1, 1)
     y = (x + s * torch.randn(x.shape, generator=dev_gen, device=x.device, dtype=x.dtype)).clamp(0, 1)
-    return _where(_coin(gen, n, p), y, x)
+    return _where(d["use"], y, x)
 
 
-def cutout(x, gen, size, p):
+def draw_cutout(gen, n, height, width, size, p) -> dict:
     """One grey rectangle per image (DeVries & Taylor 2017), sides a random fraction of the image."""
-    n, _, height, width = x.shape
     sh, sw = (_uniform(gen, n, *size) * side for side in (height, width))
     cy, cx = _uniform(gen, n, 0, height), _uniform(gen, n, 0, width)
-    use = _coin(gen, n, p)
-    sh, sw, cy, cx, use = (v.to(x.device).view(-1, 1, 1) for v in (sh, sw, cy, cx, use))
+    return dict(sh=sh, sw=sw, cy=cy, cx=cx, use=_coin(gen, n, p))
+
+
+def apply_cutout(x, d):
+    _, _, height, width = x.shape
+    sh, sw, cy, cx, use = (d[k].to(x.device).view(-1, 1, 1) for k in ("sh", "sw", "cy", "cx", "use"))
     ys = torch.arange(height, device=x.device).view(1, -1, 1) + 0.5
     xs = torch.arange(width, device=x.device).view(1, 1, -1) + 0.5
     box = ((ys - cy).abs() < sh / 2) & ((xs - cx).abs() < sw / 2) & use
     return torch.where(box[:, None], torch.full_like(x, 0.5), x)
+
+
+def color(x, gen, brightness, contrast, saturation, p=1.0, grey=0.0, normalized=False):
+    """draw_color and apply_color in one call."""
+    return apply_color(x, send(draw_color(gen, x.shape[0], brightness, contrast, saturation, p, grey), x.device),
+                       normalized)
 
 
 # ----------------------------------------------------------------------------- TrivialAugment, batched
@@ -310,7 +349,7 @@ def trivial_draw(gen, n, ops: dict = TRIVIAL_OPS) -> tuple[torch.Tensor, torch.T
 
 
 def trivial_moves(which, s, ops: dict = TRIVIAL_OPS) -> dict:
-    """The geometric operations' share, as per-image affine parameters for geometric()."""
+    """The geometric operations' share, as per-image affine parameters for draw_geometry()."""
     names = list(ops)
 
     def pick(name):
@@ -342,89 +381,152 @@ def autocontrast(x, _=None):
 TONE_OPS = {"sharpness": lambda x, s: sharpness(x, 1 + s), "posterize": posterize, "autocontrast": autocontrast}
 
 
-def trivial_pixels(x, which, s, ops: dict = TRIVIAL_OPS):
-    """The colour and tone operations' share, on the already resampled batch. The colour ones are one
-    colour matrix for the batch; each tone op runs on just the images that drew it."""
+def draw_trivial_pixels(which, s, ops: dict = TRIVIAL_OPS) -> dict:
+    """The colour and tone operations' share: colour factors for the whole batch (when any image drew a
+    colour op), and for each tone op the indices of the images that drew it, with their strengths."""
     names = list(ops)
     chosen = {k: which == names.index(k) for k in names}
-    b, c, sat = (1 + torch.where(chosen[k], s, 0.0) if k in chosen else torch.ones_like(s)
-                 for k in ("brightness", "contrast", "saturation"))
-    colour = any(k in chosen and chosen[k].any() for k in ("brightness", "contrast", "saturation"))
-    x = color_matrix(x, b, c, sat) if colour else x.clone()  # a tensor of our own: tone ops write in place
+    out = {}
+    if any(k in chosen and chosen[k].any() for k in ("brightness", "contrast", "saturation")):
+        out["color"] = {f: 1 + torch.where(chosen[k], s, 0.0) if k in chosen else torch.ones_like(s)
+                        for f, k in (("b", "brightness"), ("c", "contrast"), ("s", "saturation"))}
+    for name in TONE_OPS:
+        if name in chosen and chosen[name].any():
+            idx = chosen[name].nonzero()[:, 0]
+            out[name] = dict(idx=idx, s=s[idx])
+    return out
+
+
+def apply_trivial_pixels(x, d):
+    """On the already resampled batch: one colour matrix for the batch, then each tone op on just the
+    images that drew it (index sets known on the host: no device-to-host round trip)."""
+    x = apply_color(x, d["color"]) if "color" in d else x.clone()  # our own tensor: tone ops write in place
     for name, op in TONE_OPS.items():
-        idx = chosen[name].nonzero()[:, 0] if name in chosen else torch.zeros(0, dtype=torch.long)
-        if len(idx):
-            idx = idx.to(x.device)
-            x[idx] = op(x[idx], s[idx.cpu()])
+        if name in d:
+            idx = d[name]["idx"].to(x.device)
+            x[idx] = op(x[idx], d[name]["s"])
     return x
 
 
-PIXEL_OPS = {"color": color, "gamma": gamma, "blur": blur, "noise": noise, "cutout": cutout}
+DRAW_PIXEL = {"color": lambda gen, shape, **k: draw_color(gen, shape[0], **k),
+              "gamma": lambda gen, shape, **k: draw_gamma(gen, shape[0], **k),
+              "blur": lambda gen, shape, **k: draw_blur(gen, shape[0], **k),
+              "noise": lambda gen, shape, **k: draw_noise(gen, shape[0], **k),
+              "cutout": lambda gen, shape, **k: draw_cutout(gen, shape[0], *shape[2:], **k)}
+APPLY_PIXEL = {"color": apply_color, "gamma": apply_gamma, "blur": apply_blur, "noise": apply_noise,
+               "cutout": apply_cutout}
+PIXEL_ORDER = ("color", "gamma", "blur", "noise", "cutout")
 GEOMETRIC_OPS = ("crop", "affine", "hflip", "vflip")
 OP_NAMES = tuple(OFFLINE_OPS)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, ops: dict, out_size=None,
-                  normalized: bool = False) -> torch.Tensor:
-    """Apply `ops` (name -> parameters) to a float [0, 1] batch: geometry first, then pixel ops.
-    `normalized`: return it normalised, in the colour pass when colour is the last op."""
-    which = s = None
+def draw_batch(gen, shape, ops: dict, out_size=None) -> dict:
+    """Every random parameter `ops` needs for a batch of `shape` (B, C, H, W), as CPU tensors
+    ({'theta': ..., 'trivial': {...}, 'color': {...}, ...}), drawn in a fixed order: geometry (with
+    TrivialAugment's pick first), then the pixel ops in PIXEL_ORDER."""
+    n, _, height, width = shape
+    drawn, which = {}, None
     if "trivial" in ops:
-        which, s = trivial_draw(gen, x.shape[0], ops["trivial"])
+        which, s = trivial_draw(gen, n, ops["trivial"])
     geo = {k: ops[k] for k in GEOMETRIC_OPS if k in ops}
     if geo or out_size or which is not None:
-        x = geometric(x, gen, out_size, moves=None if which is None else trivial_moves(which, s, ops["trivial"]), **geo)
+        moves = None if which is None else trivial_moves(which, s, ops["trivial"])
+        drawn["theta"] = draw_geometry(gen, n, height, width, moves=moves, **geo)
+        shape = (n, shape[1], *_out_hw(out_size, height, width))  # what the pixel ops will see
     if which is not None:
-        x = trivial_pixels(x, which, s, ops["trivial"])
-    pixel = [name for name in ("color", "gamma", "blur", "noise", "cutout") if name in ops]
+        drawn["trivial"] = draw_trivial_pixels(which, s, ops["trivial"])
+    for name in PIXEL_ORDER:
+        if name in ops:
+            drawn[name] = DRAW_PIXEL[name](gen, shape, **ops[name])
+    return drawn
+
+
+def apply_batch(x: torch.Tensor, drawn: dict, ops: dict, out_size=None, normalized: bool = False) -> torch.Tensor:
+    """`ops` on a float [0, 1] batch with the parameters of draw_batch (on x's device): geometry first,
+    then pixel ops. `normalized`: return it normalised, in the colour pass when colour is the last op."""
+    if "theta" in drawn:
+        x = apply_geometry(x, drawn["theta"], _out_hw(out_size, *x.shape[-2:]))
+    if "trivial" in drawn:
+        x = apply_trivial_pixels(x, drawn["trivial"])
+    pixel = [name for name in PIXEL_ORDER if name in ops]
     for name in pixel:
-        fold = normalized and name == "color" and name == pixel[-1]
-        x = color(x, gen, **ops[name], normalized=True) if fold else PIXEL_OPS[name](x, gen, **ops[name])
+        if normalized and name == "color" and name == pixel[-1]:
+            x = apply_color(x, drawn[name], normalized=True)
+        else:
+            x = APPLY_PIXEL[name](x, drawn[name])
     if normalized and not (pixel and pixel[-1] == "color"):
         x = normalize(x)
     return x
 
 
+def augment_batch(x: torch.Tensor, gen: torch.Generator, ops: dict, out_size=None,
+                  normalized: bool = False) -> torch.Tensor:
+    """Apply `ops` (name -> parameters) to a float [0, 1] batch: draw_batch, one send, apply_batch."""
+    return apply_batch(x, send(draw_batch(gen, x.shape, ops, out_size), x.device), ops, out_size, normalized)
+
+
 class BatchAugment:
     """uint8 batch (B, 3, S', S') on any device -> augmented, normalised float batch (B, 3, size, size).
-    With no ops, the evaluation view itself (the centre crop)."""
+    With no ops, the evaluation view itself (the centre crop). `draw` and `apply` split a call in two,
+    so that a training step can send its draws with everything else it needs in one copy."""
 
     def __init__(self, size: int, ops: dict = TRAIN_OPS):
         self.size, self.ops = size, ops
 
-    def __call__(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def draw(self, gen: torch.Generator, shape) -> dict:
+        return draw_batch(gen, shape, self.ops, self.size) if self.ops else {}
+
+    def apply(self, x_uint8: torch.Tensor, drawn: dict) -> torch.Tensor:
         if not self.ops:
             return to_input(x_uint8, self.size)
-        return augment_batch(x_uint8.float().div_(255), gen, self.ops, self.size, normalized=True)
+        return apply_batch(x_uint8.float().div_(255), drawn, self.ops, self.size, normalized=True)
+
+    def __call__(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.apply(x_uint8, send(self.draw(gen, x_uint8.shape), x_uint8.device))
 
 
 # ----------------------------------------------------------------------------- MixUp / CutMix
-def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator, mixup: float = 0.0,
-              cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_mix(gen: torch.Generator, n: int, height: int, width: int, mixup: float = 0.0, cutmix: float = 0.0) -> dict:
     """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with a shuffled copy of itself,
-    one of the two per batch when both are on (as timm does); lambda ~ Beta(alpha, alpha).
-    Returns the mixed images and soft targets (B, num_classes), each row summing to one; with both
-    off, the batch and its class indices unchanged (the loss is then exactly the unmixed one)."""
+    one of the two per batch when both are on (as timm does); lambda ~ Beta(alpha, alpha). Returns
+    {} when both are off, else the partner of each image ('perm', a tensor) and host values: the
+    'kind', lambda ('lam') and CutMix's 'box' (clipped at the border; lambda follows the clipped box)."""
     kinds = [(k, a) for k, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
     if not kinds:
-        return x, y
-    target = F.one_hot(y, num_classes).float()
+        return {}
     kind, alpha = kinds[int(torch.randint(len(kinds), (1,), generator=gen))]
     lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen))).beta(alpha, alpha))
-    perm = torch.randperm(len(x), generator=gen).to(x.device)
-    if kind == "mixup":
+    out = dict(perm=torch.randperm(n, generator=gen), kind=kind, lam=lam)
+    if kind == "cutmix":  # a box of area (1 - lam) from the partner
+        bh, bw = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+        cy, cx = (int(torch.randint(side, (1,), generator=gen)) for side in (height, width))
+        top, bottom = max(cy - bh // 2, 0), min(cy + bh // 2, height)
+        left, right = max(cx - bw // 2, 0), min(cx + bw // 2, width)
+        out.update(box=(top, bottom, left, right), lam=1 - (bottom - top) * (right - left) / (height * width))
+    return out
+
+
+def apply_mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, drawn: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixed images and soft targets (B, num_classes), each row summing to one; with no draws
+    (both off), the batch and its class indices unchanged (the loss is then exactly the unmixed one)."""
+    if not drawn:
+        return x, y
+    perm, lam = drawn["perm"].to(x.device), drawn["lam"]
+    target = F.one_hot(y, num_classes).float()
+    if drawn["kind"] == "mixup":
         x = x.lerp(x[perm], 1 - lam)
-    else:  # a box of area (1 - lam) from the partner, clipped at the border; lam follows the clipped box
-        h, w = x.shape[-2:]
-        bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = (int(torch.randint(side, (1,), generator=gen)) for side in (h, w))
-        top, bottom = max(cy - bh // 2, 0), min(cy + bh // 2, h)
-        left, right = max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    else:
+        top, bottom, left, right = drawn["box"]
         x = x.clone()
         x[..., top:bottom, left:right] = x[perm][..., top:bottom, left:right]
-        lam = 1 - (bottom - top) * (right - left) / (h * w)
-    perm = perm.to(target.device)
-    return x, target.mul(lam).add_(target[perm], alpha=1 - lam)
+    return x, target.mul(lam).add_(target[perm.to(target.device)], alpha=1 - lam)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator, mixup: float = 0.0,
+              cutmix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """draw_mix and apply_mix in one call."""
+    drawn = draw_mix(gen, len(x), *x.shape[-2:], mixup, cutmix)
+    return apply_mix(x, y, num_classes, send(drawn, x.device))
 
 
 # ----------------------------------------------------------------------------- offline writer
@@ -527,7 +629,7 @@ def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
 
     rows.append(("uint8 cache on CPU + BatchAugment", _rate(lambda: epoch(cache), len(ds))))
     if torch.cuda.is_available():
-        gpu = cache.cuda()
+        gpu = cache.to(torch.device("cuda"))
         rows.append(("uint8 cache on GPU + BatchAugment", _rate(lambda: epoch(gpu), len(ds))))
     else:
         rows.append(("uint8 cache on GPU + BatchAugment", float("nan")))

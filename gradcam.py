@@ -215,8 +215,7 @@ def _image_paths(args, ckpt) -> list[Path]:
 
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
-    model, ckpt = load_classifier(args.checkpoint)
-    model = rt.module(model)
+    model, ckpt = load_classifier(args.checkpoint, rt)
     classes = ckpt["classes"]
     if args.target_class is not None and args.target_class not in classes:
         raise DataError(f"--target-class {args.target_class}: not one of {', '.join(classes)}")

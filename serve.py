@@ -30,7 +30,7 @@ import torch
 
 from getData import DataError, ImageTooLarge, UserError, load_image, prepare, run_main
 from gradcam import GradCAM, display_crop, overlay_png
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, load_classifier, predict_logits,
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, device_logits, load_classifier,
                     probabilities, resize_size, select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
@@ -80,8 +80,8 @@ class Predictor:
     comes from one forward pass of its batch."""
 
     def __init__(self, checkpoint, rt, threshold=0.6, max_batch=16, max_wait_ms=5.0, tta=False):
-        model, ckpt = load_classifier(checkpoint)
-        self.model, self.classes, self.rt = rt.module(model), ckpt["classes"], rt
+        model, ckpt = load_classifier(checkpoint, rt)
+        self.model, self.classes, self.rt = model, ckpt["classes"], rt
         self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
         self.views, self.temperature = (TTA_VIEWS if tta else PLAIN_VIEW), ckpt.get("temperature") or 1.0
         self.data_root = ckpt["config"].get("data_root")
@@ -125,25 +125,26 @@ class Predictor:
 
     def _run(self, batch) -> list[dict]:
         """One pass per view for the whole batch. With Grad-CAM asked for, the plain view's pass runs
-        with hooks and the map explains the class the answer returns (after views and temperature)."""
+        with hooks and the map explains the class the answer returns (after views and temperature).
+        Everything stays on the device until the one copy of probabilities and maps to the host."""
         start = time.perf_counter()
         x = torch.stack([x for x, _, _ in batch]).to(self.rt.device)
-        size = self.model.input_size
-        maps = None
+        size, maps = self.model.input_size, None
         if any(shown is not None for _, shown, _ in batch):
             with GradCAM(self.model) as cam:
                 plain = cam.forward(view(x, size), self.rt)
-                logits = plain.detach().cpu()[None]
+                logits = plain.detach()[None]
                 if len(self.views) > 1:  # the other test-time views need no graph
-                    logits = torch.cat([logits, predict_logits(self.model, x, self.rt, len(x), self.views[1:])])
+                    logits = torch.cat([logits, device_logits(self.model, x, self.rt, len(x), self.views[1:])])
                 probs = probabilities(logits, self.temperature)
-                maps = cam.maps(plain, probs.argmax(1).to(plain.device)).cpu().numpy()
+                maps = cam.maps(plain, probs.argmax(1)).cpu().numpy()
         else:
-            probs = probabilities(predict_logits(self.model, x, self.rt, len(x), self.views), self.temperature)
+            probs = probabilities(device_logits(self.model, x, self.rt, len(x), self.views), self.temperature)
+        probs = probs.cpu().numpy()
         ms = 1000 * (time.perf_counter() - start)
         return [dict(probs=p, batch_size=len(batch), inference_ms=ms,
                      cam=maps[i] if maps is not None and shown is not None else None, shown=shown)
-                for i, (p, (_, shown, _)) in enumerate(zip(probs.numpy(), batch))]
+                for i, (p, (_, shown, _)) in enumerate(zip(probs, batch))]
 
     def answer(self, result: dict) -> dict:
         p = result["probs"]

@@ -13,6 +13,7 @@ encoder's features (Train -> Valid labels) shows whether the representation impr
 Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, encoder.pt}.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import time
@@ -30,8 +31,9 @@ from augment import SIMCLR_OPS, BatchAugment
 from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, decode_all, index_split, list_classes, origin_stem,
                      patient_id, resolve_data_root, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
-                    checkpoint_dict, derived_seed, distributed, embed, make_optimizer, param_groups, per_rank_batch,
-                    resize_size, resume, save_checkpoint, set_seed, shard, training_state, warmup_cosine, write_history)
+                    checkpoint_dict, distributed, embed, epoch_generators, make_optimizer, param_groups, per_rank_batch,
+                    resize_size, resume, save_checkpoint, send, set_seed, shard, training_state, warmup_cosine,
+                    write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -60,11 +62,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
         z1, z2 = torch.cat(dist_nn.all_gather(z1)), torch.cat(dist_nn.all_gather(z2))
     else:
         offset = 0
-    with torch.autocast(z1.device.type, enabled=False):
+    device = z1.device.type  # (autocast is off on a device that has none)
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext():
         z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
         total = z.shape[0]  # 2N over all ranks
-        anchors = torch.cat([torch.arange(offset, offset + n), torch.arange(offset, offset + n) + total // 2])
-        anchors = anchors.to(z.device)
+        own = torch.arange(offset, offset + n, device=z.device)  # made on the device: no copy per step
+        anchors = torch.cat([own, own + total // 2])
         logits = z[anchors] @ z.T / temperature
         logits = logits.masked_fill(F.one_hot(anchors, total).bool(), float("-inf"))  # no self-similarity
         return F.cross_entropy(logits, (anchors + total // 2) % total)
@@ -184,8 +187,7 @@ class Monitor:
 def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_size: int, temperature: float,
                    partners=None) -> dict:
     net.train()
-    order_gen = torch.Generator().manual_seed(derived_seed(*key))
-    view_gen = torch.Generator().manual_seed(derived_seed(*key, rt.rank + 1))
+    order_gen, view_gen = epoch_generators(key, rt.rank)
     # Under DDP every rank needs the same batch shape for the gather; alone, a smaller last batch is fine.
     batches = list(batch_indices(len(images), batch_size, order_gen, drop_last=rt.world > 1))
     total, count, start = torch.zeros((), device=rt.device), 0, time.perf_counter()  # summed on device: no sync
@@ -193,16 +195,25 @@ def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_
         idx = shard(idx, rt)
         if len(idx) < 2:
             continue  # one image has no negatives
-        pair = second_images(idx, partners, view_gen)
-        x1, x2 = (images[i.to(images.device)] for i in (idx, pair))
-        z1, z2 = rt.forward(net, torch.cat([aug(x1, view_gen), aug(x2, view_gen)])).chunk(2)
-        loss = nt_xent(z1, z2, temperature)
+        loss = pretrain_step(net, images, aug, idx, second_images(idx, partners, view_gen), view_gen, rt, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         total, count = total + loss.detach() * len(idx), count + len(idx)
     return dict(loss=total.item() / max(count, 1), images_per_s=count * rt.world / (time.perf_counter() - start))
+
+
+def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: float) -> torch.Tensor:
+    """NT-Xent of two views of the images `idx` and `pair` (CPU indices): both views' random draws
+    and the indices go to the device in one copy (models.runtime.send)."""
+    shape = (len(idx), *images.shape[1:])
+    first = aug.draw(gen, shape)
+    second = aug.draw(gen, shape)
+    sent = send(dict(images=(idx, pair), views=(first, second)), images.device)
+    views = [aug.apply(images[i], drawn) for i, drawn in zip(sent["images"], sent["views"])]
+    z1, z2 = rt.forward(net, torch.cat(views)).chunk(2)
+    return nt_xent(z1, z2, temperature)
 
 
 def pretrain(cfg: dict) -> dict:

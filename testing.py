@@ -275,16 +275,17 @@ class FoldImages:
         return self._cache[split, size]
 
 
-def load_for_eval(checkpoint, svm: bool):
-    """(model, checkpoint, has_head): a classifier, or (for --svm only) a SimCLR encoder."""
+def load_for_eval(checkpoint, svm: bool, rt):
+    """(model in eval mode, placed by the runtime `rt`; checkpoint; has_head): a classifier, or (for
+    --svm only) a SimCLR encoder."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("kind") != "encoder":
-        return *load_classifier(checkpoint), True
+        return *load_classifier(checkpoint, rt), True
     if not svm:
         raise ModelError(f"{checkpoint}: a SimCLR encoder has no classifier head; evaluate it with --svm "
                          "or fine-tune it with `train.py --init` first")
     model = build_model(ckpt["model"], len(ckpt["classes"]), init=str(checkpoint), input_size=ckpt["input_size"])
-    return model.eval(), ckpt, False
+    return rt.module(model.eval()), ckpt, False
 
 
 def softmax_head(members, images: FoldImages, split: str, rt, batch_size: int, tta: bool) -> Head:
@@ -368,7 +369,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     """Evaluate one fold's checkpoint (several: an ensemble) on its `split`, per head asked for:
     "softmax" (calibrated, averaged over members) and "svm". Outputs go to `out` and `out/svm`."""
     rt = rt or select_runtime()
-    members = [load_for_eval(c, svm) for c in checkpoints]
+    members = [load_for_eval(c, svm, rt) for c in checkpoints]
     ckpt = members[0][1]
     data_root = data_root or ckpt["config"].get("data_root")
     fold = fold or ckpt.get("fold") or ckpt["config"].get("fold")

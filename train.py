@@ -13,9 +13,12 @@ Valid split, which also fits the temperature stored in best.pt; the Test split i
 Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK/ each, for --fold all).
 """
 import argparse
+import concurrent.futures
 import copy
 import json
+import multiprocessing
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,27 +29,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
-from augment import TRAIN_AUGMENTS, BatchAugment, mix_batch
+from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import FOLDS, DataError, MSLDDataset, atomic_write, list_classes, patient_id, resolve_data_root, run_main
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, derived_seed, distributed, fit_temperature, make_optimizer,
-                    mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities, resize_size, resume,
-                    save_checkpoint, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
+                    build_model, checkpoint_dict, derived_seed, distributed, epoch_generators, fit_temperature,
+                    make_optimizer, mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities,
+                    resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed, shard,
+                    training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
     label_smoothing=0.1, balance="none", augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None, aug_device="auto",
-    seed=0, device="auto", precision="auto", memory_format="auto", compile=False, out=None, resume=False,
-    save_every=60.0, benchmark=False, peak_tflops=None,
+    seed=0, device="auto", precision="auto", memory_format="auto", compile=None, deterministic=False, jobs=1,
+    out=None, resume=False, save_every=60.0, benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
-RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "precision", "memory_format", "world_size", "backend",
-                "data_root", "benchmark", "peak_tflops", "save_every"}
+RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "deterministic", "jobs", "precision", "memory_format",
+                "world_size", "backend", "data_root", "benchmark", "peak_tflops", "save_every"}
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
                   "epoch_s", "train_images_per_s"]
 CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "valid_acc", "valid_bal_acc"])]
@@ -55,19 +59,20 @@ CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "va
 # ----------------------------------------------------------------------------- data and loss
 class FoldData:
     """The fold's Train and Valid images, decoded once and moved once: Train to the augmentation
-    device, Valid to the training device."""
+    device, Valid to the training device. The labels stay on the CPU as well (`train_labels`, and
+    Valid's), where the sampler, the sites and the metrics read them without waiting for a GPU."""
 
     def __init__(self, folds_root, fold: int, input_size: int, rt: Runtime, aug_device, aug_dirs=()):
         classes = list_classes(folds_root)
         size = resize_size(input_size)
         train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
         valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
-        self.classes, self.train_paths = classes, train.paths
+        self.classes, self.train_paths, self.train_labels = classes, train.paths, train.targets
         self.train_images, self.train_targets = train.images.to(aug_device), train.targets.to(aug_device)
         self.valid_images, self.valid_targets = valid.images.to(rt.device), valid.targets
 
     def __len__(self):
-        return len(self.train_targets)
+        return len(self.train_labels)
 
 
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -79,10 +84,10 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def balancing(balance: str, label_smoothing: float, data: FoldData, rt: Runtime):
     """(loss function, per-image sampling weights or None) for --balance none|loss|sampler."""
-    weights = class_weights(data.train_targets.cpu(), len(data.classes))  # sampling draws on the CPU
+    weights = class_weights(data.train_labels, len(data.classes))  # sampling draws on the CPU
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(rt.device) if balance == "loss" else None,
                                   label_smoothing=label_smoothing)
-    return loss_fn, weights[data.train_targets.cpu()] if balance == "sampler" else None
+    return loss_fn, weights[data.train_labels] if balance == "sampler" else None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -99,6 +104,43 @@ class Step:
     clip_grad: float = 0.0
     ema: EMA | None = None
     extra_loss: object = None  # e.g. FedProx's proximal term: a callable returning a scalar
+    cudagraphs: bool = False  # compiled with CUDA graphs: each step is a new replay
+    bars: bool = True  # progress bars on a terminal (off when folds train side by side)
+
+
+def step_inputs(step: Step, images: torch.Tensor, targets: torch.Tensor, num_classes: int, idx: torch.Tensor,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented, mixed batch of the cached Train images `idx` (CPU indices), and its targets, on
+    the images' device. Every random number is drawn on the CPU generator `gen` first and sent with
+    the indices in one copy (models.runtime.send): nothing here waits for the device."""
+    views = step.aug.draw(gen, (len(idx), *images.shape[1:]))
+    mix = draw_mix(gen, len(idx), step.aug.size, step.aug.size, step.mixup, step.cutmix)  # drawn after the views
+    sent = send(dict(idx=idx, views=views, mix=mix), images.device)
+    x = step.aug.apply(images[sent["idx"]], sent["views"])
+    return apply_mix(x, targets[sent["idx"]], num_classes, sent["mix"])
+
+
+def optimise(step: Step, x: torch.Tensor, target: torch.Tensor, rt: Runtime, total: torch.Tensor) -> None:
+    """Forward, backward, clipping, optimizer, schedule and weight average for one batch; the loss sum,
+    correct answers and count are added to `total` on the device (no sync per step)."""
+    if step.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    target = target.to(rt.device, non_blocking=True)
+    logits = rt.forward(step.net, x)
+    loss = step.loss_fn(logits, target) + (step.extra_loss() if step.extra_loss else 0)
+    step.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if step.clip_grad:
+        nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
+    step.opt.step()
+    if step.sched is not None:
+        step.sched.step()
+    if step.ema is not None:
+        step.ema.update(step.net)
+    labels = target if target.ndim == 1 else target.argmax(1)  # mixed targets: the larger share
+    total[0] += loss.detach() * len(labels)
+    total[1] += (logits.argmax(1) == labels).sum()
+    total[2] += len(labels)
 
 
 def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size: int, indices=None,
@@ -107,34 +149,17 @@ def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size:
     this pass's random streams, e.g. (seed, epoch). Returns loss, accuracy and images/s."""
     step.net.train()
     pool = indices if indices is not None else torch.arange(len(data))
-    order_gen = torch.Generator().manual_seed(derived_seed(*key))  # the same on every rank
-    aug_gen = torch.Generator().manual_seed(derived_seed(*key, rt.rank + 1))  # each rank's own views
+    order_gen, aug_gen = epoch_generators(key, rt.rank)  # the order is the same on every rank, views are not
     weights = sample_weights[pool] if sample_weights is not None else None
     batches = list(batch_indices(len(pool), batch_size, order_gen, weights))
-    total = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count: no sync per step
-    quiet = rt.rank != 0 or indices is not None  # other ranks and federated sites draw no bar; the rest draw
-    # one on a terminal only (disable=None), so logs carry no bar
+    total = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, count
+    quiet = rt.rank != 0 or indices is not None or not step.bars  # other ranks, federated sites and folds
+    # trained side by side draw no bar; the rest draw one on a terminal only (disable=None), so logs carry none
     start = time.perf_counter()
     for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if quiet else None):
-        idx = shard(pool[idx], rt).to(data.train_images.device, non_blocking=True)
-        x, target = mix_batch(step.aug(data.train_images[idx], aug_gen), data.train_targets[idx], len(data.classes),
-                              aug_gen, step.mixup, step.cutmix)
-        target = target.to(rt.device, non_blocking=True)
-        logits = rt.forward(step.net, x)
-        loss = step.loss_fn(logits, target) + (step.extra_loss() if step.extra_loss else 0)
-        step.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step.clip_grad:
-            nn.utils.clip_grad_norm_(step.net.parameters(), step.clip_grad)
-        step.opt.step()
-        if step.sched is not None:
-            step.sched.step()
-        if step.ema is not None:
-            step.ema.update(step.net)
-        labels = target if target.ndim == 1 else target.argmax(1)  # mixed targets: the larger share
-        total[0] += loss.detach() * len(labels)
-        total[1] += (logits.argmax(1) == labels).sum()
-        total[2] += len(labels)
+        x, target = step_inputs(step, data.train_images, data.train_targets, len(data.classes), shard(pool[idx], rt),
+                                aug_gen)
+        optimise(step, x, target, rt, total)
     if rt.world > 1:
         dist.all_reduce(total)
     loss_sum, correct, n = total.tolist()
@@ -225,6 +250,20 @@ def setup_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime, u
     return model, data, FoldRun(out, config, data, rt, unit)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; the last two use CUDA graphs
+
+
+def compiled(net: nn.Module, mode: str | None) -> nn.Module:
+    """The network as trained: torch.compile'd in `mode` (None: eager). A GPU is launch-bound at this
+    dataset's batch sizes (ResNet-18 at 112 px, batch 32: about 1,100 small kernels a step); CUDA
+    graphs ('reduce-overhead', 'max-autotune') replay a whole forward and backward as one launch."""
+    return torch.compile(net, mode=mode) if mode else net
+
+
+def uses_cudagraphs(mode: str | None, rt: Runtime) -> bool:
+    return rt.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
 def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:
     """Train one fold into `out`; returns the best epoch's Valid metrics."""
     model, data, run = setup_fold(cfg, fold, folds_root, out, rt)
@@ -237,11 +276,10 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -
     ema = EMA(model, cfg["ema"]) if cfg["ema"] else None
     kept = {"ema": ema} if ema else {}
     start = run.start(cfg["resume"], model, opt, sched, **kept)
-    net = rt.wrap(model)
     loss_fn, sample_weights = balancing(cfg["balance"], cfg["label_smoothing"], data, rt)
-    step = Step(torch.compile(net) if cfg["compile"] else net, opt, sched, loss_fn,
+    step = Step(compiled(rt.wrap(model), cfg["compile"]), opt, sched, loss_fn,
                 BatchAugment(model.input_size, TRAIN_AUGMENTS[cfg["augment"]]), cfg["mixup"], cfg["cutmix"],
-                cfg["clip_grad"], ema)
+                cfg["clip_grad"], ema, cudagraphs=uses_cudagraphs(cfg["compile"], rt), bars=cfg["jobs"] == 1)
     for epoch in range(start, cfg["epochs"]):
         started = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
@@ -329,7 +367,7 @@ def train_fold_federated(cfg: dict, fold: int, folds_root: Path, out: Path, rt: 
     """The federated simulation of one fold: sites trained one after another in this process; the
     global model is validated and saved after every round like an epoch of central training."""
     model, data, run = setup_fold(cfg, fold, folds_root, out, rt, unit="round")
-    sites = split_sites(data.train_paths, data.train_targets.cpu(), cfg["clients"], cfg["partition"], cfg["alpha"],
+    sites = split_sites(data.train_paths, data.train_labels, cfg["clients"], cfg["partition"], cfg["alpha"],
                         cfg["seed"])
     run.config["site_sizes"] = [len(s) for s in sites]
     start = run.start(cfg["resume"], model)  # sites build their own optimizers each round
@@ -348,18 +386,47 @@ def train_fold_federated(cfg: dict, fold: int, folds_root: Path, out: Path, rt: 
 
 
 # ----------------------------------------------------------------------------- benchmark
-# Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets, matched against the device name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "RTX 3090": 71.0}
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from NVIDIA's data sheets. The first pattern
+# found in the device name as whole words wins: "L4" is not "L40", "A10" is not "A100" or "A10G".
+BF16_PEAK_TFLOPS = [("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0),
+                    ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L40", 181.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0)]
+
+
+def known_peak(device_name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS if re.search(rf"\b{k}\b", device_name)), None)
 
 
 def peak_tflops(rt: Runtime, given: float | None) -> float | None:
     if given:
         return given
-    if rt.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(rt.device)
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    return known_peak(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """A convolution's backward costs its forward once per gradient it computes (input, weight),
+    grouped or not. torch.utils.flop_counter counts a grouped convolution's weight gradient as if it
+    were dense: Conv2d(256, 256, 3, groups=64)'s backward as 65 times its forward, not 2, so
+    ResNeXt's share of peak printed 2.3 times too high (depthwise networks: worse)."""
+    return conv_flop_count(x_shape, w_shape, grad_out_shape, transposed) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of the forward and backward of cross_entropy(model(x), y) (convolutions and matrix
+    products; with conv_backward_flops for convolutions)."""
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as c:
+        F.cross_entropy(model(x), y).backward()
+    return c.get_total_flops()
+
+
+def training_flops(name: str, classes: int, input_size: int | None, batch: int) -> float:
+    """FLOPs per image of one training step, counted on the network built on the meta device: shapes
+    only, no memory, no time, and never through torch.compile."""
+    with torch.device("meta"):
+        model = build_model(name, classes, input_size=input_size)
+        x = torch.zeros(batch, 3, model.input_size, model.input_size)
+        return step_flops(model, x, torch.zeros(batch, dtype=torch.long)) / batch
 
 
 BENCHMARK_SECONDS = 2.0  # timed per measurement, after the warm-up
@@ -380,40 +447,35 @@ def _images_per_s(fn, batch: int, rt: Runtime) -> float:
 
 
 def benchmark_row(cfg: dict, rt: Runtime, classes: int = 6) -> dict:
-    """images/s of the bare model step (random tensors), the full training step (uint8 cache on the
-    device -> BatchAugment -> model step) and inference, for one precision/layout/compile setting;
-    and the training step's FLOPs per image."""
+    """images/s of the bare step (the model step of cfg's flags on tensors already made), the full
+    training step (uint8 cache on the device -> augmentation and mixing -> the same model step) and
+    inference, for one precision/layout/compile setting; and the training step's FLOPs per image."""
     set_seed(0)
     model = rt.module(build_model(cfg["model"], classes, input_size=cfg["input_size"]))
     size, batch = model.input_size, cfg["batch_size"]
-    net = torch.compile(model) if cfg["compile"] else model
-    opt = make_optimizer("adamw", param_groups(model, 0.05), 1e-4)
+    step = Step(compiled(model, cfg["compile"]), make_optimizer("adamw", param_groups(model, 0.05), 1e-4), None,
+                nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"]),
+                BatchAugment(size, TRAIN_AUGMENTS[cfg["augment"]]), cfg["mixup"], cfg["cutmix"], cfg["clip_grad"],
+                EMA(model, cfg["ema"]) if cfg["ema"] else None, cudagraphs=uses_cudagraphs(cfg["compile"], rt))
     x, y = torch.randn(batch, 3, size, size, device=rt.device), torch.randint(classes, (batch,), device=rt.device)
     side = resize_size(size)
     cache = torch.randint(256, (4 * batch, 3, side, side), dtype=torch.uint8, device=rt.device)
-    aug, gen = BatchAugment(size, TRAIN_AUGMENTS["basic"]), torch.Generator().manual_seed(0)
-
-    def step(inputs, targets, network=net):
-        loss = F.cross_entropy(rt.forward(network, inputs), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    cache_y = torch.randint(classes, (len(cache),), device=rt.device)
+    gen, total = torch.Generator().manual_seed(0), torch.zeros(3, dtype=torch.float64, device=rt.device)
 
     def full_step():
-        idx = torch.randint(len(cache), (batch,), generator=gen).to(rt.device)
-        step(aug(cache[idx], gen), y)
+        idx = torch.randint(len(cache), (batch,), generator=gen)
+        optimise(step, *step_inputs(step, cache, cache_y, classes, idx, gen), rt, total)
 
     def infer():
         with torch.no_grad():
-            rt.forward(net, x)
+            rt.forward(step.net, x)
     model.train()
-    bare, full = _images_per_s(lambda: step(x, y), batch, rt), _images_per_s(full_step, batch, rt)
+    bare, full = _images_per_s(lambda: optimise(step, x, y, rt, total), batch, rt), _images_per_s(full_step, batch, rt)
     model.eval()
     inference = _images_per_s(infer, batch, rt)
-    model.train()
-    with FlopCounterMode(display=False) as counter:  # eager: compiling under the counter's hooks recompiles
-        step(x, y, model)
-    return dict(bare=bare, full=full, inference=inference, flops=counter.get_total_flops() / batch)
+    return dict(bare=bare, full=full, inference=inference,
+                flops=training_flops(cfg["model"], classes, cfg["input_size"], batch))
 
 
 def benchmark(cfg: dict, rt: Runtime) -> list[dict]:
@@ -422,26 +484,33 @@ def benchmark(cfg: dict, rt: Runtime) -> list[dict]:
     rows = []
     for precision in ("fp32", "bf16"):
         for layout in ("contiguous", "channels_last"):
-            for compiled in ((False, True) if cfg["compile"] else (False,)):
+            for mode in ((None, cfg["compile"]) if cfg["compile"] else (None,)):
+                set_numerics(precision == "bf16", cfg["deterministic"])
                 here = Runtime(rt.device, bf16=precision == "bf16", channels_last=layout == "channels_last")
-                r = benchmark_row(dict(cfg, compile=compiled), here)
-                r.update(precision=precision, layout=layout, compile=compiled,
+                r = benchmark_row(dict(cfg, compile=mode), here)
+                r.update(precision=precision, layout=layout, compile=mode or "no",
                          peak_share=r["full"] * r["flops"] / 1e12 / peak if peak else None)
                 rows.append(r)
-                print(f"  {precision} {layout}{' compiled' if compiled else ''}: training step {r['full']:.0f} img/s",
+                print(f"  {precision} {layout}{' ' + mode if mode else ''}: training step {r['full']:.0f} img/s",
                       flush=True)
+    print(benchmark_table(cfg, rt, peak, rows))
+    return rows
+
+
+def benchmark_table(cfg: dict, rt: Runtime, peak: float | None, rows: list[dict]) -> str:
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     size = f"{cfg['input_size']}x{cfg['input_size']}" if cfg["input_size"] else "its native size"
-    print(f"\n{cfg['model']} at {size}, batch {cfg['batch_size']}, "
-          f"on {name}; images/s (bf16 peak {peak or 'unknown: pass --peak-tflops'} TFLOPS)")
-    print(f"{'precision':<10}{'layout':<15}{'compile':<9}{'bare step':>10}{'full step':>10}{'full/bare':>10}"
-          f"{'inference':>10}{'GFLOP/img':>10}{'of peak':>9}")
+    flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("augment", "mixup", "cutmix", "ema", "clip_grad")
+                     if cfg[k] != DEFAULTS[k])
+    lines = [f"\n{cfg['model']} at {size}, batch {cfg['batch_size']}{', ' + flags if flags else ''}, on {name}; "
+             f"images/s (bf16 peak {peak or 'unknown: pass --peak-tflops'} TFLOPS)",
+             f"{'precision':<10}{'layout':<15}{'compile':<17}{'bare step':>10}{'full step':>10}{'full/bare':>10}"
+             f"{'inference':>10}{'GFLOP/img':>10}{'of peak':>9}"]
     for r in rows:
         share = f"{100 * r['peak_share']:.1f}%" if r["peak_share"] is not None else "-"
-        print(f"{r['precision']:<10}{r['layout']:<15}{'yes' if r['compile'] else 'no':<9}{r['bare']:>10.0f}"
-              f"{r['full']:>10.0f}{r['full'] / r['bare']:>10.2f}{r['inference']:>10.0f}"
-              f"{r['flops'] / 1e9:>10.2f}{share:>9}")
-    return rows
+        lines.append(f"{r['precision']:<10}{r['layout']:<15}{r['compile']:<17}{r['bare']:>10.0f}{r['full']:>10.0f}"
+                     f"{r['full'] / r['bare']:>10.2f}{r['inference']:>10.0f}{r['flops'] / 1e9:>10.2f}{share:>9}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -490,7 +559,13 @@ def parse_args(argv=None):
     r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
                    help="auto: channels_last on CUDA, contiguous on CPU")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile", nargs="?", const="default", default=d["compile"], choices=COMPILE_MODES,
+                   metavar="MODE", help="torch.compile the model; MODE reduce-overhead or max-autotune: with CUDA "
+                   "graphs, one launch per step on a GPU (default: default)")
+    r.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels on CUDA: a run repeats (and --resume continues) bit for bit; slower")
+    r.add_argument("--jobs", type=int, default=d["jobs"], help="with --fold all: train this many folds at once, "
+                   "each in its own process (fills a GPU that one fold leaves idle)")
     r.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     r.add_argument("--save-every", type=float, default=d["save_every"], metavar="SECONDS",
@@ -522,6 +597,12 @@ def check_args(args) -> None:
         raise DataError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.998 (0: off)")
     if args.aug_device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--aug-device cuda: no CUDA device is available")
+    if args.aug_device == "cuda" and args.device == "cpu":
+        raise ModelError("--aug-device cuda with --device cpu: augment where the model trains (--aug-device auto) "
+                         "or train on the GPU (--device cuda)")
+    if args.jobs < 1 or (args.jobs > 1 and (args.fold != "all" or "RANK" in os.environ)):
+        raise DataError(f"--jobs {args.jobs}: trains the folds of --fold all side by side, in one process each "
+                        "(at least 1; not under torchrun)")
     if args.federated:
         if args.mu < 0:
             raise DataError(f"--mu {args.mu}: the proximal weight cannot be negative")
@@ -534,21 +615,52 @@ def check_args(args) -> None:
 def run(args) -> list[dict]:
     check_args(args)
     folds = parse_fold(args.fold)
-    with distributed(args.device, args.precision, args.memory_format) as rt:
+    with distributed(args.device, args.precision, args.memory_format, args.deterministic) as rt:
         cfg = dict(vars(args), world_size=rt.world, backend=rt.backend)
         if args.benchmark:
             return benchmark(cfg, rt)
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
-        fit = train_fold_federated if args.federated else train_fold
-        results = [fit(cfg, k, folds_root, Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else ""), rt)
-                   for k in folds]
+        outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
+        if args.jobs > 1:
+            results = train_side_by_side(cfg, folds_root, outs, args.jobs)
+        else:
+            results = [fit_fold(cfg, k, folds_root, outs[k], rt) for k in folds]
         if rt.rank == 0 and args.fold == "all":
             table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "best_epoch"])
             atomic_write(Path(cfg["out"]) / "summary.md",
                          f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
         return results
+
+
+def fit_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:
+    return (train_fold_federated if cfg["federated"] else train_fold)(cfg, fold, folds_root, out, rt)
+
+
+def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs: int) -> list[dict]:
+    """--jobs N: N folds at a time, each in a process of its own. On one GPU each has its own CUDA
+    context, so one fold's host work (Python, kernel launches) overlaps another fold's kernels: a
+    launch-bound GPU fills up. Each fold's results are those it gets when trained alone."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_job,
+                                                initargs=(threads,)) as pool:
+        futures = [pool.submit(_fold_job, cfg, k, folds_root, out) for k, out in outs.items()]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _start_job(threads: int) -> None:
+    torch.set_num_threads(threads)  # the CPU's cores shared out between the folds, not each taking all
+
+
+def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
+    rt = select_runtime(cfg["device"], cfg["precision"], cfg["memory_format"], deterministic=cfg["deterministic"])
+    return fit_fold(cfg, fold, folds_root, out, rt)
 
 
 def main(argv=None) -> int:

@@ -4,27 +4,28 @@
     checkpoint.py  the one checkpoint format: save, load, initialise from, resume
     predict.py     how a network sees an image; batched inference, test-time views, temperature
     optim.py       parameter groups, optimizers (LARS), warm-up + cosine schedule, weight EMA
-    runtime.py     device, bf16, channels_last, torchrun/DDP, seeds, per-epoch index batches
+    runtime.py     device, bf16, channels_last, torchrun/DDP, placing tensors, seeds, per-epoch index batches
     rundir.py      history.csv, curves and figures as PNG, mean ± std tables
 
     from models import build_model, load_classifier, predict, select_runtime
 """
 from models.build import MODEL_NAMES, Classifier, build_model, load_classifier
-from models.checkpoint import (ModelError, checkpoint_dict, load_checkpoint, restore_rng, resume, rng_state,
-                               save_checkpoint, training_state, unwrap)
+from models.checkpoint import (ModelError, checkpoint_dict, load_checkpoint, resume, save_checkpoint, training_state,
+                               unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
-from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, crop, embed, fit_temperature, normalize, predict,
-                            predict_logits, probabilities, resize_size, to_input, view)
+from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, crop, device_logits, embed, fit_temperature, normalize,
+                            predict, predict_logits, probabilities, resize_size, to_input, view)
 from models.rundir import SaveClock, mean_std_table, png_bytes, save_figure, write_history
-from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, derived_seed,
-                            distributed, per_rank_batch, seed_worker, select_runtime, set_seed, shard)
+from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, constant, derived_seed,
+                            distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
+                            set_numerics, set_seed, shard)
 
 __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "ModelError", "checkpoint_dict",
-           "load_checkpoint", "restore_rng", "resume", "rng_state", "save_checkpoint", "training_state",
-           "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer", "param_groups",
-           "warmup_cosine", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "crop", "embed", "fit_temperature",
-           "normalize", "predict", "predict_logits", "probabilities", "resize_size", "to_input", "view",
-           "SaveClock", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS",
-           "Runtime", "backend_for", "batch_indices", "derived_seed", "distributed", "per_rank_batch",
-           "seed_worker", "select_runtime", "set_seed", "shard"]
+           "load_checkpoint", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
+           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS",
+           "crop", "device_logits", "embed", "fit_temperature", "normalize", "predict", "predict_logits",
+           "probabilities", "resize_size", "to_input", "view", "SaveClock", "mean_std_table", "png_bytes",
+           "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for", "batch_indices",
+           "constant", "derived_seed", "distributed", "epoch_generators", "per_rank_batch", "seed_worker",
+           "select_runtime", "send", "set_numerics", "set_seed", "shard"]

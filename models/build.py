@@ -101,8 +101,9 @@ def build_model(name: str, num_classes: int, init: str = "none", input_size: int
     return model
 
 
-def load_classifier(path, device: torch.device | None = None) -> tuple[Classifier, dict]:
-    """A trained classifier checkpoint (best.pt) -> (model in eval mode on `device`, checkpoint dict)."""
+def load_classifier(path, rt) -> tuple[Classifier, dict]:
+    """A trained classifier checkpoint (best.pt) -> (model in eval mode, placed by the runtime `rt`
+    (models.Runtime: its device and memory format), checkpoint dict)."""
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier" or "classes" not in ckpt:
         what = "a SimCLR encoder: fine-tune it with `train.py --init` first" if ckpt.get("kind") == "encoder" \
@@ -110,4 +111,4 @@ def load_classifier(path, device: torch.device | None = None) -> tuple[Classifie
         raise ModelError(f"{path}: {what}")
     model = build_model(ckpt["model"], len(ckpt["classes"]), input_size=ckpt.get("input_size"))
     load_weights(model, ckpt, path)
-    return model.to(device or "cpu").eval(), ckpt
+    return rt.module(model).eval(), ckpt

@@ -3,7 +3,7 @@
     {"model": name, "kind": "classifier" | "encoder", "state_dict": unwrapped weights,
      "classes": [...], "input_size": int, "fold": int, "epoch": int, "metric": {...},
      "config": {...}}  (+ "temperature" in a classifier's best.pt, fitted on Valid)
-    + in last.pt: "optimizer", "scheduler", "rng", "history", "best" and the state of any other
+    + in last.pt: "optimizer", "scheduler", "history", "best" and the state of any other
       module the loop trains or keeps (SimCLR's "projector", the weights' "ema") for --resume.
 """
 from pathlib import Path
@@ -56,30 +56,11 @@ def load_checkpoint(path) -> dict:
 
 
 # ----------------------------------------------------------------------------- resume
-def rng_state() -> dict:
-    """The global torch RNGs (CPU and every CUDA device) for last.pt: dropout draws from them."""
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def restore_rng(state: dict) -> str | None:
-    """Restore what this machine has room for. Returns a note when last.pt came from a machine with
-    another number of GPUs: those CUDA streams start afresh (the run goes on, not bit-identically)."""
-    torch.set_rng_state(state["torch"])
-    saved = list(state.get("cuda") or [])
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for i in range(min(len(saved), have)):
-        torch.cuda.set_rng_state(saved[i], i)
-    if len(saved) > have:
-        return (f"the run was saved with the random state of {len(saved)} CUDA device(s) and this machine "
-                f"has {have}: it continues, but not bit-identically to an uninterrupted run")
-    return None
-
-
 def training_state(opt, sched, history: list, best, **modules) -> dict:
-    """What last.pt adds to the checkpoint so that --resume continues the same computation."""
-    return dict(optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(), rng=rng_state(),
-                history=history, best=best, **{name: m.state_dict() for name, m in modules.items()})
+    """What last.pt adds to the checkpoint so that --resume continues the same computation. No random
+    state: every epoch seeds its own streams from (seed, epoch, rank) (models.runtime.epoch_generators)."""
+    return dict(optimizer=opt and opt.state_dict(), scheduler=sched and sched.state_dict(), history=history,
+                best=best, **{name: m.state_dict() for name, m in modules.items()})
 
 
 def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
@@ -92,7 +73,7 @@ def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
 
 
 def resume(path, config: dict, runtime_keys, model: nn.Module, opt=None, sched=None, **modules) -> dict:
-    """Restore the model, optimizer, scheduler, RNG and `modules` from last.pt; refuse a changed
+    """Restore the model, optimizer, scheduler and `modules` from last.pt; refuse a changed
     configuration. Returns the checkpoint (its "epoch", "history" and "best" say where to go on)."""
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, config, runtime_keys, path)
@@ -104,9 +85,6 @@ def resume(path, config: dict, runtime_keys, model: nn.Module, opt=None, sched=N
         sched.load_state_dict(ckpt["scheduler"])
     for name, m in modules.items():
         m.load_state_dict(ckpt[name])
-    note = restore_rng(ckpt["rng"])
-    if note:
-        print(f"note: {path}: {note}")
     return ckpt
 
 

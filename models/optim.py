@@ -25,25 +25,39 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step for all of a group's parameters at once (torch._foreach_*: a few kernel launches per
+        group, not several per parameter)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
-                if p.ndim > 1:
-                    w_norm, g_norm = p.norm(), g.norm()
-                    trust = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * w_norm / (g_norm + group["eps"]),
-                                        torch.ones_like(w_norm))
-                    g = g.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+            weights = [i for i, p in enumerate(params) if p.ndim > 1]
+            if weights:
+                w_norm = torch.stack(torch._foreach_norm([params[i] for i in weights]))
+                g_norm = torch.stack(torch._foreach_norm([grads[i] for i in weights]))
+                ratio = group["trust_coefficient"] * w_norm / (g_norm + group["eps"])
+                trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(w_norm))
+                scaled = torch._foreach_mul([grads[i] for i in weights], list(trust.unbind()))
+                for i, g in zip(weights, scaled):
+                    grads[i] = g
+            self._momentum_step(params, grads, group)
         return loss
+
+    def _momentum_step(self, params, grads, group) -> None:
+        """buf = momentum * buf + g (the first step: buf = g); p -= lr * buf."""
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        old = [i for i, b in enumerate(bufs) if b is not None]
+        if old:
+            torch._foreach_mul_([bufs[i] for i in old], group["momentum"])
+            torch._foreach_add_([bufs[i] for i in old], [grads[i] for i in old])
+        for i, p in enumerate(params):
+            if bufs[i] is None:
+                bufs[i] = self.state[p]["momentum_buffer"] = torch.clone(grads[i]).detach()
+        torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
@@ -91,16 +105,29 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
+        self._source, self._floats, self._ints = None, None, None
+
+    def _pair_up(self, model: nn.Module) -> None:
+        """The averaged and the trained tensors, floating and integer, as lists made once: a step then
+        updates them with two fused calls instead of a Python loop over two state_dicts."""
+        mine, theirs = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+        floats = [k for k in mine if mine[k].is_floating_point()]
+        ints = [k for k in mine if not mine[k].is_floating_point()]
+        self._floats = [mine[k] for k in floats], [theirs[k] for k in floats]
+        self._ints = [mine[k] for k in ints], [theirs[k] for k in ints]
+        self._source = model
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for avg, new in zip(self.module.state_dict().values(), unwrap(model).state_dict().values()):
-            if avg.is_floating_point():
-                avg.lerp_(new, 1 - d)
-            else:
-                avg.copy_(new)
+        model = unwrap(model)
+        if model is not self._source:
+            self._pair_up(model)
+        if self._floats[0]:
+            torch._foreach_lerp_(self._floats[0], self._floats[1], 1 - d)
+        if self._ints[0]:
+            torch._foreach_copy_(self._ints[0], self._ints[1])
 
     def state_dict(self) -> dict:
         return dict(module=self.module.state_dict(), updates=self.updates)

@@ -8,6 +8,8 @@ views; temperature scaling (Guo et al. 2017) divides the logits by one scalar fi
 import torch
 import torch.nn.functional as F
 
+from models.runtime import constant
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: torchvision's pretrained weights expect them
 STD = (0.229, 0.224, 0.225)
 CROP_RATIO = 0.875  # the usual resize-256 / crop-224
@@ -25,8 +27,7 @@ def resize_size(input_size: int) -> int:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Float [0, 1] (B, 3, H, W) -> normalised with the ImageNet mean/std."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean, std = (constant(v, x.device, x.dtype, (1, 3, 1, 1)) for v in (MEAN, STD))
     return (x - mean).div_(std)
 
 
@@ -51,14 +52,17 @@ def to_input(x_uint8: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def device_logits(model, images: torch.Tensor, rt, batch_size: int = 64, views=PLAIN_VIEW) -> torch.Tensor:
+    """Logits (V, N, C) of an eval-mode model for V views of cached uint8 images; float32, left on the
+    runtime's device."""
+    return torch.stack([torch.cat([rt.forward(model, view(images[i:i + batch_size].to(rt.device), model.input_size,
+                                                          where, flips))
+                                   for i in range(0, len(images), batch_size)]) for where, flips in views])
+
+
 def predict_logits(model, images: torch.Tensor, rt, batch_size: int = 64, views=PLAIN_VIEW) -> torch.Tensor:
-    """Logits (V, N, C) of an eval-mode model for V views of cached uint8 images; float32, on the CPU."""
-    out = []
-    for where, flips in views:
-        out.append(torch.cat([rt.forward(model, view(images[i:i + batch_size].to(rt.device), model.input_size,
-                                                     where, flips)).cpu()
-                              for i in range(0, len(images), batch_size)]))
-    return torch.stack(out)
+    """device_logits on the CPU: one copy back to the host at the end, not one wait per batch."""
+    return device_logits(model, images, rt, batch_size, views).cpu()
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -73,9 +77,9 @@ def predict(model, images, rt, batch_size: int = 64, tta: bool = False, temperat
 
 @torch.no_grad()
 def embed(model, images, rt, batch_size: int = 64) -> torch.Tensor:
-    """Pooled backbone features (N, F) of the plain view: for k-NN monitors and SVMs."""
+    """Pooled backbone features (N, F) of the plain view, on the CPU: for k-NN monitors and SVMs."""
     return torch.cat([rt.forward(model.features, to_input(images[i:i + batch_size].to(rt.device), model.input_size))
-                      .cpu() for i in range(0, len(images), batch_size)])
+                      for i in range(0, len(images), batch_size)]).cpu()
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:

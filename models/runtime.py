@@ -4,9 +4,14 @@
         model = rt.module(model)
         logits = rt.forward(model, x)        # x to the device (channels_last), bf16 autocast
 
-Also the seeds and the per-epoch index batches, shared by both training loops.
+Everything a script puts on a device is placed here: models and batches (`Runtime.module`,
+`Runtime.batch`), the small random parameters of a training step (`send`: one copy, never a
+wait) and constants (`constant`: made once per device). Also the seeds and the per-epoch index
+batches, shared by both training loops.
 """
 import contextlib
+import functools
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ class Runtime:
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=x.device.type == "cpu")  # never a non-blocking copy *to* the host
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
     def forward(self, model, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,7 @@ class Runtime:
             return model(self.batch(x)).float()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """DistributedDataParallel under torchrun, the model itself otherwise."""
+        """DistributedDataParallel under torchrun with several processes, the model itself otherwise."""
         if self.world == 1:
             return model
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -59,7 +64,7 @@ class Runtime:
     @property
     def backend(self) -> str | None:
         """The process group's backend under torchrun (nccl or gloo), None alone."""
-        return dist.get_backend() if self.world > 1 and dist.is_initialized() else None
+        return dist.get_backend() if dist.is_initialized() else None
 
     def from_rank0(self, compute):
         """compute() on rank 0 only (e.g. it may write the synthetic set); every rank gets its value."""
@@ -69,11 +74,62 @@ class Runtime:
         return value[0]
 
 
+# ----------------------------------------------------------------------------- placing tensors
+def send(tree, device):
+    """CPU tensors -> the same tensors on `device`, in ONE host-to-device copy that does not block.
+
+    A training step draws a few numbers per image on CPU generators (reproducible whatever the
+    device). Sent one by one, each `.to(cuda)` of pageable memory waits for the GPU to drain its
+    queue, so the host could never run ahead of the GPU. Here the tensors of `tree` (nested dicts,
+    lists and tuples; anything else, such as host-side numbers, is passed through) are laid end to
+    end in one buffer (pinned on CUDA), copied once without blocking, and viewed back as their own
+    dtypes and shapes.
+    """
+    device = torch.device(device)
+    leaves = list(_tensors(tree))
+    if device.type == "cpu" or not leaves:
+        return tree
+    sizes = [t.numel() * t.element_size() for t in leaves]
+    starts = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # 8-byte aligned: any dtype views in place
+    host = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for t, a, n in zip(leaves, starts, sizes):
+        host[a:a + n].view(t.dtype).copy_(t.reshape(-1))
+    moved = host.to(device, non_blocking=True)
+    return _rebuild(tree, iter([moved[a:a + n].view(t.dtype).view(t.shape) for t, a, n in zip(leaves, starts, sizes)]))
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (dict, list, tuple)):
+        for v in tree.values() if isinstance(tree, dict) else tree:
+            yield from _tensors(v)
+
+
+def _rebuild(tree, moved):
+    if isinstance(tree, torch.Tensor):
+        return next(moved)
+    if isinstance(tree, dict):
+        return {k: _rebuild(v, moved) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_rebuild(v, moved) for v in tree)
+    return tree
+
+
+@functools.lru_cache(maxsize=64)
+def constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tuple = (-1,)) -> torch.Tensor:
+    """A small constant tensor made once per device and dtype (e.g. the normalisation mean): building
+    it on every call would be a host-to-device copy in every step."""
+    return torch.tensor(values, dtype=dtype).view(shape).to(device)
+
+
 def select_runtime(device: str = "auto", precision: str = "auto", memory_format: str = "auto",
-                   local_rank: int = 0, rank: int = 0, world: int = 1) -> Runtime:
+                   local_rank: int = 0, rank: int = 0, world: int = 1, deterministic: bool = False) -> Runtime:
     """`auto`: CUDA when there is one (each torchrun process takes its LOCAL_RANK's GPU), with bf16
     autocast and channels_last, which tensor cores prefer; fp32 and the default layout on CPU.
-    Both can be asked for on CPU too (CPUs with AMX or AVX512-BF16 run bf16 convolutions faster)."""
+    Both can be asked for on CPU too (CPUs with AMX or AVX512-BF16 run bf16 convolutions faster).
+    `deterministic`: cuDNN's and PyTorch's deterministic kernels instead of the fastest ones, so that
+    a run on CUDA repeats bit for bit (and `--resume` continues exactly); slower."""
     if device not in ("auto", "cpu", "cuda"):
         raise ModelError(f"--device {device}: use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -89,12 +145,29 @@ def select_runtime(device: str = "auto", precision: str = "auto", memory_format:
             raise ModelError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
                              "lower --nproc_per_node")
         torch.cuda.set_device(local_rank)
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
         dev = torch.device("cuda", local_rank)
     on_gpu = dev.type == "cuda"
-    return Runtime(dev, bf16=precision == "bf16" or (precision == "auto" and on_gpu),
-                   channels_last=memory_format == "channels_last" or (memory_format == "auto" and on_gpu),
-                   rank=rank, world=world)
+    bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+    set_numerics(bf16, deterministic)
+    channels_last = memory_format == "channels_last" or (memory_format == "auto" and on_gpu)
+    return Runtime(dev, bf16=bf16, channels_last=channels_last, rank=rank, world=world)
+
+
+def set_numerics(bf16: bool, deterministic: bool = False) -> None:
+    """What fp32 and determinism mean on CUDA, said once for the whole process.
+
+    fp32 means IEEE float32 for every convolution and matrix product: cuDNN's default would run
+    convolutions in TF32 (10-bit mantissa) while matrix products stay fp32. Under bf16 autocast
+    convolutions and matrix products run in bf16 anyway, and cuDNN may use TF32 for what autocast
+    keeps in fp32. Input sizes are fixed, so cuDNN benchmarks and picks the fastest kernels, unless
+    `deterministic`: then only deterministic kernels (PyTorch warns where an op has none)."""
+    torch.backends.cudnn.allow_tf32 = bf16  # the legacy flags: PyTorch 2.9+ refuse mixing them with the new API
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' deterministic workspace
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def backend_for(device: torch.device) -> str:
@@ -103,19 +176,22 @@ def backend_for(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto", precision: str = "auto", memory_format: str = "auto"):
-    """The block's Runtime; under torchrun also its process group, joined after this rank has taken
-    its own device (so NCCL never starts every rank on GPU 0) and left again on the way out."""
+def distributed(device: str = "auto", precision: str = "auto", memory_format: str = "auto",
+                deterministic: bool = False):
+    """The block's Runtime. Under torchrun (even with one process) also its process group, joined
+    after this rank has taken its own device (so NCCL never starts every rank on GPU 0) and left
+    again on the way out."""
+    launched = "RANK" in os.environ  # torchrun sets it, also with --nproc_per_node=1
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    rt = select_runtime(device, precision, memory_format, local_rank, rank, world)
-    if world > 1:
+    rt = select_runtime(device, precision, memory_format, local_rank, rank, world, deterministic)
+    if launched:
         extra = {"device_id": rt.device} if rt.device.type == "cuda" else {}
         dist.init_process_group(backend_for(rt.device), **extra)
     try:
         yield rt
     finally:
-        if world > 1 and dist.is_initialized():
+        if launched and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -137,6 +213,16 @@ def seed_worker(worker_id: int) -> None:
 def derived_seed(*keys: int) -> int:
     """An independent 63-bit seed for a stream named by integers, e.g. (seed, epoch, rank)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_generators(key: tuple, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """The random streams of one pass over the data, named by `key` (e.g. (seed, epoch)): the batch
+    order (the same on every rank), this rank's augmentation draws, and torch's global generators
+    (dropout, stochastic depth) seeded for (key, rank). Nothing random carries over from one pass to
+    the next, so `--resume` needs no saved random state, on any number of devices."""
+    torch.manual_seed(derived_seed(*key, rank + 1, 2**31))  # CPU and every CUDA device: this rank's dropout
+    return (torch.Generator().manual_seed(derived_seed(*key)),
+            torch.Generator().manual_seed(derived_seed(*key, rank + 1)))
 
 
 def per_rank_batch(batch_size: int, world: int) -> int:

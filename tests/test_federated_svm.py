@@ -6,7 +6,7 @@ import torch
 import train
 from conftest import assert_one_line_error, run_cli, train_args
 from getData import index_split, patient_id
-from models import build_model, checkpoint_dict, load_classifier, save_checkpoint
+from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 from testing import evaluate
 
 
@@ -80,7 +80,7 @@ def test_svm_head_beats_chance_side_by_side(trained, tmp_path):
 
 
 def test_svm_on_a_simclr_encoder(trained, synthetic, tmp_path):
-    model, ckpt = load_classifier(trained / "best.pt")
+    model, ckpt = load_classifier(trained / "best.pt", select_runtime("cpu"))
     encoder = tmp_path / "encoder.pt"
     save_checkpoint(checkpoint_dict(model, "encoder", ckpt["classes"], ckpt["config"], 1, {}), encoder)
     proc = run_cli("testing.py", "--checkpoint", encoder, "--svm", "--out", tmp_path / "e")

@@ -7,8 +7,8 @@ import torchvision
 from torch import nn
 
 from models import (EMA, MODEL_NAMES, PLAIN_VIEW, TTA_VIEWS, ModelError, backend_for, batch_indices, build_model,
-                    checkpoint_dict, crop, fit_temperature, load_checkpoint, load_classifier, make_optimizer,
-                    param_groups, per_rank_batch, predict, predict_logits, probabilities, restore_rng, rng_state,
+                    checkpoint_dict, crop, epoch_generators, fit_temperature, load_checkpoint, load_classifier,
+                    make_optimizer, param_groups, per_rank_batch, predict, predict_logits, probabilities,
                     save_checkpoint, select_runtime, shard, to_input, unwrap, view)
 
 REQUIRED = ["lenet", "resnext101_64x4d", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16",
@@ -97,7 +97,7 @@ def test_bad_models_and_checkpoints_are_clear_errors(tmp_path, monkeypatch):
 def test_encoder_is_not_a_classifier(tmp_path):
     save_checkpoint(_ckpt(build_model("lenet", 6), "encoder"), tmp_path / "encoder.pt")
     with pytest.raises(ModelError, match="SimCLR encoder"):
-        load_classifier(tmp_path / "encoder.pt")
+        load_classifier(tmp_path / "encoder.pt", select_runtime("cpu"))
 
 
 def test_checkpoint_is_weights_only_and_written_atomically(tmp_path, monkeypatch):
@@ -245,14 +245,17 @@ def test_sampler_weights_draw_balanced_classes():
     assert sorted(plain.tolist()) == list(range(100))  # without weights: a permutation
 
 
-def test_rng_state_from_a_machine_with_more_gpus_restores_with_a_note():
-    state = rng_state()
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (torch.cuda.device_count() + 2)
+def test_every_pass_has_its_own_streams_whatever_came_before():
+    """The batch order of (seed, epoch) is the same on every rank; augmentation and dropout streams
+    differ between ranks and epochs; and none depends on what ran earlier (so resume needs no state)."""
+    def draws(key, rank):
+        order, views = epoch_generators(key, rank)
+        return torch.rand(3, generator=order), torch.rand(3, generator=views), torch.rand(3)  # global: dropout
+    torch.rand(100)  # whatever the process drew before
+    first = draws((0, 4), 0)
     torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    state["torch"] = torch.get_rng_state()
-    torch.rand(5)
-    note = restore_rng(state)
-    assert f"{len(state['cuda'])} CUDA device(s)" in note
-    assert torch.equal(torch.rand(3), expected)  # the CPU stream is restored all the same
+    again, other_rank, next_epoch = draws((0, 4), 0), draws((0, 4), 1), draws((0, 5), 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(first[0], other_rank[0])  # one batch order for all ranks
+    assert not torch.equal(first[1], other_rank[1]) and not torch.equal(first[2], other_rank[2])
+    assert not any(torch.equal(a, b) for a, b in zip(first, next_epoch))

@@ -95,7 +95,7 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
 def test_calibration_changes_confidence_not_answers(trained, tmp_path):
     from models import load_classifier, predict, select_runtime
     r = evaluate(trained / "best.pt", tmp_path / "t", resamples=20)["softmax"]
-    model, ckpt = load_classifier(trained / "best.pt")
+    model, ckpt = load_classifier(trained / "best.pt", select_runtime("cpu"))
     ds = MSLDDataset(ckpt["config"]["data_root"], 1, "Test", cache_size=resize_size(32))
     raw = predict(model, ds.images, select_runtime("cpu")).numpy()
     assert ckpt["temperature"] != 1 and not np.allclose(raw, r.probs, atol=1e-3)  # the probabilities moved...
