@@ -11,7 +11,6 @@ Two implementations of the same random augmentations, drawing from one table of 
 Colour changes stay mild and never rotate hue: lesion colour is diagnostic. The deterministic
 evaluation view (centre crop, normalisation) belongs to the networks: models/predict.py.
 """
-import argparse
 import functools
 import math
 import multiprocessing
@@ -28,8 +27,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from getData import (AUG_TAG, DataError, MSLDDataset, atomic_path, decode_all, find_folds_root, index_split,
-                     list_classes, load_image, run_main)
+from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, decode_all, index_split,
+                     list_classes, load_image, run_main, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -567,7 +566,7 @@ def _init_worker():
 def write_augmented(data_root, fold: int, out, factor: int | None = None, balance: bool = False,
                     ops: str = "all", seed: int = 0, workers: int = 0) -> dict:
     """Write augmented copies of fold `fold`'s Train images to `out/<Class>/NAME__augNN.jpg`."""
-    folds_root = find_folds_root(data_root)
+    folds_root = usable_folds_root(data_root)
     out = Path(out).resolve()
     if out.is_relative_to(folds_root.resolve()) or out.is_relative_to(Path(data_root).resolve()):
         raise DataError(f"--out {out}: inside the source dataset; write augmented copies elsewhere")
@@ -611,7 +610,7 @@ def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
               augment: str = "basic") -> list[tuple[str, float]]:
     """images/s of one training epoch's input pipeline, three ways, at `size` x `size`, for one of
     train.py's --augment op sets."""
-    folds_root = find_folds_root(data_root)
+    folds_root = usable_folds_root(data_root)
     ops = TRAIN_AUGMENTS[augment]
     ds = MSLDDataset(folds_root, fold, "Train", transform=train_transform(size, ops))
     workers = workers or os.cpu_count() or 1
@@ -638,20 +637,21 @@ def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--data-root", default=DEFAULTS["data_root"])
-    p.add_argument("--fold", type=int, default=DEFAULTS["fold"])
+    d, at_least_1 = DEFAULTS, Number(int, 1)
+    p = Parser(__doc__, __file__)
+    p.add_argument("--data-root", default=d["data_root"])
+    p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS)
     p.add_argument("--out", help="output folder for augmented copies (outside the dataset)")
-    p.add_argument("--factor", type=int, default=DEFAULTS["factor"], help="copies per Train image")
+    p.add_argument("--factor", type=at_least_1, default=d["factor"], help="copies per Train image")
     p.add_argument("--balance", action="store_true", help="top every class up to the largest class instead")
-    p.add_argument("--ops", default=DEFAULTS["ops"], help=f"comma list of {','.join(OP_NAMES)} or 'all'")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--workers", type=int, default=DEFAULTS["workers"], help="processes (0 = all cores)")
+    p.add_argument("--ops", default=d["ops"], help=f"comma list of {','.join(OP_NAMES)} or 'all'")
+    p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
+    p.add_argument("--workers", type=Number(int, 0), default=d["workers"], help="processes (0 = all cores)")
     p.add_argument("--benchmark", action="store_true", help="print images/s of the three input pipelines")
-    p.add_argument("--size", type=int, default=DEFAULTS["size"], help="benchmark image size")
-    p.add_argument("--augment", default=DEFAULTS["augment"], choices=["basic", "trivial"],
+    p.add_argument("--size", type=Number(int, 8), default=d["size"], help="benchmark image size")
+    p.add_argument("--augment", default=d["augment"], choices=["basic", "trivial"],
                    help="benchmark: train.py's op set to time")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="benchmark batch size")
+    p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="benchmark batch size")
     return p.parse_args(argv)
 
 

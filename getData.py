@@ -15,7 +15,9 @@ import base64
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
@@ -66,8 +68,15 @@ class ImageTooLarge(DataError):
     """An image whose pixel count is over MAX_PIXELS (serve.py answers it with HTTP 413)."""
 
 
+class WriteError(UserError):
+    """An output that could not be written (a full disk, a file where a folder should be, ...)."""
+
+
 def run_main(body, *args) -> int:
     """Every script's main(): run `body`; a user mistake is one 'error:' line and exit status 2."""
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is shown escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         body(*args)
         return 0
@@ -76,22 +85,91 @@ def run_main(body, *args) -> int:
         return 2
 
 
+# ----------------------------------------------------------------------------- command lines
+class Number:
+    """An argparse `type`: a finite int or float within [low, high] (`open`: bounds excluded), so that
+    `--lr nan`, `--label-smoothing 2` or `--batch-size 0` are one line, never a traceback or a silent
+    run."""
+
+    def __init__(self, kind=float, low=None, high=None, open_low=False, open_high=False):
+        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
+        self.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+
+    def __call__(self, text: str):
+        value = self.kind(text)  # ValueError: argparse reports "invalid int value"
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: not a finite number; give {self.allowed()}")
+        below = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        above = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"{text}: out of range; give {self.allowed()}")
+        return value
+
+    def allowed(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        low = f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else ""
+        high = f"{'<' if self.open_high else '<='} {self.high}" if self.high is not None else ""
+        return f"{what} {' and '.join(b for b in (low, high) if b)}".strip()
+
+
+class Parser(argparse.ArgumentParser):
+    """Every script's argument parser: a mistake is one 'error:' line (argparse's usage line is left
+    to --help), prefixes of long flags are not guessed, and a bare `type=int` or `type=float` means
+    a finite Number, so that no numeric flag escapes the check (argparse's type registry)."""
+
+    def __init__(self, doc: str, script: str):
+        """`doc`: the script's docstring (its first paragraph describes it); `script`: its __file__."""
+        super().__init__(prog=Path(script).name, description=doc.split("\n\n")[0], allow_abbrev=False)
+        self.register("type", int, Number(int))
+        self.register("type", float, Number(float))
+
+    def error(self, message):
+        # "argument --lr: nan: not a finite number; ..." -> "--lr nan: not a finite number; ...", the project's form
+        message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", message)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- writing files
+def make_folder(path) -> Path:
+    """mkdir -p, or one line saying which part of the path is in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), path)
+        raise WriteError(f"{path}: cannot make this folder, {blocker} is a file; choose another path") from None
+    except OSError as e:
+        raise WriteError(f"{path}: cannot make this folder ({e.strerror})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path, folder: bool = False):
     """Yield a temporary file (or folder) beside `path`; it becomes `path` only if the block completes.
 
-    A crash or an exception leaves the previous `path` (or nothing), never half an output. A folder
-    target may exist if it is empty.
+    A crash or an exception leaves the previous `path` (or nothing), never half an output; a write
+    that fails (a full disk) is one line naming `path`. The temporary name is unique, so two
+    processes writing the same file never write into each other's. A folder target may exist if it
+    is empty.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent)) if folder \
-        else path.with_name(f".{path.name}.tmp")
+    if path.is_dir() and not folder:
+        raise WriteError(f"{path}: is a folder; cannot write a file there")
+    make_folder(path.parent)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        tmp = Path(name)
     try:
         yield tmp
         if folder and path.exists():
             path.rmdir()  # empty (callers refuse non-empty targets first)
         os.replace(tmp, path)
+    except OSError as e:
+        what = "previous one is unchanged" if path.exists() else "nothing was written"
+        raise WriteError(f"{path}: could not be written ({e.strerror or e}); the {what}") from None
     finally:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -100,9 +178,13 @@ def atomic_path(path, folder: bool = False):
 
 
 def atomic_write(path, data: str | bytes) -> None:
-    """Write a whole file or nothing."""
+    """Write a whole file or nothing. Text is UTF-8; file names that are not (undecodable bytes on
+    disk, kept by Python as surrogates) are written back as the bytes they were."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8", errors="surrogateescape")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -142,6 +224,14 @@ def find_folds_root(data_root) -> Path:
     return (real or found)[0]
 
 
+def _found_any(data_root) -> bool:
+    try:
+        find_folds_root(data_root)
+        return True
+    except DataError:
+        return False
+
+
 def is_synthetic(folds_root: Path) -> bool:
     return (Path(folds_root) / SYNTHETIC_MARKER).exists()
 
@@ -152,9 +242,9 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
     Only the default location falls back; an explicit path that holds no dataset is an error.
     """
     try:
-        return find_folds_root(data_root)
+        return usable_folds_root(data_root)
     except DataError:
-        if str(data_root) != DEFAULTS["data_root"]:
+        if str(data_root) != DEFAULTS["data_root"] or (Path(data_root).is_dir() and _found_any(data_root)):
             raise
     print(f"no MSLD v2.0 found under {data_root}/: using the synthetic demo set in {synthetic_root}/ "
           "(see README to get the real data)")
@@ -167,13 +257,31 @@ def _is_image_file(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def is_class_folder(d: Path) -> bool:
+    """A folder that can hold a class: not hidden, not an archiver's leftover such as __MACOSX/."""
+    return d.is_dir() and not d.name.startswith((".", "__"))
+
+
 def list_classes(folds_root) -> list[str]:
     """Class names = sorted class-folder names: the same index mapping in every script."""
     names = {d.name for k in FOLDS for s in SPLITS
-             for d in (Path(folds_root) / f"fold{k}" / s).glob("*") if d.is_dir()}
+             for d in (Path(folds_root) / f"fold{k}" / s).glob("*") if is_class_folder(d)}
     if not names:
         raise DataError(f"{folds_root}: no class folders under fold1..5/{{Train,Valid,Test}}/")
     return sorted(names)
+
+
+def usable_folds_root(data_root) -> Path:
+    """find_folds_root, refusing a layout the audit calls not usable (a class folder empty or missing
+    in a split, a class in some folds only): training on it would add a class without images and
+    shift the others' indices. One verdict for every script: the audit's structure_problems."""
+    folds_root = find_folds_root(data_root)
+    problems = structure_problems(folds_root, list_classes(folds_root))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; fix the dataset, `python getData.py --data-root {data_root}` "
+                        "lists every problem")
+    return folds_root
 
 
 def list_images(folder) -> list[Path]:
@@ -191,7 +299,7 @@ def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) 
     classes = classes or list_classes(folds_root)
     dirs = [Path(folds_root) / f"fold{fold}" / split, *map(Path, extra_dirs)]
     for d in dirs[1:]:
-        unknown = sorted({p.name for p in d.iterdir() if p.is_dir()} - set(classes)) if d.is_dir() else []
+        unknown = sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)) if d.is_dir() else []
         if not d.is_dir() or unknown:
             raise DataError(f"{d}: expected class folders {classes}" + (f", found {unknown}" if unknown else ""))
     return [(p, label) for d in dirs for label, c in enumerate(classes) for p in list_images(d / c)]
@@ -213,27 +321,76 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def load_image(source, name: str | None = None) -> Image.Image:
+def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, shrink_to: int | None = None,
+               budget=None) -> Image.Image:
     """Decode one image safely: a path, bytes or file object in, an upright RGB PIL image out.
 
-    Raises DataError (naming the file) for anything that is not a whole, readable image or whose
-    pixel count exceeds MAX_PIXELS, checked from the header before any pixel is decoded.
+    Raises DataError (naming the file) for anything that is not a whole, readable image, and
+    ImageTooLarge for a pixel count over `max_pixels`, checked from the header before any pixel is
+    decoded. `shrink_to`: the shortest side the caller needs; a larger image is decoded smaller where
+    the format allows it (JPEG's DCT scaling) and reduced by a whole factor right after decoding,
+    before any copy, so a 48-megapixel photo costs a few megabytes. `budget`: an object whose
+    `reserve(nbytes)` context holds the decoded size while the pixels exist (serve.py bounds the
+    memory of concurrent decodes with it).
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, (bytes, bytearray)):
-        import io
         source = io.BytesIO(source)
     try:
         with Image.open(source) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels is over the {MAX_PIXELS:,} "
-                                    "limit (decompression bomb?); resize the photo")
-            im.load()  # raises on truncated data
-            return _to_rgb(ImageOps.exif_transpose(im))
+            if im.width * im.height > max_pixels:
+                raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels is over the {max_pixels:,}-pixel "
+                                    "limit; send a smaller photo")
+            if shrink_to:
+                im.draft(None, (shrink_to, shrink_to))  # JPEG: decode at 1/2, 1/4 or 1/8 scale (no-op otherwise)
+            with budget.reserve(decoded_bytes(im, bool(shrink_to))) if budget else contextlib.nullcontext():
+                im.load()  # raises on truncated data
+                return _to_rgb(ImageOps.exif_transpose(_shrink(im, shrink_to) if shrink_to else im))
     except DataError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{name}: not a readable image ({e})") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, above ours: the same answer
+        raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
+
+
+REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")  # modes Image.reduce takes
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Pillow keeps 8-bit images of more than one band as 4 bytes a pixel (RGB as RGBX)."""
+    return 1 if mode in ("1", "L", "P") else 2 if "16" in mode else 4
+
+
+def decoded_bytes(im: Image.Image, shrinking: bool) -> int:
+    """What decoding `im` (as drafted) holds at its peak: its pixels, plus the copy made before it
+    shrinks (a mode Image.reduce does not take) or, when it does not shrink, the RGB conversion."""
+    pixels = im.width * im.height
+    own = pixels * _bytes_per_pixel(im.mode)
+    if not shrinking:
+        return own + pixels * 4
+    return own + (0 if im.mode in REDUCIBLE else pixels * (1 if im.mode == "1" else 4))
+
+
+def _shrink(im: Image.Image, side: int) -> Image.Image:
+    """Reduce by the largest whole factor that keeps the short side at least `side` (a box filter:
+    every pixel counts, so no aliasing)."""
+    factor = min(im.size) // side
+    if factor < 2:
+        return im
+    if im.mode not in REDUCIBLE:
+        info = im.info
+        im = im.convert("L" if im.mode == "1" else "RGBA" if "A" in im.getbands() or "transparency" in info
+                        else "I" if "16" in im.mode else "RGB")
+        im.info = info
+    small = im.reduce(factor)
+    small.info = im.info  # EXIF orientation follows the pixels
+    return small
+
+
+def _detail(error: Exception, name: str) -> str:
+    """The decoder's message without the repr of an in-memory file (<_io.BytesIO object at 0x...>)."""
+    return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", name, str(error)) or type(error).__name__
 
 
 def prepare(im: Image.Image, size: int) -> torch.Tensor:
@@ -268,7 +425,7 @@ class MSLDDataset(torch.utils.data.Dataset):
 
     def __init__(self, data_root, fold: int, split: str, transform=None, *, cache_size: int | None = None,
                  return_path: bool = False, extra_dirs=(), classes=None):
-        self.folds_root = find_folds_root(data_root)
+        self.folds_root = usable_folds_root(data_root)
         self.classes = classes or list_classes(self.folds_root)
         samples = index_split(self.folds_root, fold, split, self.classes, extra_dirs)
         if not samples:
@@ -315,11 +472,11 @@ def _scan(folds_root: Path, aug_dirs: dict | None):
     for k in FOLDS:
         for s in SPLITS:
             for d in sorted((folds_root / f"fold{k}" / s).glob("*")):
-                if d.is_dir():
+                if is_class_folder(d):
                     records += [dict(fold=k, split=s, cls=d.name, path=p) for p in sorted(d.iterdir()) if p.is_file()]
     for k, d in (aug_dirs or {}).items():
         for c in sorted(Path(d).glob("*")):
-            if c.is_dir():
+            if is_class_folder(c):
                 records += [dict(fold=k, split="Train", cls=c.name, path=p, aug=True)
                             for p in sorted(c.iterdir()) if p.is_file()]
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
@@ -744,14 +901,14 @@ def download(url: str, data_root) -> Path:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=DEFAULTS["data_root"], help="folder holding MSLD v2.0 (any unzip layout)")
     p.add_argument("--report", help="also write the audit as JSON to this file")
     p.add_argument("--aug-dir", action="append", default=[], metavar="K=PATH",
                    help="augment.py output folder to audit as part of fold K's Train (repeatable)")
     p.add_argument("--synthetic", nargs="?", const=DEFAULTS["synthetic_root"], metavar="PATH",
                    help=f"write the synthetic demo dataset (default {DEFAULTS['synthetic_root']})")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=Number(int, 0), default=DEFAULTS["seed"])
     p.add_argument("--download", metavar="URL", help="zip URL to fetch into --data-root, or 'kaggle'")
     return p.parse_args(argv)
 

@@ -7,7 +7,6 @@
 Per image: a PNG with the photo, the heat-map overlay and the predicted class with its probability;
 plus grid.png for the whole set. Written to runs/NAME/gradcam/ (or --out). The photos are only read.
 """
-import argparse
 import io
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from getData import DataError, find_folds_root, index_split, list_classes, load_image, prepare, run_main
+from getData import (FOLDS, DataError, Number, Parser, index_split, list_classes, load_image, prepare, run_main,
+                     usable_folds_root)
 from models import (MEMORY_FORMATS, PRECISIONS, ModelError, crop, load_classifier, resize_size, save_figure,
                     select_runtime, to_input)
 
@@ -66,6 +66,9 @@ class GradCAM:
 
     def _save_activation(self, module, inputs, output):
         out = output[0] if isinstance(output, (tuple, list)) else output
+        if out.ndim != (3 if self.layout == "tokens" else 4):
+            raise ModelError(f"--layer {self.layer_name}: its output {tuple(out.shape)} is not a spatial map; choose "
+                             f"a convolutional block (default: {getattr(self.model, 'cam_layer', None)})")
         self.activations = out.detach()
         if out.requires_grad:  # a plain no_grad forward inside the block builds no graph to hook
             self.handles.append(out.register_hook(self._save_gradient))
@@ -185,22 +188,23 @@ def write_figures(results, names, classes, out: Path, target=None) -> None:
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     d = DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(__doc__, __file__)
     p.add_argument("images", nargs="*", help="image files to explain")
     p.add_argument("--checkpoint", required=True, help="a classifier best.pt")
-    p.add_argument("--fold", type=int, default=d["fold"], help="explain this fold's --split instead of files")
+    p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,
+                   help="explain this fold's --split instead of files")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--data-root", default=None, help="default: the dataset the checkpoint trained on")
-    p.add_argument("--limit", type=int, default=d["limit"], help="at most this many images of the split")
+    p.add_argument("--limit", type=Number(int, 1), default=d["limit"], help="at most this many images of the split")
     p.add_argument("--layer", default=d["layer"], help="target module, e.g. backbone.layer3 (default: the model's)")
     p.add_argument("--target-class", default=d["target_class"], help="explain this class instead of the predicted one")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="heat-map opacity")
+    p.add_argument("--alpha", type=Number(float, 0, 1), default=d["alpha"], help="heat-map opacity")
     p.add_argument("--cmap", default=d["cmap"], help="matplotlib colormap")
     p.add_argument("--out", default=d["out"], help="output folder (default RUN/gradcam)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--batch-size", type=Number(int, 1), default=d["batch_size"])
     return p.parse_args(argv)
 
 
@@ -209,7 +213,7 @@ def _image_paths(args, ckpt) -> list[Path]:
         return [Path(p) for p in args.images]
     if args.fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
-    root = find_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
+    root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
     return [p for p, _ in index_split(root, args.fold, args.split, list_classes(root))][: args.limit]
 
 

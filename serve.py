@@ -8,41 +8,43 @@ Endpoints: GET / (the page), POST /predict (raw image body or multipart/form-dat
 GET /info. Requests are served by threads; one inference worker batches the requests waiting at
 that moment (at most --max-batch, waiting at most --max-wait-ms for company) into one forward pass.
 """
-import argparse
 import base64
 import concurrent.futures
-import email.parser
-import email.policy
+import contextlib
+import ctypes
 import hashlib
 import http.client
 import http.server
+import io
 import json
 import queue
 import socket
 import statistics
+import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
 
-from getData import DataError, ImageTooLarge, UserError, load_image, prepare, run_main
-from gradcam import GradCAM, display_crop, overlay_png
+from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main
+from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, device_logits, load_classifier,
                     probabilities, resize_size, select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
-                timeout=10.0)
+                timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024)
 TRUST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity", "ece")
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers
 
 
 def newest_checkpoint(runs) -> Path:
@@ -85,6 +87,7 @@ class Predictor:
         self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
         self.views, self.temperature = (TTA_VIEWS if tta else PLAIN_VIEW), ckpt.get("temperature") or 1.0
         self.data_root = ckpt["config"].get("data_root")
+        self.needed_side = resize_size(max(model.input_size, DISPLAY_SIZE))  # uploads are decoded at least this big
         digest = hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12]
         self.info = dict(model_facts(Path(checkpoint), ckpt, digest), classes=self.classes,
                          input_size=model.input_size, threshold=threshold, tta=tta,
@@ -148,6 +151,8 @@ class Predictor:
 
     def answer(self, result: dict) -> dict:
         p = result["probs"]
+        if not np.isfinite(p).all():
+            raise RequestError(500, "the model gave scores that are not numbers for this image (NaN or inf)")
         top = int(np.argmax(p))
         out = dict(label=self.classes[top], probability=float(p[top]),
                    probabilities={c: float(v) for c, v in zip(self.classes, p)},
@@ -159,69 +164,173 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------- HTTP
+MAX_PARTS = 16  # multipart fields read before the image must have come (the page sends one)
+
+
 def image_from_multipart(body: bytes, content_type: str) -> bytes:
-    """The first file part of a multipart/form-data body."""
-    if "boundary=" not in content_type:
+    """The first file part of a multipart/form-data body, in one linear pass over it: at most
+    MAX_PARTS parts are looked at (a body of 190,000 tiny fields must not cost minutes of CPU)."""
+    boundary = next((v.strip().strip('"') for k, _, v in (f.strip().partition("=") for f in content_type.split(";"))
+                     if k.lower() == "boundary"), "")
+    if not boundary:
         raise RequestError(400, "malformed multipart body: no boundary in Content-Type")
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    if not msg.is_multipart():
-        raise RequestError(400, "malformed multipart body")
-    for part in msg.iter_parts():
-        data = part.get_payload(decode=True)
-        if part.get_filename() is not None or part.get_param("name", header="content-disposition") in ("image", "file"):
-            if data:
-                return data
+    delimiter = b"--" + boundary.encode("latin-1")
+    start = body.find(delimiter)
+    for _ in range(MAX_PARTS):
+        if start < 0 or body[start + len(delimiter):start + len(delimiter) + 2] == b"--":
+            break  # no (more) parts
+        head_end = body.find(b"\r\n\r\n", start)
+        end = body.find(b"\r\n" + delimiter, head_end)
+        if head_end < 0 or end < 0:
+            raise RequestError(400, "malformed multipart body: a part does not end")
+        headers = body[start + len(delimiter):head_end].decode("latin-1").lower()
+        disposition = next((h for h in headers.split("\r\n") if h.startswith("content-disposition:")), "")
+        if ("filename=" in disposition or 'name="image"' in disposition or 'name="file"' in disposition) \
+                and end > head_end + 4:
+            return body[head_end + 4:end]
+        start = end + 2
+    else:
+        raise RequestError(400, f"multipart body: no image among its first {MAX_PARTS} parts")
     raise RequestError(400, "malformed multipart body: no file part (send the image as field 'image')")
+
+
+class Busy(Exception):
+    """The decode budget is spent: answered 503 with Retry-After."""
+
+
+class DecodeBudget:
+    """The bytes that image decoding may hold at once (--decode-mb). A request whose image would not
+    fit waits a moment for others to finish, then is answered 503: memory stays bounded however
+    many large uploads arrive together (each is reserved its decoded size, getData.decoded_bytes)."""
+
+    def __init__(self, nbytes: int, wait_s: float = 2.0):
+        self.total, self.free, self.wait_s = nbytes, nbytes, wait_s
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int):
+        if nbytes > self.total:
+            raise ImageTooLarge(f"upload: decoding it takes {nbytes / 2**20:.0f} MB, over the server's "
+                                f"{self.total / 2**20:.0f} MB decode budget; send a smaller photo")
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.free >= nbytes, timeout=self.wait_s):
+                raise Busy()
+            self.free -= nbytes
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += nbytes
+                self.cond.notify_all()
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket read with a deadline for the whole request, not per read: a client sending a byte a
+    second is cut off when its request's time is up (the per-read --timeout alone never fires)."""
+
+    def __init__(self, sock: socket.socket, per_read: float):
+        self.sock, self.per_read, self.deadline = sock, per_read, float("inf")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than the server's deadline")
+        self.sock.settimeout(min(left, self.per_read))
+        return self.sock.recv_into(buffer)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mpox-lesion"
     protocol_version = "HTTP/1.1"
     predictor: Predictor = None
-    max_bytes = DEFAULTS["max_bytes"]
-    timeout = DEFAULTS["timeout"]  # socket timeout: a stalled client frees its thread after this long
+    limits: "Limits" = None
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket stays open: our reader takes the place of the plain one
+        self.reader = DeadlineReader(self.connection, self.limits.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.limits.deadline  # the next request, its wait included
+        super().handle_one_request()
 
     def log_message(self, fmt, *args):
         pass  # quiet; errors are answered to the client
 
-    def _send(self, status: int, body: bytes, content_type: str):
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
+        self.connection.settimeout(self.limits.timeout)  # writing: the per-operation timeout again
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store",
+                     **(headers or {})}.items():
+            self.send_header(k, v)
         if status >= 400:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-    def _json(self, status: int, obj: dict):
-        self._send(status, json.dumps(obj).encode(), "application/json")
+    def _json(self, status: int, obj: dict, headers: dict | None = None):
+        # allow_nan=False: never the invalid JSON token NaN (answer() refuses non-finite scores first)
+        self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json", headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (malformed request line, unknown method, header too
+        long) as JSON like every other error, not its HTML page."""
+        try:
+            self._json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+        except OSError:
+            self.close_connection = True
 
     def _guard(self, fn):
         try:
-            fn()
-        except RequestError as e:
-            self._json(e.status, {"error": str(e)})
-        except (socket.timeout, ConnectionError):
+            try:
+                fn()
+            except RequestError as e:
+                self._json(e.status, {"error": str(e)}, e.headers)
+            except TimeoutError:
+                self._json(408, {"error": "the request was not received within the server's deadline"})
+            except Exception as e:  # a bug must not take the server down: answer 500 and carry on
+                self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+                raise
+        except OSError:  # the client went away before (or while) it was answered: nothing left to tell it
             self.close_connection = True
-        except Exception as e:  # a bug must not take the server down: answer 500 and carry on
-            self._json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
 
     def do_GET(self):
         self._guard(self._get)
 
+    do_HEAD = do_GET  # the same headers, no body (_send)
+
     def do_POST(self):
         self._guard(self._post)
+
+    def do_OPTIONS(self):
+        self._guard(self._options)
+
+    def _options(self):
+        path = urlparse(self.path).path
+        if path not in ALLOWED:
+            self._not_found()
+        self._json(200, {"allow": ALLOWED[path]}, {"Allow": ", ".join(ALLOWED[path])})
 
     def do_PUT(self):
         self._guard(self._not_allowed)
 
     do_DELETE = do_PATCH = do_PUT
 
+    def _not_found(self):
+        raise RequestError(404, f"no such path: {urlparse(self.path).path}")
+
     def _not_allowed(self):
-        raise RequestError(405, f"{self.command} is not allowed on {urlparse(self.path).path}")
+        path = urlparse(self.path).path
+        if path not in ALLOWED:
+            self._not_found()
+        raise RequestError(405, f"{self.command} is not allowed on {path}; use {', '.join(ALLOWED[path])}",
+                           {"Allow": ", ".join(ALLOWED[path])})
 
     def _get(self):
         path = urlparse(self.path).path
@@ -230,11 +339,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/health":
             self._json(200, {"status": "ready", "model_loaded": self.predictor.worker.is_alive()})
         elif path == "/info":
-            self._json(200, self.predictor.info)
-        elif path == "/predict":
-            raise RequestError(405, "use POST /predict with the image as the body")
+            self._json(200, dict(self.predictor.info, limits=self.limits.describe()))
         else:
-            raise RequestError(404, f"no such path: {path}")
+            self._not_allowed()
 
     def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -242,8 +349,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise RequestError(411, "Content-Length is required")
         if not length.isdigit():
             raise RequestError(400, "bad Content-Length")
-        if int(length) > self.max_bytes:  # refused before a byte of the body is read
-            raise RequestError(413, f"body of {int(length):,} bytes is over the {self.max_bytes:,}-byte limit")
+        if int(length) > self.limits.max_bytes:  # refused before a byte of the body is read
+            raise RequestError(413, f"body of {int(length):,} bytes is over the {self.limits.max_bytes:,}-byte limit")
         if int(length) == 0:
             raise RequestError(400, "empty body: send an image")
         body = self.rfile.read(int(length))
@@ -254,7 +361,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _post(self):
         url = urlparse(self.path)
         if url.path != "/predict":
-            raise RequestError(404 if url.path not in ("/", "/health", "/info") else 405, f"cannot POST to {url.path}")
+            self._not_allowed()
         started = time.perf_counter()
         ctype = self.headers.get("Content-Type", "")
         kind = ctype.split(";")[0].strip().lower()
@@ -263,30 +370,103 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                     "or multipart/form-data")
         body = self._read_body()
         data = image_from_multipart(body, ctype) if kind == "multipart/form-data" else body
-        try:
-            image = load_image(data, name="upload")
-        except ImageTooLarge as e:
-            raise RequestError(413, str(e)) from None
-        except DataError as e:
-            raise RequestError(400, str(e)) from None
+        del body
+        image = self._decode(data)
         gradcam = parse_qs(url.query).get("gradcam", ["0"])[0] in ("1", "true", "yes")
         result = self.predictor.submit(image, explain_it=gradcam).result()
         answer = self.predictor.answer(result)
         answer["timing_ms"] = dict(total=1000 * (time.perf_counter() - started), inference=result["inference_ms"])
         self._json(200, answer)
 
+    def _decode(self, data: bytes):
+        """The upload as a small RGB image: decoded at the scale the model needs, within the budget."""
+        try:
+            return load_image(data, name="upload", max_pixels=self.limits.max_pixels,
+                              shrink_to=self.predictor.needed_side, budget=self.limits.budget)
+        except ImageTooLarge as e:
+            raise RequestError(413, str(e)) from None
+        except DataError as e:
+            raise RequestError(400, str(e)) from None
+        except Busy:
+            raise RequestError(503, "the server is decoding other large images; try again in a second",
+                               {"Retry-After": "1"}) from None
 
-def make_server(predictor: Predictor, host="127.0.0.1", port=0, max_bytes=DEFAULTS["max_bytes"],
-                timeout=DEFAULTS["timeout"]) -> http.server.ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), dict(predictor=predictor, max_bytes=max_bytes, timeout=timeout))
-    return Server((host, port), handler)
+
+ALLOWED = {"/": ["GET", "HEAD", "OPTIONS"], "/health": ["GET", "HEAD", "OPTIONS"],
+           "/info": ["GET", "HEAD", "OPTIONS"], "/predict": ["POST", "OPTIONS"]}
+
+
+@dataclass
+class Limits:
+    """What one client may cost the server, and what it gets when it asks for more (README: Web service)."""
+    max_bytes: int = DEFAULTS["max_bytes"]  # body size: 413 before reading it
+    max_pixels: int = DEFAULTS["max_pixels"]  # declared image size: 413 before decoding it
+    decode_mb: int = DEFAULTS["decode_mb"]  # memory of the images being decoded at once: 503 + Retry-After
+    max_connections: int = DEFAULTS["max_connections"]  # open connections: 503 + Retry-After
+    deadline: float = DEFAULTS["deadline"]  # seconds for a whole request, headers and body: 408, closed
+    timeout: float = DEFAULTS["timeout"]  # seconds a single read or write may stall: closed
+    budget: DecodeBudget = field(init=False)
+
+    def __post_init__(self):
+        self.budget = DecodeBudget(self.decode_mb * 2**20)
+
+    def describe(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_bytes", "max_pixels", "decode_mb", "max_connections", "deadline",
+                                              "timeout")}
+
+
+def make_server(predictor: Predictor, host="127.0.0.1", port=0, limits: Limits | None = None) -> "Server":
+    limits = limits or Limits()
+    return_freed_memory()
+    handler = type("BoundHandler", (Handler,), dict(predictor=predictor, limits=limits))
+    return Server((host, port), handler, limits.max_connections)
+
+
+def return_freed_memory() -> None:
+    """After the first large buffer is freed, glibc raises its mmap threshold, and later image buffers
+    come from per-thread heaps that keep what is freed: a server decoding large uploads one at a time
+    would grow as if it decoded them all at once (measured: 410 MB for a 256 MB budget). A fixed
+    threshold hands every large buffer back to the system when it is freed."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: 128 KiB, glibc's initial value
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator is left as it is
 
 
 class Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` of them: the next is answered 503."""
     daemon_threads = True
     # The stdlib's listen backlog of 5 drops bursts of connections, and each dropped SYN costs the
     # client a 1 s retransmit: p99 latency of 1 s at 16 concurrent clients. Queue them instead.
     request_queue_size = 128
+    BUSY_BODY = b'{"error": "too many connections; try again in a second"}'
+    BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(self.BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # a client that left is not news
+            super().handle_error(request, client_address)
 
 
 # ----------------------------------------------------------------------------- load test
@@ -355,40 +535,52 @@ def benchmark(args, predictor: Predictor) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    d = DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    d, positive = DEFAULTS, Number(float, 0, open_low=True)
+    p = Parser(__doc__, __file__)
     p.add_argument("--checkpoint", default=d["checkpoint"], help="a best.pt (default: the newest under runs/)")
     p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
-    p.add_argument("--port", type=int, default=d["port"])
+    p.add_argument("--port", type=Number(int, 0, 65535), default=d["port"], help="0: any free port")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
-    p.add_argument("--threshold", type=float, default=d["threshold"], help="confidence warning below this")
+    p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"],
+                   help="confidence warning below this")
     p.add_argument("--tta", action="store_true", help=f"average {len(TTA_VIEWS)} test-time views per photo")
-    p.add_argument("--max-bytes", type=int, default=d["max_bytes"], help="largest accepted upload")
-    p.add_argument("--max-batch", type=int, default=d["max_batch"])
-    p.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"])
-    p.add_argument("--timeout", type=float, default=d["timeout"], help="seconds before a stalled client is dropped")
+    p.add_argument("--max-batch", type=Number(int, 1), default=d["max_batch"], help="images per forward pass")
+    p.add_argument("--max-wait-ms", type=Number(float, 0), default=d["max_wait_ms"],
+                   help="how long a request waits for others to share its forward pass")
+    limits = p.add_argument_group("what one client may cost (README: Web service)")
+    limits.add_argument("--max-bytes", type=Number(int, 1), default=d["max_bytes"], help="largest upload (413)")
+    limits.add_argument("--max-pixels", type=Number(int, 1), default=d["max_pixels"],
+                        help="largest declared image (413)")
+    limits.add_argument("--decode-mb", type=Number(int, 1), default=d["decode_mb"],
+                        help="memory for the images being decoded at once (503 + Retry-After beyond)")
+    limits.add_argument("--max-connections", type=Number(int, 1), default=d["max_connections"],
+                        help="open connections (503 + Retry-After beyond)")
+    limits.add_argument("--deadline", type=positive, default=d["deadline"],
+                        help="seconds for a whole request, headers and body (408 and closed beyond)")
+    limits.add_argument("--timeout", type=positive, default=d["timeout"],
+                        help="seconds a single read or write may stall before the client is dropped")
     p.add_argument("--benchmark", action="store_true", help="run the load test instead of serving")
-    p.add_argument("--requests", type=int, default=256, help="load test: requests per concurrency level")
+    p.add_argument("--requests", type=Number(int, 1), default=256, help="load test: requests per concurrency level")
     return p.parse_args(argv)
 
 
 def run(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise DataError(f"--port {args.port}: must be between 0 and 65535")
     checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
     predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta)
     if args.benchmark:
         benchmark(args, predictor)
         return
+    limits = Limits(**{k: getattr(args, k) for k in Limits().describe()})
     try:
-        server = make_server(predictor, args.host, args.port, args.max_bytes, args.timeout)
+        server = make_server(predictor, args.host, args.port, limits)
     except OSError as e:  # port taken, address not ours
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
                         "choose another --port") from None
-    print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/")
+    print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/",
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -12,10 +12,10 @@ lists every file it saw in files.txt. Every --eval-every epochs a k-NN classifie
 encoder's features (Train -> Valid labels) shows whether the representation improves.
 Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, encoder.pt}.
 """
-import argparse
 import contextlib
 import hashlib
 import json
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,19 +28,20 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (IMAGE_EXTENSIONS, DataError, atomic_write, decode_all, index_split, list_classes, origin_stem,
-                     patient_id, resolve_data_root, run_main)
+from getData import (IMAGE_EXTENSIONS, DataError, Number, Parser, UserError, atomic_write, decode_all, index_split,
+                     list_classes, origin_stem, patient_id, resolve_data_root, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
-                    checkpoint_dict, distributed, embed, epoch_generators, make_optimizer, param_groups, per_rank_batch,
-                    resize_size, resume, save_checkpoint, send, set_seed, shard, training_state, warmup_cosine,
-                    write_history)
+                    checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
+                    per_rank_batch, resize_size, resume, save_checkpoint, send, set_seed, shard, training_state,
+                    warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
                 weight_decay=1e-6, warmup_epochs=5, temperature=0.5, proj_dim=128, eval_every=10, knn_k=5, seed=0,
-                device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False, save_every=60.0)
-RUNTIME_KEYS = {"resume", "device", "eval_every", "precision", "memory_format", "world_size", "backend", "data_root",
-                "save_every"}
+                device="auto", precision="auto", memory_format="auto", out="runs/simclr", resume=False, overwrite=False,
+                save_every=60.0)
+RUNTIME_KEYS = {"resume", "overwrite", "out", "device", "eval_every", "precision", "memory_format", "world_size",
+                "backend", "data_root", "save_every"}
 HISTORY_FIELDS = ["epoch", "lr", "loss", "knn_acc", "epoch_s", "images_per_s"]
 CURVES = [("NT-Xent loss", ["loss"]), ("k-NN accuracy (Train -> Valid)", ["knn_acc"])]
 
@@ -201,7 +202,11 @@ def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_
         opt.step()
         sched.step()
         total, count = total + loss.detach() * len(idx), count + len(idx)
-    return dict(loss=total.item() / max(count, 1), images_per_s=count * rt.world / (time.perf_counter() - start))
+    stats = torch.stack([total, torch.tensor(float(count), device=rt.device)])
+    if rt.world > 1:
+        dist.all_reduce(stats)  # the mean over every rank's anchors: all ranks see the same loss
+    total, count = stats.tolist()
+    return dict(loss=total / max(count, 1), images_per_s=count / (time.perf_counter() - start))
 
 
 def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: float) -> torch.Tensor:
@@ -217,9 +222,21 @@ def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: fl
 
 
 def pretrain(cfg: dict) -> dict:
-    with distributed(cfg["device"], cfg["precision"], cfg["memory_format"]) as rt:
+    with distributed(cfg["device"], cfg["precision"], cfg["memory_format"]) as rt, contextlib.ExitStack() as held:
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(cfg["data_root"])))
+        refusal = rt.from_rank0(lambda: _claim(cfg, held))  # every rank stops on rank 0's refusal
+        if refusal:
+            raise DataError(refusal)
         return _pretrain(cfg, folds_root, rt)
+
+
+def _claim(cfg: dict, held: contextlib.ExitStack) -> str | None:
+    """Rank 0 locks the run directory for this run; a finished run there is replaced only on request."""
+    try:
+        claim_run_dir(cfg["out"], cfg["resume"], cfg["overwrite"], held, "simclr.py")
+    except UserError as e:
+        return str(e)
+    return None
 
 
 def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
@@ -246,6 +263,9 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
         row.update(pretrain_epoch(net, images, aug, opt, sched, rt, (cfg["seed"], epoch), batch, cfg["temperature"],
                                   partners))
+        if not math.isfinite(row["loss"]):  # all-reduced: every rank stops together
+            raise DataError(f"epoch {epoch + 1}: the NT-Xent loss is {row['loss']}, pre-training diverged "
+                            f"({out / 'encoder.pt'} keeps the last saved epoch, if any); lower --lr (now {cfg['lr']})")
         if rt.rank == 0:
             last = epoch + 1 == cfg["epochs"]
             row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None
@@ -263,7 +283,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
 def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, sched, monitor, rt: Runtime):
     """(first epoch, history, k-NN of the initial encoder): from last.pt with --resume, else a new run."""
     if config["resume"] and (out / "last.pt").is_file():
-        ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, encoder, opt, sched, projector=model.projector)
+        ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, DEFAULTS, encoder, opt, sched, projector=model.projector)
         return ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
     if rt.rank != 0:
         return 0, [], None
@@ -292,11 +312,12 @@ def _save_epoch(out: Path, config: dict, encoder, model, opt, sched, history: li
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     d = DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    at_least_1, at_least_0 = Number(int, 1), Number(float, 0)
+    p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"])
     p.add_argument("--model", default=d["model"], help="any backbone of models/ (lenet, resnet18, ...)")
     p.add_argument("--init", default=d["init"], help="none, imagenet or a .pt to start from")
-    p.add_argument("--input-size", type=int, default=d["input_size"], help="override the model's input size")
+    p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size")
     p.add_argument("--fold", type=int, default=d["fold"], choices=[1, 2, 3, 4, 5],
                    help="its Train+Valid images are used; its Test images are held out")
     p.add_argument("--extra", action="append", default=d["extra"], metavar="DIR", help="more unlabeled images")
@@ -304,35 +325,33 @@ def parse_args(argv=None):
     p.add_argument("--positives", default=d["positives"], choices=["views", "patient"],
                    help="views: two views of one photo; patient: two photos of one patient where there are two "
                         "(MICLe, Azizi et al. 2021), else two views")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="pairs per step, over all ranks")
-    p.add_argument("--lr", type=float, default=d["lr"], help="SimCLR with LARS: 0.3 x batch/256")
+    p.add_argument("--epochs", type=at_least_1, default=d["epochs"])
+    p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="pairs per step, over all ranks")
+    p.add_argument("--lr", type=Number(float, 0, open_low=True), default=d["lr"],
+                   help="SimCLR with LARS: 0.3 x batch/256")
     p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="on weights; none on norms and biases")
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"])
-    p.add_argument("--temperature", type=float, default=d["temperature"])
-    p.add_argument("--proj-dim", type=int, default=d["proj_dim"])
-    p.add_argument("--eval-every", type=int, default=d["eval_every"], help="k-NN monitor every N epochs")
-    p.add_argument("--knn-k", type=int, default=d["knn_k"])
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--weight-decay", type=at_least_0, default=d["weight_decay"],
+                   help="on weights; none on norms and biases")
+    p.add_argument("--warmup-epochs", type=Number(int, 0), default=d["warmup_epochs"])
+    p.add_argument("--temperature", type=Number(float, 0, open_low=True), default=d["temperature"])
+    p.add_argument("--proj-dim", type=at_least_1, default=d["proj_dim"])
+    p.add_argument("--eval-every", type=at_least_1, default=d["eval_every"], help="k-NN monitor every N epochs")
+    p.add_argument("--knn-k", type=at_least_1, default=d["knn_k"])
+    p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--out", default=d["out"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--save-every", type=float, default=d["save_every"], metavar="SECONDS",
+    p.add_argument("--overwrite", action="store_true", help="replace the run in OUT (never overwritten without it)")
+    p.add_argument("--save-every", type=at_least_0, default=d["save_every"], metavar="SECONDS",
                    help="write last.pt, encoder.pt and history at most this often, and at the end (0: every epoch)")
     return p.parse_args(argv)
 
 
 def run(args) -> dict:
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.temperature <= 0:
-        raise DataError(f"--temperature {args.temperature}: must be positive")
-    if args.save_every < 0:
-        raise DataError(f"--save-every {args.save_every}: cannot be negative")
+    if args.resume and args.overwrite:
+        raise DataError("--resume and --overwrite: continue the run in --out, or replace it, not both")
     return pretrain(vars(args).copy())
 
 

@@ -13,7 +13,6 @@ Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliabi
 risk_coverage.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean ± std and
 the interval of the mean over folds, and the scores over the distinct Test images), pooled plots.
 """
-import argparse
 import csv
 import hashlib
 import io
@@ -30,8 +29,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, atomic_write, find_folds_root, patient_id,
-                     run_main)
+from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, Number, Parser, atomic_write, patient_id,
+                     run_main, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, build_model, derived_seed, embed,
                     fit_temperature, load_checkpoint, load_classifier, mean_std_table, predict_logits, probabilities,
                     resize_size, save_figure, select_runtime)
@@ -378,7 +377,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     for c, (_, other, _) in zip(checkpoints[1:], members[1:]):
         if other["classes"] != ckpt["classes"] or (other.get("fold") or fold) != fold:
             raise ModelError(f"{c}: an ensemble's checkpoints must share the fold and the classes of {checkpoints[0]}")
-    images = FoldImages(find_folds_root(data_root), int(fold))
+    images = FoldImages(usable_folds_root(data_root), int(fold))
     ds = images(split, resize_size(members[0][0].input_size))
     if ds.classes != ckpt["classes"]:
         raise DataError(f"{data_root}: classes {ds.classes} differ from the checkpoint's {ckpt['classes']}")
@@ -560,20 +559,21 @@ def evaluate(checkpoints, out=None, **kw) -> dict:
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     d = DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = Parser(__doc__, __file__)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="best.pt or a run directory (--fold all runs too); several: an ensemble")
     p.add_argument("--data-root", default=d["data_root"], help="default: the one the run trained on")
-    p.add_argument("--fold", type=int, default=d["fold"], help="default: the checkpoint's fold")
+    p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS, help="default: the checkpoint's fold")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
-    p.add_argument("--threshold", type=float, default=d["threshold"], help="confidence gate")
+    p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"], help="confidence gate")
     p.add_argument("--tta", action="store_true",
                    help=f"average {len(TTA_VIEWS)} test-time views: flips and corner crops")
     p.add_argument("--svm", action="store_true", help="also fit an SVM on the pooled features (C, kernel on Valid)")
-    p.add_argument("--bootstrap", type=int, default=d["bootstrap"], help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--seed", type=int, default=d["seed"], help="seed of the bootstrap")
+    p.add_argument("--bootstrap", type=Number(int, 10), default=d["bootstrap"],
+                   help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=Number(int, 0), default=d["seed"], help="seed of the bootstrap")
     p.add_argument("--out", default=d["out"], help="output folder (default: RUN/test)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--batch-size", type=Number(int, 1), default=d["batch_size"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
@@ -581,10 +581,6 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    if not 0 <= args.threshold <= 1:
-        raise DataError(f"--threshold {args.threshold}: must be between 0 and 1")
-    if args.bootstrap < 10:
-        raise DataError(f"--bootstrap {args.bootstrap}: use at least 10 resamples (1000 for reported intervals)")
     rt = select_runtime(args.device, args.precision, args.memory_format)
     result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
                       threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,

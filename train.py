@@ -12,10 +12,11 @@ CUDA (and on CPU with --precision bf16 --memory-format channels_last). Model sel
 Valid split, which also fits the temperature stored in best.pt; the Test split is left to testing.py.
 Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK/ each, for --fold all).
 """
-import argparse
 import concurrent.futures
+import contextlib
 import copy
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -33,24 +34,25 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
-from getData import FOLDS, DataError, MSLDDataset, atomic_write, list_classes, patient_id, resolve_data_root, run_main
+from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, UserError, atomic_write, list_classes, patient_id,
+                     resolve_data_root, run_main)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, derived_seed, distributed, epoch_generators, fit_temperature,
-                    make_optimizer, mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities,
-                    resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed, shard,
-                    training_state, unwrap, warmup_cosine, write_history)
+                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
+                    fit_temperature, make_optimizer, mean_std_table, param_groups, per_rank_batch, predict_logits,
+                    probabilities, resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed,
+                    shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
     label_smoothing=0.1, balance="none", augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None, aug_device="auto",
     seed=0, device="auto", precision="auto", memory_format="auto", compile=None, deterministic=False, jobs=1,
-    out=None, resume=False, save_every=60.0, benchmark=False, peak_tflops=None,
+    out=None, resume=False, overwrite=False, save_every=60.0, benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
-RUNTIME_KEYS = {"resume", "device", "aug_device", "compile", "deterministic", "jobs", "precision", "memory_format",
-                "world_size", "backend", "data_root", "benchmark", "peak_tflops", "save_every"}
+RUNTIME_KEYS = {"resume", "overwrite", "out", "device", "aug_device", "compile", "deterministic", "jobs", "precision",
+                "memory_format", "world_size", "backend", "data_root", "benchmark", "peak_tflops", "save_every"}
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "valid_loss", "valid_acc", "valid_bal_acc",
                   "epoch_s", "train_images_per_s"]
 CURVES = [("loss", ["train_loss", "valid_loss"]), ("accuracy", ["train_acc", "valid_acc", "valid_bal_acc"])]
@@ -199,7 +201,7 @@ class FoldRun:
         """The epoch to start from: after last.pt's when resuming (every rank restores), else 0."""
         fold, last = self.config["fold"], self.out / "last.pt"
         if want_resume and last.is_file():
-            ckpt = resume(last, self.config, RUNTIME_KEYS, model, opt, sched, **modules)
+            ckpt = resume(last, self.config, RUNTIME_KEYS, DEFAULTS, model, opt, sched, **modules)
             self.history, self.best = ckpt["history"], ckpt["best"]
             if self.rt.rank == 0:
                 print(f"fold {fold}: resuming after {self.unit} {ckpt['epoch']} from {last}")
@@ -215,6 +217,7 @@ class FoldRun:
         if self.rt.rank != 0:
             return
         metrics, logits = validate(evaluated, self.data, self.rt)
+        self.stop_if_diverged(row["epoch"], metrics["valid_loss"])
         row.update(metrics, epoch_s=time.perf_counter() - started)
         self.history.append(row)
         classes, config = self.data.classes, self.config
@@ -231,6 +234,15 @@ class FoldRun:
         print(f"fold {config['fold']} {self.unit} {row['epoch']}/{self.total}: "
               f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} "
               f"acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
+
+    def stop_if_diverged(self, epoch: int, loss: float) -> None:
+        """A loss that is not finite ends the run with one line (its best.pt and last.pt stay as they
+        were): the optimizer cannot come back from NaN weights, and the temperature cannot be fitted."""
+        if math.isfinite(loss):
+            return
+        kept = f"{self.out / 'best.pt'} keeps {self.unit} {self.best['epoch']}" if self.best else "no best.pt written"
+        raise DataError(f"fold {self.config['fold']} {self.unit} {epoch}: the loss is {loss}, the run diverged "
+                        f"({kept}); train again with a lower --lr (now {self.config['lr']}) or with --clip-grad 1.0")
 
     def summary(self) -> dict:
         if self.rt.world > 1:
@@ -284,6 +296,7 @@ def train_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -
         started = time.perf_counter()
         row = dict(epoch=epoch + 1, lr=opt.param_groups[0]["lr"])
         row.update(train_epoch(step, data, rt, (cfg["seed"], epoch), batch, sample_weights=sample_weights))
+        run.stop_if_diverged(epoch + 1, row["train_loss"])  # the loss is all-reduced: every rank stops together
         run.end(row, model, ema.module if ema else model, started, opt, sched, **kept)
     return run.summary()
 
@@ -381,6 +394,7 @@ def train_fold_federated(cfg: dict, fold: int, folds_root: Path, out: Path, rt: 
         row = dict(epoch=rnd + 1, lr=lr)
         row.update(federated_round(model, data, sites, loss_fn, aug, rt, (cfg["seed"], rnd), lr, mu=mu,
                                    sample_weights=sample_weights, **local))
+        run.stop_if_diverged(rnd + 1, row["train_loss"])
         run.end(row, model, model, started)
     return run.summary()
 
@@ -523,38 +537,41 @@ def parse_fold(spec: str) -> list[int]:
 
 
 def parse_args(argv=None):
-    d = DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    d, positive, at_least_1, at_least_0 = DEFAULTS, Number(float, 0, open_low=True), Number(int, 1), Number(float, 0)
+    p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
     p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt)")
-    p.add_argument("--input-size", type=int, default=d["input_size"], help="override the model's input size "
+    p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size "
                    "(convolutional networks only; e.g. 112 for a quick CPU run)")
     p.add_argument("--fold", default=d["fold"], help="1..5 or all")
-    p.add_argument("--epochs", type=int, default=d["epochs"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="global batch, split over ranks")
-    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--epochs", type=at_least_1, default=d["epochs"])
+    p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="global batch, split over ranks")
+    p.add_argument("--lr", type=positive, default=d["lr"])
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
-    o.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="on weights; none on norms and biases")
+    o.add_argument("--weight-decay", type=at_least_0, default=d["weight_decay"],
+                   help="on weights; none on norms and biases")
     o.add_argument("--decay-all", action="store_true", help="weight decay on norms and biases too")
-    o.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"], help="linear warm-up, then cosine")
-    o.add_argument("--clip-grad", type=float, default=d["clip_grad"], help="clip the gradient norm (0: off)")
-    o.add_argument("--ema", type=float, default=d["ema"], help="evaluate and keep an EMA of the weights with this "
-                   "decay per step, e.g. 0.998 (0: off)")
-    o.add_argument("--label-smoothing", type=float, default=d["label_smoothing"])
+    o.add_argument("--warmup-epochs", type=Number(int, 0), default=d["warmup_epochs"],
+                   help="linear warm-up, then cosine")
+    o.add_argument("--clip-grad", type=at_least_0, default=d["clip_grad"], help="clip the gradient norm (0: off)")
+    o.add_argument("--ema", type=Number(float, 0, 1, open_high=True), default=d["ema"],
+                   help="evaluate and keep an EMA of the weights with this decay per step, e.g. 0.998 (0: off)")
+    o.add_argument("--label-smoothing", type=Number(float, 0, 1, open_high=True), default=d["label_smoothing"])
     o.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
                    help="class-balanced loss weights or sampler (Mpox is 38%% of images, Measles 7%%)")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", default=d["augment"], choices=list(TRAIN_AUGMENTS),
                    help="basic: crop, flips, mild colour jitter; trivial: crop, flips, one TrivialAugment op; none")
-    a.add_argument("--mixup", type=float, default=d["mixup"], help="MixUp Beta(alpha, alpha), e.g. 0.2 (0: off)")
-    a.add_argument("--cutmix", type=float, default=d["cutmix"], help="CutMix Beta(alpha, alpha), e.g. 1.0 (0: off)")
+    a.add_argument("--mixup", type=at_least_0, default=d["mixup"], help="MixUp Beta(alpha, alpha), e.g. 0.2 (0: off)")
+    a.add_argument("--cutmix", type=at_least_0, default=d["cutmix"],
+                   help="CutMix Beta(alpha, alpha), e.g. 1.0 (0: off)")
     a.add_argument("--aug-dir", action="append", default=d["aug_dir"], help="augment.py output to add to Train")
     a.add_argument("--aug-device", default=d["aug_device"], choices=["auto", "cpu", "cuda"],
                    help="where batches are augmented (auto: the training device)")
     r = p.add_argument_group("where and how it runs")
-    r.add_argument("--seed", type=int, default=d["seed"])
+    r.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     r.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
@@ -564,64 +581,57 @@ def parse_args(argv=None):
                    "graphs, one launch per step on a GPU (default: default)")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on CUDA: a run repeats (and --resume continues) bit for bit; slower")
-    r.add_argument("--jobs", type=int, default=d["jobs"], help="with --fold all: train this many folds at once, "
-                   "each in its own process (fills a GPU that one fold leaves idle)")
+    r.add_argument("--jobs", type=at_least_1, default=d["jobs"], help="with --fold all: train this many folds at "
+                   "once, each in its own process (fills a GPU that one fold leaves idle)")
     r.add_argument("--out", default=d["out"], help="run directory (default runs/MODEL-foldK)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    r.add_argument("--save-every", type=float, default=d["save_every"], metavar="SECONDS",
+    r.add_argument("--overwrite", action="store_true", help="replace the run in OUT (without it, a finished or "
+                   "killed run there is never overwritten)")
+    r.add_argument("--save-every", type=at_least_0, default=d["save_every"], metavar="SECONDS",
                    help="write last.pt, history and curves at most this often, and at the end (0: every epoch)")
     r.add_argument("--benchmark", action="store_true", help="print images/s of --model at --input-size instead")
-    r.add_argument("--peak-tflops", type=float, default=d["peak_tflops"], help="benchmark: the device's bf16 peak")
+    r.add_argument("--peak-tflops", type=positive, default=d["peak_tflops"], help="benchmark: the device's bf16 peak")
     f = p.add_argument_group("federated simulation (sites trained one after another, in this process)")
     f.add_argument("--federated", default=d["federated"], choices=["fedavg", "fedprox"])
-    f.add_argument("--clients", type=int, default=d["clients"], help="simulated sites")
-    f.add_argument("--rounds", type=int, default=d["rounds"], help="communication rounds (replace --epochs)")
-    f.add_argument("--local-epochs", type=int, default=d["local_epochs"], help="epochs per site per round")
-    f.add_argument("--mu", type=float, default=d["mu"], help="FedProx proximal weight")
+    f.add_argument("--clients", type=at_least_1, default=d["clients"], help="simulated sites")
+    f.add_argument("--rounds", type=at_least_1, default=d["rounds"], help="communication rounds (replace --epochs)")
+    f.add_argument("--local-epochs", type=at_least_1, default=d["local_epochs"], help="epochs per site per round")
+    f.add_argument("--mu", type=at_least_0, default=d["mu"], help="FedProx proximal weight")
     f.add_argument("--partition", default=d["partition"], choices=["iid", "dirichlet"], help="patients to sites")
-    f.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration (smaller: less IID)")
+    f.add_argument("--alpha", type=positive, default=d["alpha"], help="Dirichlet concentration (smaller: less IID)")
     return p.parse_args(argv)
 
 
 def check_args(args) -> None:
-    positive = ["epochs", "batch_size"] + (["clients", "rounds", "local_epochs"] if args.federated else [])
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if args.lr <= 0:
-        raise DataError(f"--lr {args.lr}: must be positive")
-    for name in ("mixup", "cutmix", "clip_grad", "weight_decay", "save_every"):
-        if getattr(args, name) < 0:
-            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: cannot be negative")
-    if not 0 <= args.ema < 1:
-        raise DataError(f"--ema {args.ema}: a decay in [0, 1), e.g. 0.998 (0: off)")
+    """What one flag's range cannot say (each number is checked by its Number as it is parsed)."""
     if args.aug_device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--aug-device cuda: no CUDA device is available")
     if args.aug_device == "cuda" and args.device == "cpu":
         raise ModelError("--aug-device cuda with --device cpu: augment where the model trains (--aug-device auto) "
                          "or train on the GPU (--device cuda)")
-    if args.jobs < 1 or (args.jobs > 1 and (args.fold != "all" or "RANK" in os.environ)):
+    if args.jobs > 1 and (args.fold != "all" or "RANK" in os.environ):
         raise DataError(f"--jobs {args.jobs}: trains the folds of --fold all side by side, in one process each "
-                        "(at least 1; not under torchrun)")
-    if args.federated:
-        if args.mu < 0:
-            raise DataError(f"--mu {args.mu}: the proximal weight cannot be negative")
-        if args.alpha <= 0:
-            raise DataError(f"--alpha {args.alpha}: must be positive")
-        if "RANK" in os.environ:
-            raise DataError("--federated simulates every site in one process: run it without torchrun")
+                        "(not under torchrun)")
+    if args.resume and args.overwrite:
+        raise DataError("--resume and --overwrite: continue the run in --out, or replace it, not both")
+    if args.federated and "RANK" in os.environ:
+        raise DataError("--federated simulates every site in one process: run it without torchrun")
 
 
 def run(args) -> list[dict]:
     check_args(args)
     folds = parse_fold(args.fold)
-    with distributed(args.device, args.precision, args.memory_format, args.deterministic) as rt:
+    with distributed(args.device, args.precision, args.memory_format, args.deterministic) as rt, \
+            contextlib.ExitStack() as held:
         cfg = dict(vars(args), world_size=rt.world, backend=rt.backend)
         if args.benchmark:
             return benchmark(cfg, rt)
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
         outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
+        refusal = rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal
+        if refusal:
+            raise DataError(refusal)
         if args.jobs > 1:
             results = train_side_by_side(cfg, folds_root, outs, args.jobs)
         else:
@@ -632,6 +642,25 @@ def run(args) -> list[dict]:
                          f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
         return results
+
+
+def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> str | None:
+    """On rank 0: lock the run directory (and each fold's) for this run and refuse to replace a finished
+    run unasked (models.rundir.claim_run_dir); refuse --resume of a run of the other kind. Returns
+    the refusal as one line, or None."""
+    root = Path(cfg["out"])
+    try:
+        if cfg["resume"] and cfg["fold"] == "all" and (root / "last.pt").is_file():
+            raise DataError(f"{root}: holds a one-fold run, not --fold all; resume it with the --fold it trained "
+                            f"(fold {json.loads((root / 'config.json').read_text()).get('fold', '?')})")
+        if cfg["resume"] and cfg["fold"] != "all" and not (root / "last.pt").is_file() \
+                and (root / f"fold{cfg['fold']}" / "last.pt").is_file():
+            raise DataError(f"{root}: holds a --fold all run; resume it with --fold all")
+        for out in dict.fromkeys([root, *outs.values()]):
+            claim_run_dir(out, cfg["resume"], cfg["overwrite"], held, "train.py")
+    except (UserError, OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def fit_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:

@@ -16,7 +16,7 @@ from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, crop, device_logits, embed, fit_temperature, normalize,
                             predict, predict_logits, probabilities, resize_size, to_input, view)
-from models.rundir import SaveClock, mean_std_table, png_bytes, save_figure, write_history
+from models.rundir import SaveClock, claim_run_dir, mean_std_table, png_bytes, save_figure, write_history
 from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, constant, derived_seed,
                             distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
                             set_numerics, set_seed, shard)
@@ -25,7 +25,7 @@ __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "Model
            "load_checkpoint", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
            "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS",
            "crop", "device_logits", "embed", "fit_temperature", "normalize", "predict", "predict_logits",
-           "probabilities", "resize_size", "to_input", "view", "SaveClock", "mean_std_table", "png_bytes",
-           "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for", "batch_indices",
-           "constant", "derived_seed", "distributed", "epoch_generators", "per_rank_batch", "seed_worker",
-           "select_runtime", "send", "set_numerics", "set_seed", "shard"]
+           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "mean_std_table",
+           "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for",
+           "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators", "per_rank_batch",
+           "seed_worker", "select_runtime", "send", "set_numerics", "set_seed", "shard"]

@@ -1,4 +1,5 @@
 """One factory for every network: LeNet or any torchvision classification backbone, with our head."""
+import math
 import urllib.error
 
 import torch
@@ -71,7 +72,7 @@ def _torchvision_backbone(name: str, weights):
     return model, head.in_features, int(size), head_name
 
 
-FIXED_SIZE = ("vit", "maxvit")  # position embeddings / window partitions fix their input size
+FIXED_SIZE = ("lenet", "vit", "maxvit")  # fully connected layers, position embeddings, windows fix their input size
 
 
 def build_model(name: str, num_classes: int, init: str = "none", input_size: int | None = None) -> Classifier:
@@ -92,9 +93,12 @@ def build_model(name: str, num_classes: int, init: str = "none", input_size: int
         backbone, features, size, head_name = _torchvision_backbone(name, "DEFAULT" if init == "imagenet" else None)
         model = Classifier(name, backbone, features, num_classes, size)
         model.torchvision_head = head_name  # where a raw torchvision state_dict keeps its 1000-class head
-    if input_size and input_size != model.input_size:
-        if name.startswith(FIXED_SIZE) or input_size < 32:
-            raise ModelError(f"--input-size {input_size}: {name} needs {model.input_size}x{model.input_size} inputs")
+    if input_size is not None and input_size != model.input_size:
+        if name.startswith(FIXED_SIZE):
+            raise ModelError(f"--input-size {input_size}: {name} needs {model.input_size}x{model.input_size} inputs; "
+                             "leave --input-size out")
+        if input_size < 32:
+            raise ModelError(f"--input-size {input_size}: {name} needs at least 32x32 inputs (its stride-2 stages)")
         model.input_size = input_size
     if init not in ("none", "imagenet"):
         print(f"init: {load_weights(model, load_checkpoint(init), init)}")
@@ -111,4 +115,11 @@ def load_classifier(path, rt) -> tuple[Classifier, dict]:
         raise ModelError(f"{path}: {what}")
     model = build_model(ckpt["model"], len(ckpt["classes"]), input_size=ckpt.get("input_size"))
     load_weights(model, ckpt, path)
+    temperature = ckpt.get("temperature")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ModelError(f"{path}: its temperature is {temperature}, not a positive number; retrain, or delete "
+                         "the key to serve uncalibrated probabilities")
+    if not all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()):
+        raise ModelError(f"{path}: holds weights that are not finite (NaN or inf): the run diverged; retrain it "
+                         "with a lower --lr or --clip-grad 1.0")
     return rt.module(model).eval(), ckpt

@@ -37,19 +37,28 @@ def checkpoint_dict(model: nn.Module, kind: str, classes, config: dict, epoch: i
 
 
 def save_checkpoint(ckpt: dict, path) -> None:
-    """Write atomically: a killed process leaves the previous file, never half of a new one."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """Write atomically: a killed process leaves the previous file, never half of a new one. Through a
+    Python file, so that a full disk is an OSError (one line from atomic_path), not a C++ stream error."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):  # torch's zip writer, closing, hides the write's own error
+                raise e.__context__ from None
+            raise
 
 
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file (0 bytes), not a checkpoint; was it copied or downloaded whole?")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any file torch cannot parse: the unpickler raises many different types
-        raise ModelError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        detail = next(iter(str(e).splitlines()), "") or type(e).__name__
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({detail[:120]})") from None
     if not isinstance(ckpt, dict):
         raise ModelError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}")
     return ckpt
@@ -63,20 +72,25 @@ def training_state(opt, sched, history: list, best, **modules) -> dict:
                 best=best, **{name: m.state_dict() for name, m in modules.items()})
 
 
-def check_resumable(ckpt: dict, config: dict, runtime_keys, path) -> None:
-    """--resume continues the same computation: every setting but where it runs must match."""
+def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None:
+    """--resume continues the same computation: every setting but where and how it runs must match,
+    flags (`flags`: their names) and what the run read off its data (class list, image counts)."""
     changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
-    if changed:
-        k = changed[0]
-        raise ModelError(f"{path}: --{k.replace('_', '-')} was {ckpt['config'].get(k)!r}, now {config[k]!r}; "
-                         "resume with the run's original arguments")
+    if not changed:
+        return
+    k, was, now = changed[0], ckpt["config"].get(changed[0]), config[changed[0]]
+    if k in flags:
+        raise ModelError(f"{path}: --{k.replace('_', '-')} was {was!r}, now {now!r}; resume with the run's original "
+                         "arguments")
+    raise ModelError(f"{path}: the data differs from the run's ({k} was {was!r}, now {now!r}); resume with the "
+                     f"dataset it trained on (--data-root {ckpt['config'].get('data_root')})")
 
 
-def resume(path, config: dict, runtime_keys, model: nn.Module, opt=None, sched=None, **modules) -> dict:
+def resume(path, config: dict, runtime_keys, flags, model: nn.Module, opt=None, sched=None, **modules) -> dict:
     """Restore the model, optimizer, scheduler and `modules` from last.pt; refuse a changed
     configuration. Returns the checkpoint (its "epoch", "history" and "best" say where to go on)."""
     ckpt = load_checkpoint(path)
-    check_resumable(ckpt, config, runtime_keys, path)
+    check_resumable(ckpt, config, runtime_keys, flags, path)
     model = unwrap(model)
     (model.backbone if ckpt["kind"] == "encoder" else model).load_state_dict(ckpt["state_dict"])
     if opt is not None:

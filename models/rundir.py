@@ -1,17 +1,49 @@
-"""What a run directory holds besides checkpoints: history.csv and its curves, figures, summary tables.
+"""What a run directory holds besides checkpoints: history.csv and its curves, figures, summary tables;
+and who may write there (one run at a time, never over a finished run unasked).
 
 Figures are matplotlib `Figure` objects rendered by the Agg canvas straight to PNG bytes: no pyplot
 state, so plotting is safe from any thread and needs no display.
 """
+import contextlib
 import csv
+import fcntl
 import io
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from getData import atomic_write
+from getData import WriteError, atomic_write, make_folder
+
+RUN_FILES = ("config.json", "best.pt", "last.pt", "encoder.pt", "history.csv", "curves.png", "loss.png", "files.txt",
+             "summary.md")
+
+
+def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str) -> None:
+    """Make `path` this process's run directory until `stack` closes: an exclusive lock (a second run
+    writing there is refused, not left to overwrite this one's files), and no finished run replaced
+    unless asked: --resume continues it, --overwrite deletes its files first."""
+    path = make_folder(path)
+    handle = stack.enter_context(open(path / ".lock", "a+"))
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process ends
+    except BlockingIOError:
+        handle.seek(0)
+        raise WriteError(f"{path}: in use by another run (process {handle.read().strip() or '?'}); wait for it to "
+                         "end or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    found = [name for name in RUN_FILES if (path / name).is_file()]
+    if found and not resume and not overwrite:
+        raise WriteError(f"{path}: holds a run already ({', '.join(found)}); continue it with `python {script} "
+                         "--resume` and the same arguments, or replace it with --overwrite")
+    if found and overwrite:
+        for name in found:
+            (path / name).unlink()
 
 
 class SaveClock:

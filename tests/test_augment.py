@@ -199,9 +199,9 @@ def test_writer_bad_arguments(tmp_path, synthetic):
 def test_writer_cli_errors_are_one_line(tmp_path, synthetic):
     base = ("augment.py", "--data-root", synthetic, "--fold", "1")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--ops", "sharpen"), "unknown operation")
-    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0")
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0: out of range")
     assert_one_line_error(run_cli(*base, "--out", synthetic / "aug"), "inside the source dataset")
-    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--fold", "9"), "fold 9")
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--fold", "9"), "--fold", "9")
 
 
 def test_color_matches_torchvision_formulas():

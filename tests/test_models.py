@@ -108,7 +108,7 @@ def test_checkpoint_is_weights_only_and_written_atomically(tmp_path, monkeypatch
     assert {"model", "kind", "state_dict", "classes", "input_size", "fold", "epoch", "metric", "config"} <= set(ckpt)
 
     def crash(obj, f):
-        open(f, "wb").write(b"half")
+        f.write(b"half")
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):

@@ -4,9 +4,11 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 import serve
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 from getData import DataError, load_image, prepare
 from gradcam import GradCAM
 from models import probabilities, resize_size, select_runtime, to_input
@@ -26,7 +28,7 @@ from testing import evaluate
 @pytest.fixture(scope="module")
 def server(trained):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"), max_batch=8, max_wait_ms=20)
-    srv = serve.make_server(predictor, max_bytes=2_000_000, timeout=1.0)
+    srv = serve.make_server(predictor, limits=serve.Limits(max_bytes=2_000_000, timeout=1.0, deadline=3.0))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -176,7 +178,10 @@ def test_stalled_client_times_out_without_blocking_others(server, synthetic):
     s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nabc")
     assert predict(server, photo(synthetic))[0] == 200  # served while the other client stalls
     start = time.perf_counter()
-    assert s.recv(4096) == b""  # the server hung up on the stalled client...
+    reply = b""
+    while chunk := s.recv(4096):  # the server answers the stalled client 408 and hangs up...
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b'"error"' in reply
     assert time.perf_counter() - start < 5  # ...after its 1 s timeout, not never
     s.close()
 
@@ -278,3 +283,206 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
     assert "Answered by lenet, trained on fold 1" in facts and "Validation: accuracy" in facts
     assert "calibrated (temperature" in facts and "Test: not evaluated yet" in facts
     assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))
+
+
+# ----------------------------------------------------------------------------- what a client may cost
+@pytest.fixture(scope="module")
+def big_png(tmp_path_factory):
+    """A 6000 x 6000 RGB PNG of one colour: 120 KB to send, 144 MB to decode (Pillow keeps RGB as RGBX)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (150, 100, 80)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _memory_kb(pid, key):
+    return int(re.search(rf"{key}:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1))
+
+
+def test_large_uploads_at_once_stay_within_the_decode_budget(trained, synthetic, big_png):
+    """Eight 36-megapixel PNGs posted together to a server with a 200 MB decode budget: answered (200)
+    or told to retry (503 with Retry-After), and the server's peak memory grows by less than the
+    budget (without it: about 1.1 GB)."""
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", trained / "best.pt", "--port", "0",
+                             "--device", "cpu", "--decode-mb", "200"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
+        srv = type("Address", (), {"server_address": ("127.0.0.1", port)})
+        assert predict(srv, photo(synthetic))[0] == 200  # warm: the model's own memory is not the uploads'
+        open(f"/proc/{proc.pid}/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+        base = _memory_kb(proc.pid, "VmRSS")
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: _post_raw(port, big_png), range(8)))
+        grown_mb = (_memory_kb(proc.pid, "VmHWM") - base) / 1024
+    finally:
+        proc.kill()
+    assert {status for status, _ in replies} <= {200, 503} and any(status == 200 for status, _ in replies)
+    assert all(headers.get("Retry-After") == "1" for status, headers in replies if status == 503)
+    assert grown_mb < 200, grown_mb
+
+
+def _post_raw(port, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/predict", body, {"Content-Type": "image/png"})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders())
+
+
+def test_a_large_jpeg_is_decoded_small(server):
+    """A 24-megapixel JPEG is decoded at 1/8 scale (DCT scaling), well inside any budget."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (150, 100, 80)).save(buf, "JPEG")
+    budget = server.RequestHandlerClass.limits.budget
+    seen, real = [], budget.reserve
+    budget.reserve = lambda nbytes: (seen.append(nbytes), real(nbytes))[1]
+    try:
+        assert predict(server, buf.getvalue())[0] == 200
+    finally:
+        budget.reserve = real
+    assert seen and seen[0] <= 750 * 500 * 4  # 6000 x 4000 / 8 per side, RGBX
+
+
+def test_images_over_the_pixel_limit_are_413_whatever_their_size(server):
+    for side in (9000, 14000):  # 81 MP: over our limit; 196 MP: over Pillow's own bomb limit too
+        buf = io.BytesIO()
+        Image.new("1", (side, side)).save(buf, "PNG")
+        status, answer = predict(server, buf.getvalue(), "image/png")
+        assert status == 413 and "pixel" in answer["error"], (side, answer)
+
+
+def test_many_field_multipart_is_answered_at_once(server):
+    """30,000 tiny fields (1.6 MB) cost the email parser 3.3 s of CPU; read linearly, and only the
+    first MAX_PARTS of them, the refusal is immediate."""
+    body = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nx\r\n" % i for i in range(30_000))
+    body += b"--b--\r\n"
+    start = time.perf_counter()
+    status, answer = predict(server, body, "multipart/form-data; boundary=b")
+    assert status == 400 and f"first {serve.MAX_PARTS} parts" in answer["error"]
+    assert time.perf_counter() - start < 1.5
+
+
+def test_the_image_is_found_in_a_multipart_body_however_it_is_named(server, synthetic):
+    image = photo(synthetic)
+    for disposition in ('form-data; name="image"', 'form-data; name="upload"; filename="a.jpg"',
+                        'form-data; name="file"'):
+        body = (b"--xx\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--xx\r\nContent-Disposition: "
+                + disposition.encode() + b"\r\nContent-Type: image/jpeg\r\n\r\n" + image + b"\r\n--xx--\r\n")
+        assert predict(server, body, 'multipart/form-data; boundary="xx"')[0] == 200, disposition
+
+
+def test_a_slow_client_is_cut_off_at_the_deadline_while_others_are_served(server, synthetic):
+    """One byte every 0.2 s: every read succeeds within the 1 s timeout, the whole request (37 s at
+    that pace) does not within the 3 s deadline: the server hangs up at 3 s (with a 408 once the
+    headers are in; still in its headers, as here, the client gets nothing more)."""
+    s = socket.create_connection(server.server_address[:2], timeout=10)
+    request_bytes = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\n"
+                     + b"x" * 100)
+    sent = []
+
+    def trickle():
+        try:
+            for byte in request_bytes:
+                s.sendall(bytes([byte]))
+                sent.append(byte)
+                time.sleep(0.2)
+        except OSError:  # the server hung up
+            pass
+    threading.Thread(target=trickle, daemon=True).start()
+    start = time.perf_counter()
+    time.sleep(1.0)
+    assert predict(server, photo(synthetic))[0] == 200  # others are served meanwhile
+    reply = b""
+    while chunk := s.recv(4096):
+        reply += chunk
+    elapsed = time.perf_counter() - start
+    s.close()
+    assert reply in (b"",) or reply.startswith(b"HTTP/1.1 408"), reply[:40]
+    assert 2.5 < elapsed < 5, elapsed
+    assert len(sent) < len(request_bytes) / 2
+
+
+def test_connections_over_the_limit_get_503_and_the_rest_are_served(trained, synthetic):
+    predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
+    srv = serve.make_server(predictor, limits=serve.Limits(max_connections=2, deadline=2.0, timeout=2.0))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]  # each holds a slot
+    try:
+        time.sleep(0.2)
+        status, answer = request(srv, "GET", "/health")
+        assert status == 503 and "too many connections" in answer["error"]
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.3)
+    assert predict(srv, photo(synthetic))[0] == 200
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_head_options_and_what_the_standard_library_refuses_are_json(server):
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn.request("HEAD", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b"" and int(resp.getheader("Content-Length")) > 0
+    conn.close()
+    status, answer = request(server, "OPTIONS", "/predict")
+    assert status == 200 and answer["allow"] == ["POST", "OPTIONS"]
+    for method, path, code in (("BREW", "/", 501), ("GET", "/" + "x" * 70_000, 414)):
+        status, answer = request(server, method, path)
+        assert status == code and isinstance(answer, dict) and answer["error"], (method, answer)
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(b"GET / and more HTTP/1.1\r\n\r\n")  # a malformed request line
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"application/json" in reply
+
+
+def test_a_client_that_leaves_before_its_error_reply_leaves_no_traceback(server, synthetic, monkeypatch, capsys):
+    real = serve.Handler._send
+
+    def gone(self, status, *a, **k):  # the client closed its socket before its 415 was written
+        if status >= 400:
+            raise BrokenPipeError(32, "Broken pipe")
+        return real(self, status, *a, **k)
+    monkeypatch.setattr(serve.Handler, "_send", gone)
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
+        assert s.recv(4096) == b""  # closed, answered nothing
+    monkeypatch.setattr(serve.Handler, "_send", real)
+    assert predict(server, photo(synthetic))[0] == 200
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_errors_never_show_the_repr_of_an_in_memory_file(server):
+    status, answer = predict(server, b"GIF89a" + b"\0" * 50, "image/gif")
+    assert status == 400 and "object at 0x" not in answer["error"] and "upload" in answer["error"]
+
+
+def test_scores_that_are_not_numbers_are_a_valid_json_500(trained, synthetic, tmp_path):
+    predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
+    predictor.temperature = float("nan")  # as a broken model would give
+    srv = serve.make_server(predictor)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    status, answer = predict(srv, photo(synthetic))
+    srv.shutdown()
+    srv.server_close()
+    assert status == 500 and "not numbers" in answer["error"]  # json.loads in request() parsed it
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    for key, value in (("temperature", float("nan")), ("state_dict", None)):
+        broken = dict(ckpt)
+        if value is None:
+            broken["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+            broken["state_dict"]["head.weight"][0, 0] = float("nan")
+        else:
+            broken[key] = value
+        torch.save(broken, tmp_path / "broken.pt")
+        proc = run_cli("serve.py", "--checkpoint", tmp_path / "broken.pt", "--device", "cpu")
+        assert_one_line_error(proc, "broken.pt")
+
+
+@pytest.mark.parametrize("flag,value", [("--timeout", "-1"), ("--max-batch", "0"), ("--max-wait-ms", "-5"),
+                                        ("--max-bytes", "-1"), ("--threshold", "nan"), ("--port", "70000"),
+                                        ("--deadline", "0"), ("--decode-mb", "0"), ("--max-connections", "0")])
+def test_bad_serve_flags_are_one_line(trained, flag, value):
+    assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", flag, value), f"{flag} {value}")

@@ -1,0 +1,260 @@
+"""What users and strangers send the command lines: every mistake is one line, and nothing is lost.
+
+Bad numbers for every script (checked in one place, getData.Number), data roots the audit calls
+unusable, empty checkpoints, runs resumed from elsewhere or into another's folder, full disks,
+diverging runs.
+"""
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import augment
+import getData
+import gradcam
+import serve
+import simclr
+import testing
+import train
+from conftest import assert_one_line_error, killed_on_call, run_cli, train_args
+from getData import Number, Parser, WriteError, index_split, list_classes
+from models import build_model, checkpoint_dict, claim_run_dir, save_checkpoint
+
+SCRIPTS = {"train.py": train, "simclr.py": simclr, "testing.py": testing, "gradcam.py": gradcam, "serve.py": serve,
+           "augment.py": augment, "getData.py": getData}
+
+
+# ----------------------------------------------------------------------------- numbers
+def _parser(module, monkeypatch) -> Parser:
+    seen = []
+    monkeypatch.setattr(Parser, "parse_args", lambda self, argv=None: seen.append(self))
+    module.parse_args([])
+    return seen[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_number_of_every_script_is_checked_by_one_type(script, monkeypatch):
+    """Each script parses with getData.Parser, where a number is a Number (a bare int or float becomes
+    one through the parser's type registry): no flag can take nan, inf or an unchecked value."""
+    parser = _parser(SCRIPTS[script], monkeypatch)
+    assert isinstance(parser, Parser)
+    numeric = [a for a in parser._actions if a.type is not None]
+    assert numeric or script == "getData.py"
+    for action in numeric:
+        checker = parser._registry_get("type", action.type, action.type)
+        assert isinstance(checker, Number), (script, action.dest)
+        if checker.kind is float:
+            with pytest.raises(Exception, match="not a finite number"):
+                checker("nan")
+
+
+BAD_VALUES = [  # (script, arguments, what the line must name)
+    ("train.py", ["--lr", "nan"], "--lr nan"), ("train.py", ["--lr", "inf"], "--lr inf"),
+    ("train.py", ["--weight-decay", "nan"], "--weight-decay nan"), ("train.py", ["--clip-grad", "nan"], "--clip-grad"),
+    ("train.py", ["--mu", "nan"], "--mu nan"), ("train.py", ["--label-smoothing", "2"], "--label-smoothing 2"),
+    ("train.py", ["--label-smoothing", "-1"], "--label-smoothing -1"), ("train.py", ["--seed", "-1"], "--seed -1"),
+    ("train.py", ["--input-size", "0"], "--input-size 0"), ("train.py", ["--warmup-epochs", "-3"], "--warmup-epochs"),
+    ("train.py", ["--mixup", "nan"], "--mixup nan"), ("train.py", ["--save-every", "nan"], "--save-every nan"),
+    ("train.py", ["--input-size", "64"], "--input-size 64: lenet needs 32x32"),
+    ("testing.py", ["--batch-size", "0"], "--batch-size 0"), ("gradcam.py", ["--limit", "0"], "--limit 0"),
+    ("gradcam.py", ["--batch-size", "0"], "--batch-size 0"), ("simclr.py", ["--lr", "nan"], "--lr nan"),
+    ("simclr.py", ["--temperature", "nan"], "--temperature nan"), ("simclr.py", ["--proj-dim", "0"], "--proj-dim 0"),
+    ("simclr.py", ["--knn-k", "0"], "--knn-k 0"), ("augment.py", ["--workers", "-1"], "--workers -1"),
+    ("augment.py", ["--benchmark", "--batch-size", "0"], "--batch-size 0"),
+]
+
+
+@pytest.mark.parametrize("script,args,fragment", BAD_VALUES, ids=[" ".join([s, *a]) for s, a, _ in BAD_VALUES])
+def test_bad_values_are_one_line(script, args, fragment, synthetic, trained, tmp_path):
+    where = {"train.py": ["--data-root", synthetic, "--out", tmp_path / "r", "--epochs", 1, "--device", "cpu"],
+             "simclr.py": ["--data-root", synthetic, "--out", tmp_path / "s", "--epochs", 1, "--device", "cpu"],
+             "testing.py": ["--checkpoint", trained / "best.pt", "--out", tmp_path / "t", "--device", "cpu"],
+             "gradcam.py": ["--checkpoint", trained / "best.pt", "--fold", 1, "--out", tmp_path / "g"],
+             "augment.py": ["--data-root", synthetic, "--out", tmp_path / "a"]}[script]
+    assert_one_line_error(run_cli(script, *where, *args), fragment)
+    assert not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_outputs_where_a_file_stands_are_one_line(synthetic, trained, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, blocker, "--epochs", 1)), "a-file")
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--out", blocker / "t"), "a-file")
+    assert_one_line_error(run_cli("getData.py", "--data-root", synthetic, "--report", blocker / "audit.json"),
+                          "a-file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_layer_without_a_spatial_map_is_one_line(trained, synthetic):
+    photo = next(synthetic.rglob("*.jpg"))
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained / "best.pt", photo, "--layer", "head",
+                                  "--out", trained.parent / "cam-head"), "--layer head", "not a spatial map")
+
+
+def test_file_names_that_are_not_utf8_are_kept_as_they_are(synthetic, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    name = os.fsdecode(b"photo-\xff\xfe.jpg")  # bytes no encoding can show: Python keeps them as surrogates
+    shutil.copy(next(synthetic.rglob("*.jpg")), extra / name)
+    out = tmp_path / "s"
+    assert simclr.main(["--data-root", str(synthetic), "--extra", str(extra), "--epochs", "1", "--device", "cpu",
+                        "--out", str(out)]) == 0
+    assert b"photo-\xff\xfe.jpg" in (out / "files.txt").read_bytes()
+
+
+# ----------------------------------------------------------------------------- data the audit refuses
+def _broken(synthetic, tmp_path, how: str) -> Path:
+    root = tmp_path / how.replace(" ", "-")
+    shutil.copytree(synthetic, root)
+    if how == "empty class folder":
+        for p in (root / "fold2" / "Valid" / "Measles").iterdir():
+            p.unlink()
+    elif how == "class missing from a split":
+        shutil.rmtree(root / "fold3" / "Test" / "Cowpox")
+    elif how == "class in one fold only":
+        (root / "fold4" / "Train" / "Extra").mkdir()
+        shutil.copy(next(synthetic.rglob("*.jpg")), root / "fold4" / "Train" / "Extra" / "EXT_1_01.jpg")
+    return root
+
+
+@pytest.mark.parametrize("how,names", [("empty class folder", "fold2/Valid: no images for class Measles"),
+                                       ("class missing from a split", "fold3/Test: no images for class Cowpox"),
+                                       ("class in one fold only", "no images for class Extra")])
+def test_every_script_refuses_a_data_root_the_audit_refuses(synthetic, trained, tmp_path, how, names):
+    """One verdict, the audit's (getData.structure_problems): no script adds a class without images."""
+    root = _broken(synthetic, tmp_path, how)
+    assert_one_line_error(run_cli("getData.py", "--data-root", root), names)
+    best = trained / "best.pt"
+    for script, args in (("train.py", train_args(root, tmp_path / "r", "--epochs", 1)),
+                         ("simclr.py", ["--data-root", root, "--epochs", 1, "--out", tmp_path / "s"]),
+                         ("testing.py", ["--checkpoint", best, "--data-root", root, "--out", tmp_path / "t"]),
+                         ("gradcam.py", ["--checkpoint", best, "--data-root", root, "--fold", 1,
+                                         "--out", tmp_path / "g"]),
+                         ("augment.py", ["--data-root", root, "--out", tmp_path / "a", "--factor", 1])):
+        assert_one_line_error(run_cli(script, *args), names)
+    assert not any((tmp_path / d).exists() for d in ("t", "g", "a")) and not (tmp_path / "r" / "best.pt").exists()
+
+
+def test_archive_leftovers_and_hidden_folders_are_not_classes(synthetic, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic, root)
+    for junk in ("__MACOSX", ".thumbnails"):
+        (root / "fold1" / "Train" / junk).mkdir()
+        shutil.copy(next(synthetic.rglob("*.jpg")), root / "fold1" / "Train" / junk / "._MKP_1_01.jpg")
+    assert list_classes(root) == list_classes(synthetic)
+    assert train.main(train_args(root, tmp_path / "r", "--epochs", 1)) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["classes"] == list_classes(synthetic)
+
+
+# ----------------------------------------------------------------------------- checkpoints and runs
+def test_an_empty_checkpoint_is_one_line_in_every_loader(synthetic, trained, tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    photo = next(synthetic.rglob("*.jpg"))
+    for script, args in (("train.py", train_args(synthetic, tmp_path / "r", "--epochs", 1, "--init", empty)),
+                         ("testing.py", ["--checkpoint", empty]), ("gradcam.py", ["--checkpoint", empty, photo]),
+                         ("serve.py", ["--checkpoint", empty]),
+                         ("simclr.py", ["--data-root", synthetic, "--init", empty, "--out", tmp_path / "s"])):
+        assert_one_line_error(run_cli(script, *args), "empty.pt", "0 bytes")
+    run = tmp_path / "cut"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
+                          "last.pt", "0 bytes")
+
+
+def _cut_run(synthetic, out, monkeypatch, *extra):
+    """A run killed during its second epoch (last.pt holds the first)."""
+    revive = killed_on_call(monkeypatch, train, "validate", 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(synthetic, out, "--epochs", 2, "--save-every", 0, *extra))
+    revive()
+
+
+def test_a_moved_run_resumes_however_its_folder_is_spelled(synthetic, tmp_path, monkeypatch):
+    _cut_run(synthetic, tmp_path / "first", monkeypatch)
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    args = train_args(synthetic, "./moved/", "--epochs", 2, "--save-every", 0, "--resume")
+    proc = run_cli("train.py", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch 1" in proc.stdout
+    assert torch.load(tmp_path / "moved" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_on_other_data_or_of_another_kind_of_run_is_one_line(synthetic, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    _cut_run(synthetic, out, monkeypatch)
+    other = tmp_path / "other"
+    shutil.copytree(synthetic, other)
+    index_split(other, 1, "Train")[0][0].unlink()
+    proc = run_cli("train.py", *train_args(other, out, "--epochs", 2, "--save-every", 0, "--resume"))
+    assert_one_line_error(proc, "the data differs", "train_images")
+    assert "--train-images" not in proc.stderr
+    proc = run_cli("train.py", *train_args(synthetic, out, "--epochs", 2, "--save-every", 0, "--resume",
+                                           "--fold", "all"))
+    assert_one_line_error(proc, "one-fold run", "fold 1")
+    assert not (out / "fold2").exists()
+
+
+def test_a_second_run_into_one_folder_is_refused(synthetic, trained, tmp_path):
+    out = tmp_path / "busy"
+    with contextlib.ExitStack() as held:
+        claim_run_dir(out, False, False, held, "train.py")  # as another train.py running there would
+        proc = run_cli("train.py", *train_args(synthetic, out, "--epochs", 1))
+        assert_one_line_error(proc, "in use by another run", str(os.getpid()))
+    assert not (out / "best.pt").exists()
+
+
+def test_a_finished_run_is_replaced_only_when_asked(synthetic, trained, tmp_path):
+    out = tmp_path / "done"
+    shutil.copytree(trained, out)
+    before = (out / "best.pt").read_bytes()
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, out, "--epochs", 1)), "holds a run already",
+                          "--resume", "--overwrite")
+    assert (out / "best.pt").read_bytes() == before
+    assert train.main(train_args(synthetic, out, "--epochs", 1, "--overwrite")) == 0
+    assert torch.load(out / "best.pt", weights_only=True)["config"]["epochs"] == 1
+    assert len((out / "history.csv").read_text().splitlines()) == 2
+    assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--out", out, "--epochs", 1), "holds a run")
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_epoch(synthetic, tmp_path):
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--epochs", 3, "--lr", 1e3))
+    assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 1e3  # the run is there to look at
+    proc = run_cli("simclr.py", "--data-root", synthetic, "--out", tmp_path / "s", "--epochs", 2, "--lr", 1e8,
+                   "--optimizer", "sgd", "--device", "cpu")
+    assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
+
+
+# ----------------------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB file system of its own (tmpfs; needs root, as CI and this project's machines have)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_one(small_disk, synthetic, tmp_path):
+    small = checkpoint_dict(build_model("lenet", 6), "classifier", list("abcdef"), {}, 1, {})
+    save_checkpoint(small, small_disk / "best.pt")  # about 250 KB of the 400
+    big = dict(small, filler=torch.zeros(100_000))  # 400 KB more: does not fit
+    with pytest.raises(WriteError, match=r"best\.pt: could not be written \(No space left on device\); the previous"):
+        save_checkpoint(big, small_disk / "best.pt")
+    assert torch.load(small_disk / "best.pt", weights_only=True)["epoch"] == 1
+    assert [p.name for p in small_disk.iterdir()] == ["best.pt"]  # no temporary file left behind
+    (small_disk / "best.pt").unlink()
+    proc = run_cli("train.py", *train_args(synthetic, small_disk / "run", "--epochs", 1))
+    assert_one_line_error(proc, "could not be written", "No space left on device")
