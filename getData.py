@@ -56,6 +56,10 @@ KAGGLE_API = "https://www.kaggle.com/api/v1"
 KAGGLE_DATASET = "joydippaul/mpox-skin-lesion-dataset-version-20-msld-v20"
 
 
+UMASK = os.umask(0o022)  # read (os.umask can only be read by setting it) and put back at once
+os.umask(UMASK)
+
+
 class UserError(Exception):
     """A user's mistake (a path, a flag, a file): every script reports it as one line, exit status 2."""
 
@@ -162,6 +166,7 @@ def atomic_path(path, folder: bool = False):
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(handle)
         tmp = Path(name)
+    tmp.chmod((0o777 if folder else 0o666) & ~UMASK)  # as open() and mkdir() would have made it, not private
     try:
         yield tmp
         if folder and path.exists():
@@ -804,6 +809,98 @@ def make_synthetic(path, seed: int = 0) -> Path:
                                             "not medical data.\n")
     print(f"wrote {len(images)} synthetic images x 5 folds to {path}/")
     return path
+
+
+# ----------------------------------------------------------------------------- images that are not skin
+WORDS = ("patient", "report", "invoice", "total", "date", "page", "lesion", "clinic", "summary", "figure", "table",
+         "method", "result", "the", "of", "and", "with", "was", "for", "data")
+
+
+def not_skin_images(seed: int = 0, per_kind: int = 8, size: int = 160) -> list[tuple[str, Image.Image]]:
+    """(kind, RGB image) pairs of what a lesion classifier should refuse: noise, flat colours,
+    gradients, checkerboards, stripes, rendered text pages, logo-like shapes, skies and stained
+    tissue slides, `per_kind` of each, drawn from `seed`. The far out-of-distribution set of
+    testing.py (with the fold's Test photos with their colour channels scrambled, made there)."""
+    rng = np.random.default_rng(seed)
+    return [(kind, paint(rng, size)) for kind, paint in NOT_SKIN.items() for _ in range(per_kind)]
+
+
+def _colour(rng) -> tuple:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+
+def _noise(rng, size):
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _flat(rng, size):
+    return Image.new("RGB", (size, size), _colour(rng))
+
+
+def _gradient(rng, size):
+    t = np.linspace(0, 1, size)[:, None, None]
+    img = np.broadcast_to(np.array(_colour(rng)) * (1 - t) + np.array(_colour(rng)) * t, (size, size, 3))
+    img = img.astype(np.uint8)
+    return Image.fromarray(img if rng.random() < 0.5 else np.ascontiguousarray(img.transpose(1, 0, 2)))
+
+
+def _checkerboard(rng, size):
+    cell = int(rng.integers(4, 40))
+    yy, xx = np.mgrid[0:size, 0:size] // cell
+    mask = ((yy + xx) % 2).astype(bool)[..., None]
+    return Image.fromarray(np.where(mask, _colour(rng), _colour(rng)).astype(np.uint8))
+
+
+def _stripes(rng, size):
+    width = int(rng.integers(3, 30))
+    axis = np.mgrid[0:size, 0:size][int(rng.integers(2))]
+    mask = ((axis // width) % 2).astype(bool)[..., None]
+    return Image.fromarray(np.where(mask, _colour(rng), _colour(rng)).astype(np.uint8))
+
+
+def _text_page(rng, size):
+    img = Image.new("RGB", (size, size), (250, 250, 245))
+    draw = ImageDraw.Draw(img)
+    for y in range(6, size - 10, 12):
+        draw.text((6, y), " ".join(rng.choice(WORDS, int(rng.integers(3, 7)))), fill=(20, 20, 20))
+    return img
+
+
+def _shapes(rng, size):  # a logo or a diagram: flat shapes on a plain ground
+    img = Image.new("RGB", (size, size), _colour(rng))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(size / 10, size / 3)
+        box = [x - r, y - r, x + r, y + r]
+        [draw.ellipse, draw.rectangle][int(rng.integers(2))](box, fill=_colour(rng), outline=(0, 0, 0), width=3)
+    draw.text((size / 4, size / 2), "LOGO", fill=(0, 0, 0))
+    return img
+
+
+def _sky(rng, size):
+    t = np.linspace(0, 1, size)[:, None, None]
+    img = np.array([40, 110, 220]) * (1 - t) + np.array([170, 210, 250]) * t
+    img = Image.fromarray(np.broadcast_to(img, (size, size, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(1, 5))):  # clouds
+        x, y = rng.uniform(0, size, 2)
+        draw.ellipse([x - 30, y - 10, x + 30, y + 10], fill=(245, 245, 250))
+    return img.filter(ImageFilter.GaussianBlur(3))
+
+
+def _tissue_slide(rng, size):  # haematoxylin and eosin: pink stroma, purple nuclei
+    img = Image.new("RGB", (size, size), (235, 170, 200))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(80, 200))):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(2, 5)
+        draw.ellipse([x - r, y - r * 0.8, x + r, y + r * 0.8], fill=(90, 40, 140))
+    return img.filter(ImageFilter.GaussianBlur(0.8))
+
+
+NOT_SKIN = dict(noise=_noise, flat=_flat, gradient=_gradient, checkerboard=_checkerboard, stripes=_stripes,
+                text=_text_page, shapes=_shapes, sky=_sky, tissue=_tissue_slide)
 
 
 # ----------------------------------------------------------------------------- download

@@ -1,13 +1,21 @@
-"""Grad-CAM (Selvaraju et al. 2017) by hand, with hooks, for every model of models/.
+"""Grad-CAM (Selvaraju et al. 2017) by hand, with hooks, for every model of models/, and the checks
+that a map explains anything.
 
     python gradcam.py --checkpoint runs/lenet-fold1/best.pt photo1.jpg photo2.jpg
     python gradcam.py --checkpoint runs/lenet-fold1/best.pt --fold 1 --split Test --limit 24
-    python gradcam.py --checkpoint runs/x/best.pt --target-class Monkeypox --layer backbone.layer3 photo.jpg
+    python gradcam.py --checkpoint runs/x/best.pt --target-class Monkeypox --layer layer3 photo.jpg
+    python gradcam.py --checkpoint runs/recipe --faithfulness --sanity --limit 500   # every fold's Test split
 
 Per image: a PNG with the photo, the heat-map overlay and the predicted class with its probability;
-plus grid.png for the whole set. Written to runs/NAME/gradcam/ (or --out). The photos are only read.
+plus grid.png for the whole set (photos the out-of-distribution gate turns away framed in red).
+--faithfulness: deletion and insertion curves (Petsiuk et al. 2018) of Grad-CAM at each layer against
+a random map and a centred blob; --sanity: cascading randomisation (Adebayo et al. 2018). Written to
+runs/NAME/gradcam/ (or --out). The photos are only read.
 """
+import copy
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,13 +26,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from getData import (FOLDS, DataError, Number, Parser, index_split, list_classes, load_image, prepare, run_main,
-                     usable_folds_root)
-from models import (MEMORY_FORMATS, PRECISIONS, ModelError, crop, load_classifier, resize_size, save_figure,
-                    select_runtime, to_input)
+from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, index_split, load_image,
+                     prepare, run_main, usable_folds_root)
+from models import (MEAN, MEMORY_FORMATS, PRECISIONS, STD, ModelError, capture_features, crop, gate, load_classifier,
+                    reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
-                alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16)
+                alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
+                faithfulness=False, sanity=False)
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
 
 
@@ -40,14 +49,16 @@ class GradCAM:
     def __init__(self, model: nn.Module, layer: str | None = None, layout: str | None = None):
         self.model = model
         default = getattr(model, "cam_layer", None)
+        if layer and not _has_module(model, layer) and _has_module(model, f"backbone.{layer}"):
+            layer = f"backbone.{layer}"  # `layer3` for `backbone.layer3`
         self.layer_name = layer or default
         self.layout = layout or (getattr(model, "cam_layout", "nchw") if layer in (None, default) else "nchw")
-        try:
-            self.layer = model.get_submodule(self.layer_name)
-        except AttributeError:
+        if not _has_module(model, self.layer_name):
             names = ", ".join(n for n, _ in model.named_children())
+            offered = ", ".join(getattr(model, "cam_candidates", []) or [])
             raise ModelError(f"--layer {self.layer_name}: no such module in {type(model).__name__} "
-                             f"(top-level modules: {names})") from None
+                             f"(top-level modules: {names}" + (f"; offered: {offered})" if offered else ")"))
+        self.layer = model.get_submodule(self.layer_name)
         self.handles, self.activations, self.gradients, self.input = [], None, None, None
 
     def __enter__(self):
@@ -117,6 +128,14 @@ class GradCAM:
         return self.maps(logits, target), logits.softmax(1).detach()
 
 
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
     """uint8 RGB (H, W, 3) + CAM (h, w) in [0, 1] -> uint8 RGB blend at the image's size."""
     cam_t = torch.as_tensor(cam, dtype=torch.float32)[None, None]
@@ -138,65 +157,302 @@ def display_crop(image, input_size: int) -> np.ndarray:
     return crop(prepare(image, resize_size(size)), size).permute(1, 2, 0).numpy()
 
 
-def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="jet", batch_size=16):
-    """PIL images -> list of (probabilities, overlay uint8 array, display crop)."""
+@dataclass
+class Explained:
+    """One image's explanation: class probabilities, the overlay and the crop it is drawn on, and
+    whether the OOD gate keeps the image (None without a reference)."""
+    probs: np.ndarray
+    overlay: np.ndarray
+    shown: np.ndarray
+    in_distribution: bool | None = None
+
+
+def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="jet", batch_size=16,
+                reference=None) -> list[Explained]:
+    """PIL images -> their explanations; with an OOD `reference` (models.ood) each is also gated."""
     results, size = [], model.input_size
-    with GradCAM(model, layer) as cam:
+    with GradCAM(model, layer) as cam, capture_features(model) as features:
         for i in range(0, len(images), batch_size):
             chunk = images[i:i + batch_size]
             x = to_input(torch.stack([prepare(im, resize_size(size)) for im in chunk]), size).to(rt.device)
             tgt = None if target is None else torch.full((len(chunk),), target, dtype=torch.long)
-            maps, probs = cam(x, tgt, rt)
+            logits = cam.forward(x, rt)
+            maps, probs = cam.maps(logits, tgt), logits.softmax(1).detach()
+            kept = gate(reference, features[-1], logits.detach())[1].cpu().tolist() if reference else [None] * len(x)
             shown = [display_crop(im, size) for im in chunk]
-            results += [(p.cpu().numpy(), overlay(s, m.cpu().numpy(), alpha, cmap), s)
-                        for p, m, s in zip(probs, maps, shown)]
+            results += [Explained(p.cpu().numpy(), overlay(s, m.cpu().numpy(), alpha, cmap), s, k)
+                        for p, m, s, k in zip(probs, maps, shown, kept)]
     return results
 
 
-def _figure(shown, over, probs, classes, target, title) -> Figure:
-    pred = int(np.argmax(probs))
+def _figure(e: Explained, classes, target, title) -> Figure:
+    pred = int(np.argmax(e.probs))
     fig = Figure(figsize=(7, 3.8))
     axes = fig.subplots(1, 2)
-    axes[0].imshow(shown)
+    axes[0].imshow(e.shown)
     axes[0].set_title(title, fontsize=8)
-    axes[1].imshow(over)
+    axes[1].imshow(e.overlay)
     explained = f"; map for {classes[target]}" if target is not None and target != pred else ""
-    axes[1].set_title(f"{classes[pred]} {probs[pred]:.2f}{explained}", fontsize=10)
+    axes[1].set_title(_caption(e, classes) + explained, fontsize=10, color="black" if e.in_distribution is not False
+                      else "tab:red")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
-def write_figures(results, names, classes, out: Path, target=None) -> None:
-    for (probs, over, shown), name in zip(results, names):
-        fig = _figure(shown, over, probs, classes, target, Path(name).name)
-        save_figure(fig, out / f"{Path(name).stem}_gradcam.png")
+def _caption(e: Explained, classes) -> str:
+    """The predicted class and probability; an image the OOD gate turns away is marked as such."""
+    pred = int(np.argmax(e.probs))
+    return f"{'OOD: not like the training photos; ' if e.in_distribution is False else ''}" \
+           f"{classes[pred]} {e.probs[pred]:.2f}"
+
+
+def write_figures(results: list[Explained], names, classes, out: Path, target=None) -> None:
+    for e, name in zip(results, names):
+        save_figure(_figure(e, classes, target, Path(name).name), out / f"{Path(name).stem}_gradcam.png")
     cols = min(6, len(results))
     rows = -(-len(results) // cols)
     fig = Figure(figsize=(2.2 * cols, 2.7 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (probs, over, _), name in zip(axes.flat, results, names):
-        ax.imshow(over)
-        ax.set_title(f"{classes[int(np.argmax(probs))]} {probs.max():.2f}\n{Path(name).name}", fontsize=7)
+    for ax, e, name in zip(axes.flat, results, names):
+        ax.imshow(e.overlay)
+        ood = e.in_distribution is False
+        ax.set_title(f"{'OOD ' if ood else ''}{classes[int(np.argmax(e.probs))]} {e.probs.max():.2f}\n"
+                     f"{Path(name).name}", fontsize=7, color="tab:red" if ood else "black")
+        if ood:  # a red frame: this photo is unlike the training photos, its map explains nothing useful
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:red")
+                spine.set_linewidth(3)
     fig.tight_layout()
     save_figure(fig, out / "grid.png")
+
+
+# ----------------------------------------------------------------------------- does the map explain?
+STEPS = 25  # pixels removed or revealed 4% at a time
+RISE_SIGMA = 5.0  # the blur of RISE's insertion baseline at 224 px (Petsiuk et al. 2018), scaled to the input
+
+
+def blurred(x: torch.Tensor) -> torch.Tensor:
+    """The baseline that deletion puts in and insertion starts from: the image itself, Gaussian-blurred
+    (RISE's insertion baseline, used for deletion too): it removes the lesion's detail but keeps the
+    colours and brightness of the photo, where black or grey patches would add sharp edges of their own
+    that the network reacts to (a test of the network's response to holes, not of the map)."""
+    sigma = RISE_SIGMA * x.shape[-1] / 224
+    k = 2 * int(2 * sigma) + 1
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(x.shape[1], 1)
+    y = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=x.shape[1])
+    return F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), kernel[:, None, :, None], groups=x.shape[1])
+
+
+def baseline_maps(n: int, size: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two maps that know nothing of the network: uniform noise, and a centred Gaussian (sigma a
+    quarter of the side: lesion photos are mostly centred, so the centre is a fair guess)."""
+    yy, xx = torch.meshgrid(torch.arange(size) - (size - 1) / 2, torch.arange(size) - (size - 1) / 2, indexing="ij")
+    centre = torch.exp(-(xx ** 2 + yy ** 2) / (2 * (size / 4) ** 2))
+    return dict(random=torch.rand(n, size, size, generator=gen), centre=centre.expand(n, size, size).clone())
+
+
+def pixel_order(maps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image's pixel indices, most important first; equal values (Grad-CAM's ReLU leaves many
+    zeros) in a random order, not in raster order, which would favour the top of the image."""
+    jitter = torch.rand(maps.shape, generator=gen) * 1e-6
+    return (maps.cpu() + jitter).flatten(1).argsort(1, descending=True)
+
+
+@torch.no_grad()
+def deletion_insertion(model, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, rt, gen: torch.Generator,
+                       steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Petsiuk et al. 2018 (RISE): the probability of `target` as the pixels are deleted (replaced by
+    the blurred image) or inserted (into the blurred image) in the order of `maps`, `steps` steps of
+    an equal share. One forward per step for the whole batch. (N, steps + 1) each: column 0 is the
+    unmodified image for deletion, the blurred one for insertion; the last, the reverse."""
+    n, _, h, w = x.shape
+    base, order = blurred(x), pixel_order(maps, gen).to(x.device)
+    deletion, insertion = [], []
+    for s in range(steps + 1):
+        mask = torch.zeros(n, h * w, device=x.device)
+        mask.scatter_(1, order[:, :round(s * h * w / steps)], 1.0)
+        mask = mask.view(n, 1, h, w)
+        both = torch.cat([x * (1 - mask) + base * mask, base * (1 - mask) + x * mask])
+        probs = rt.forward(model, both).softmax(1).gather(1, target.repeat(2).view(-1, 1))[:, 0]
+        deletion.append(probs[:n])
+        insertion.append(probs[n:])
+    return torch.stack(deletion, 1).cpu(), torch.stack(insertion, 1).cpu()
+
+
+def curve_area(curves: torch.Tensor) -> torch.Tensor:
+    """Area under each curve over the fraction of pixels 0..1 (trapezoids): deletion lower is better,
+    insertion higher is better."""
+    return torch.trapezoid(curves, dx=1 / (curves.shape[1] - 1), dim=1)
+
+
+def inputs_and_targets(model, images, rt, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised inputs of PIL images and the class the network predicts for each."""
+    size = model.input_size
+    x = to_input(torch.stack([prepare(im, resize_size(size)) for im in images]), size).to(rt.device)
+    with torch.no_grad():
+        target = torch.cat([rt.forward(model, x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    return x, target
+
+
+def cam_maps(model, x, target, rt, layer: str, batch_size: int) -> torch.Tensor:
+    with GradCAM(model, layer) as cam:
+        return torch.cat([cam(x[i:i + batch_size], target[i:i + batch_size], rt)[0]
+                          for i in range(0, len(x), batch_size)])
+
+
+def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> dict:
+    """Deletion and insertion curves and their areas for Grad-CAM at each layer and the two baselines,
+    the predicted class explained (mean over images; the curves too, for the figure)."""
+    x, target = inputs_and_targets(model, images, rt, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    maps = {f"gradcam {layer.removeprefix('backbone.')}": cam_maps(model, x, target, rt, layer, batch_size)
+            for layer in layers}
+    maps.update(baseline_maps(len(x), model.input_size, gen))
+    out = dict(n=len(x), steps=STEPS, baseline=f"Gaussian blur, sigma {RISE_SIGMA * model.input_size / 224:.1f} px",
+               maps={})
+    for name, m in maps.items():
+        deletion, insertion = [], []
+        for i in range(0, len(x), batch_size):
+            d, ins = deletion_insertion(model, x[i:i + batch_size], target[i:i + batch_size], m[i:i + batch_size], rt,
+                                        gen)
+            deletion.append(d)
+            insertion.append(ins)
+        deletion, insertion = torch.cat(deletion), torch.cat(insertion)
+        out["maps"][name] = dict(deletion_auc=float(curve_area(deletion).mean()),
+                                 insertion_auc=float(curve_area(insertion).mean()),
+                                 deletion_curve=deletion.mean(0).tolist(), insertion_curve=insertion.mean(0).tolist())
+    return out
+
+
+def cascade(model) -> list[tuple[str, nn.Module]]:
+    """Adebayo et al. 2018's cascading randomisation order: the head, then the backbone's blocks with
+    weights from the top down (for a ResNet: layer4, layer3, layer2, layer1, bn1, conv1)."""
+    blocks = [(n, m) for n, m in model.backbone.named_children() if any(True for _ in m.parameters())]
+    return [("head", model.head)] + blocks[::-1]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each row of `a` with the same row of `b` (ties get their average
+    rank, as scipy.stats.spearmanr gives them; a constant row correlates with nothing: NaN)."""
+    ra, rb = (torch.from_numpy(np.stack([_average_ranks(r) for r in t.flatten(1).double().cpu().numpy()]))
+              for t in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # the rank of each distinct value's first occurrence
+    return (first + (counts - 1) / 2)[inverse]
+
+
+def randomisation(model, images, rt, layers, batch_size: int, seed: int = 0) -> dict:
+    """For each layer: the Spearman correlation between the trained network's maps and those of the
+    network re-initialised cumulatively from the head down (mean and std over images; the predicted
+    class of the trained network explained throughout). A map that explains the network falls towards
+    0 as its weights go; one that draws edges stays up (Adebayo et al. 2018)."""
+    x, target = inputs_and_targets(model, images, rt, batch_size)
+    trained = {layer: cam_maps(model, x, target, rt, layer, batch_size) for layer in layers}
+    random_model = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    out = {layer.removeprefix("backbone."): [] for layer in layers}
+    examples = {layer.removeprefix("backbone."): [trained[layer][:4].cpu()] for layer in layers}
+    for name, block in cascade(random_model):
+        for m in block.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        for layer in layers:
+            maps = cam_maps(random_model, x, target, rt, layer, batch_size)
+            rho = spearman(trained[layer], maps)
+            short = layer.removeprefix("backbone.")
+            out[short].append(dict(randomised=name, spearman=float(rho.nanmean()),
+                                   spearman_std=float(rho[~rho.isnan()].std()) if (~rho.isnan()).sum() > 1 else 0.0,
+                                   constant_maps=int(rho.isnan().sum())))
+            examples[short].append(maps[:4].cpu())
+    photos = (x[:4].cpu() * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
+    return dict(n=len(x), layers=out, examples={k: torch.stack(v, 1) for k, v in examples.items()},
+                photos=photos.permute(0, 2, 3, 1))
+
+
+def faithfulness_figure(result: dict) -> Figure:
+    fig = Figure(figsize=(11, 4))
+    fraction = np.linspace(0, 1, result["steps"] + 1)
+    for ax, kind in zip(fig.subplots(1, 2), ("deletion", "insertion")):
+        for name, m in result["maps"].items():
+            style = "--" if name in ("random", "centre") else "-"
+            ax.plot(fraction, m[f"{kind}_curve"], style, label=f"{name} (AUC {m[f'{kind}_auc']:.3f})")
+        ax.set(xlabel=f"fraction of pixels {'deleted' if kind == 'deletion' else 'revealed'}",
+               ylabel="probability of the explained class", title=f"{kind} ({result['n']} images; lower "
+               f"area is better)" if kind == "deletion" else f"{kind} (higher area is better)", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_figure(photos: torch.Tensor, examples: torch.Tensor, steps: list[str], layer: str) -> Figure:
+    """Rows: images; columns: the photo, the trained network's map, then the map after each step of
+    the cascade."""
+    rows, cols = examples.shape[0], examples.shape[1] + 1
+    fig = Figure(figsize=(1.6 * cols, 1.7 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        axes[r, 0].imshow(photos[r].numpy())
+        for c in range(1, cols):
+            axes[r, c].imshow(examples[r, c - 1].numpy(), cmap="jet", vmin=0, vmax=1)
+        for c in range(cols):
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(["photo", "trained"][c] if c < 2 else f"-{steps[c - 2]}", fontsize=8)
+    fig.suptitle(f"Grad-CAM at {layer}, weights re-initialised cumulatively from the head down", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def studies_markdown(name: str, faith: dict | None, sanity: dict | None) -> str:
+    lines = [f"# Does Grad-CAM explain {name}?\n"]
+    if faith:
+        lines += [f"Deletion and insertion (Petsiuk et al. 2018) over {faith['n']} images, {faith['steps']} steps, "
+                  f"baseline: {faith['baseline']}.\n", "| map | deletion AUC (lower is better) | insertion AUC "
+                  "(higher is better) |", "|---|---|---|"]
+        lines += [f"| {k} | {m['deletion_auc']:.4f} | {m['insertion_auc']:.4f} |" for k, m in faith["maps"].items()]
+    if sanity:
+        steps = [s["randomised"] for s in next(iter(sanity["layers"].values()))]
+        lines += ["", f"Cascading randomisation (Adebayo et al. 2018) over {sanity['n']} images: Spearman rank "
+                  "correlation with the trained network's maps, weights re-initialised from the head down.\n",
+                  "| layer | " + " | ".join(f"-{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        lines += [f"| {layer} | " + " | ".join(f"{s['spearman']:.3f}" for s in rows) + " |"
+                  for layer, rows in sanity["layers"].items()]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     d = DEFAULTS
     p = Parser(__doc__, __file__)
-    p.add_argument("images", nargs="*", help="image files to explain")
-    p.add_argument("--checkpoint", required=True, help="a classifier best.pt")
+    p.add_argument("images", nargs="*", help="image files (or folders of them) to explain")
+    p.add_argument("--checkpoint", required=True, help="a classifier best.pt (with --faithfulness or --sanity also "
+                   "a --fold all run directory: every fold on its own split)")
     p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,
-                   help="explain this fold's --split instead of files")
+                   help="explain this fold's --split instead of files (default: the checkpoint's fold)")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--data-root", default=None, help="default: the dataset the checkpoint trained on")
     p.add_argument("--limit", type=Number(int, 1), default=d["limit"], help="at most this many images of the split")
-    p.add_argument("--layer", default=d["layer"], help="target module, e.g. backbone.layer3 (default: the model's)")
+    p.add_argument("--layer", action="append", default=d["layer"], help="target module, e.g. layer3 or "
+                   "backbone.layer3 (default: the model's); repeat it to compare layers with --faithfulness/--sanity "
+                   "(default there: every layer offered, for a ResNet layer2, layer3 and layer4)")
+    p.add_argument("--faithfulness", action="store_true", help="deletion and insertion curves (Petsiuk et al. 2018) "
+                   "of Grad-CAM and two baselines, instead of overlays")
+    p.add_argument("--sanity", action="store_true", help="cascading randomisation (Adebayo et al. 2018): how "
+                   "Grad-CAM's maps change as the weights are re-initialised, instead of overlays")
     p.add_argument("--target-class", default=d["target_class"], help="explain this class instead of the predicted one")
     p.add_argument("--alpha", type=Number(float, 0, 1), default=d["alpha"], help="heat-map opacity")
     p.add_argument("--cmap", default=d["cmap"], help="matplotlib colormap")
@@ -209,16 +465,98 @@ def parse_args(argv=None):
 
 
 def _image_paths(args, ckpt) -> list[Path]:
+    """The images given (files, or folders of them), else the --split of --fold (default: the
+    checkpoint's own fold), at most --limit of them."""
     if args.images:
-        return [Path(p) for p in args.images]
-    if args.fold is None:
+        paths = []
+        for p in map(Path, args.images):
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS) \
+                if p.is_dir() else [p]
+        if not paths:
+            raise DataError(f"{', '.join(args.images)}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return paths
+    fold = args.fold or ckpt.get("fold")
+    if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
-    return [p for p, _ in index_split(root, args.fold, args.split, list_classes(root))][: args.limit]
+    return [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
+
+
+def study_checkpoints(checkpoint) -> dict:
+    """A best.pt or a run directory holding one -> {None: path}; a --fold all run directory -> {K: path}."""
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / "best.pt").is_file():
+        found = {k: path / f"fold{k}" / "best.pt" for k in FOLDS if (path / f"fold{k}" / "best.pt").is_file()}
+        if not found:
+            raise ModelError(f"{path}: no best.pt here or in fold1..5/; train first with `python train.py`")
+        return found
+    return {None: path / "best.pt" if path.is_dir() else path}
+
+
+def run_studies(args, rt) -> dict:
+    """--faithfulness and --sanity for one checkpoint, or for every fold of a --fold all run (each on
+    its own fold's --split, unless images are given), with a summary over the folds."""
+    runs, results = study_checkpoints(args.checkpoint), {}
+    root = Path(args.out or (Path(args.checkpoint) if len(runs) > 1 else next(iter(runs.values())).parent) / "gradcam")
+    for fold, path in runs.items():
+        model, ckpt = load_classifier(path, rt)
+        layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
+        images = [load_image(p) for p in _image_paths(args, ckpt)]
+        out = root / (f"fold{fold}" if fold else "")
+        faith = faithfulness(model, images, rt, layers, args.batch_size) if args.faithfulness else None
+        sanity = randomisation(model, images, rt, layers, args.batch_size) if args.sanity else None
+        write_studies(out, f"{ckpt['model']} fold {ckpt.get('fold')} at {model.input_size} px", faith, sanity)
+        results[fold] = dict(faithfulness=faith, sanity=sanity and tables(sanity))
+    if len(runs) > 1:
+        atomic_write(root / "summary.md", studies_summary(results))
+        print(studies_summary(results))
+    print(f"wrote the faithfulness and sanity results to {root}/")
+    return results
+
+
+def write_studies(out: Path, name: str, faith: dict | None, sanity: dict | None) -> None:
+    if faith:
+        atomic_write(out / "faithfulness.json", json.dumps(faith, indent=2))
+        save_figure(faithfulness_figure(faith), out / "faithfulness.png")
+    if sanity:
+        atomic_write(out / "sanity.json", json.dumps(tables(sanity), indent=2))
+        steps = [s["randomised"] for s in next(iter(sanity["layers"].values()))]
+        for layer, examples in sanity["examples"].items():
+            save_figure(sanity_figure(sanity["photos"], examples, steps, layer), out / f"sanity_{layer}.png")
+    text = studies_markdown(name, faith, sanity)
+    atomic_write(out / "explains.md", text)
+    print(text)
+
+
+def tables(sanity: dict) -> dict:
+    """The numbers of a randomisation result, without its example maps and photos."""
+    return {k: v for k, v in sanity.items() if k not in ("examples", "photos")}
+
+
+def studies_summary(results: dict) -> str:
+    """Mean ± std over folds: each map's deletion and insertion areas; each layer's Spearman
+    correlation once every weight is re-initialised."""
+    def mean_std(values):
+        values = np.asarray(values, float)
+        return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
+    folds = list(results.values())
+    lines = [f"# Does Grad-CAM explain? {len(folds)} folds, mean ± std\n"]
+    if folds[0]["faithfulness"]:
+        lines += ["| map | deletion AUC (lower is better) | insertion AUC (higher is better) |", "|---|---|---|"]
+        for name in folds[0]["faithfulness"]["maps"]:
+            lines.append(f"| {name} | {mean_std([f['faithfulness']['maps'][name]['deletion_auc'] for f in folds])} | "
+                         f"{mean_std([f['faithfulness']['maps'][name]['insertion_auc'] for f in folds])} |")
+    if folds[0]["sanity"]:
+        lines += ["", "| layer | Spearman, all weights re-initialised |", "|---|---|"]
+        for layer in folds[0]["sanity"]["layers"]:
+            lines.append(f"| {layer} | {mean_std([f['sanity']['layers'][layer][-1]['spearman'] for f in folds])} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
+    if args.faithfulness or args.sanity:
+        return run_studies(args, rt)
     model, ckpt = load_classifier(args.checkpoint, rt)
     classes = ckpt["classes"]
     if args.target_class is not None and args.target_class not in classes:
@@ -226,14 +564,17 @@ def run(args) -> list:
     target = None if args.target_class is None else classes.index(args.target_class)
     if args.cmap not in matplotlib.colormaps:
         raise DataError(f"--cmap {args.cmap}: not a matplotlib colormap")
+    if args.layer and len(args.layer) > 1:
+        raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
+    layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
     paths = _image_paths(args, ckpt)
     images = [load_image(p) for p in paths]  # every file checked before anything is written
-    GradCAM(model, args.layer)  # a bad --layer fails here, before any work
-    results = run_gradcam(model, images, rt, target, args.layer, args.alpha, args.cmap, args.batch_size)
+    reference = reference_for(ckpt, model, rt, args.checkpoint)
+    results = run_gradcam(model, images, rt, target, layer, args.alpha, args.cmap, args.batch_size, reference)
     out = Path(args.out or Path(args.checkpoint).parent / "gradcam")
     write_figures(results, [str(p) for p in paths], classes, out, target)
-    for (probs, _, _), p in zip(results, paths):
-        print(f"{p}: {classes[int(np.argmax(probs))]} {probs.max():.3f}")
+    for e, p in zip(results, paths):
+        print(f"{p}: {_caption(e, classes)}")
     print(f"wrote {len(results)} overlays and grid.png to {out}/")
     return results
 

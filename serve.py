@@ -32,8 +32,8 @@ import torch
 
 from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, device_logits, load_classifier,
-                    probabilities, resize_size, select_runtime, view)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, capture_features, device_logits,
+                    gate, load_classifier, probabilities, reference_for, resize_size, select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
@@ -88,10 +88,13 @@ class Predictor:
         self.views, self.temperature = (TTA_VIEWS if tta else PLAIN_VIEW), ckpt.get("temperature") or 1.0
         self.data_root = ckpt["config"].get("data_root")
         self.needed_side = resize_size(max(model.input_size, DISPLAY_SIZE))  # uploads are decoded at least this big
+        self.ood = reference_for(ckpt, model, rt, checkpoint)  # None: no gate (an old checkpoint, its data gone)
         digest = hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12]
+        ood = self.ood and dict(score=self.ood["score"], threshold=self.ood["thresholds"][self.ood["score"]],
+                                keeps_of_valid=self.ood["keep"])
         self.info = dict(model_facts(Path(checkpoint), ckpt, digest), classes=self.classes,
                          input_size=model.input_size, threshold=threshold, tta=tta,
-                         calibrated=bool(ckpt.get("temperature")))
+                         calibrated=bool(ckpt.get("temperature")), ood=ood)
         self.queue: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._loop, name="inference", daemon=True)
         self.worker.start()
@@ -133,23 +136,29 @@ class Predictor:
         start = time.perf_counter()
         x = torch.stack([x for x, _, _ in batch]).to(self.rt.device)
         size, maps = self.model.input_size, None
-        if any(shown is not None for _, shown, _ in batch):
-            with GradCAM(self.model) as cam:
-                plain = cam.forward(view(x, size), self.rt)
-                logits = plain.detach()[None]
-                if len(self.views) > 1:  # the other test-time views need no graph
-                    logits = torch.cat([logits, device_logits(self.model, x, self.rt, len(x), self.views[1:])])
+        with capture_features(self.model) as features:  # the plain view's come first
+            if any(shown is not None for _, shown, _ in batch):
+                with GradCAM(self.model) as cam:
+                    plain = cam.forward(view(x, size), self.rt)
+                    logits = plain.detach()[None]
+                    if len(self.views) > 1:  # the other test-time views need no graph
+                        logits = torch.cat([logits, device_logits(self.model, x, self.rt, len(x), self.views[1:])])
+                    probs = probabilities(logits, self.temperature)
+                    maps = cam.maps(plain, probs.argmax(1)).cpu().numpy()
+            else:
+                logits = device_logits(self.model, x, self.rt, len(x), self.views)
                 probs = probabilities(logits, self.temperature)
-                maps = cam.maps(plain, probs.argmax(1)).cpu().numpy()
-        else:
-            probs = probabilities(device_logits(self.model, x, self.rt, len(x), self.views), self.temperature)
-        probs = probs.cpu().numpy()
+        score, kept = gate(self.ood, features[0], logits[0]) if self.ood else (probs[:, 0] * torch.nan,) * 2
+        host = torch.cat([probs, score[:, None], kept[:, None].float()], 1).cpu().numpy()  # one copy to the host
         ms = 1000 * (time.perf_counter() - start)
-        return [dict(probs=p, batch_size=len(batch), inference_ms=ms,
-                     cam=maps[i] if maps is not None and shown is not None else None, shown=shown)
-                for i, (p, (_, shown, _)) in enumerate(zip(probs, batch))]
+        return [dict(probs=row[:-2], ood_score=None if np.isnan(row[-2]) else float(row[-2]),
+                     in_distribution=None if np.isnan(row[-1]) else bool(row[-1]), batch_size=len(batch),
+                     inference_ms=ms, cam=maps[i] if maps is not None and shown is not None else None, shown=shown)
+                for i, (row, (_, shown, _)) in enumerate(zip(host, batch))]
 
     def answer(self, result: dict) -> dict:
+        """The JSON answer. A photo the OOD gate turns away gets no label (null, with the reason); its
+        probabilities stay for the curious."""
         p = result["probs"]
         if not np.isfinite(p).all():
             raise RequestError(500, "the model gave scores that are not numbers for this image (NaN or inf)")
@@ -157,8 +166,16 @@ class Predictor:
         out = dict(label=self.classes[top], probability=float(p[top]),
                    probabilities={c: float(v) for c, v in zip(self.classes, p)},
                    confident=bool(p[top] >= self.threshold), threshold=self.threshold,
+                   ood_score=result["ood_score"], in_distribution=result["in_distribution"],
                    model=self.info["model"], checkpoint_id=self.info["checkpoint_id"], batch_size=result["batch_size"])
-        if result["cam"] is not None:  # PNG encoding in the request's thread, not the worker's
+        if result["in_distribution"] is False:
+            gate_ = self.info["ood"]
+            out.update(label=None, probability=None, confident=False, reason=(
+                "this photo does not look like the skin photos the model was trained on (its "
+                f"{gate_['score']} out-of-distribution score {result['ood_score']:.3f} is above "
+                f"{gate_['threshold']:.3f}, within which {gate_['keeps_of_valid']:.0%} of the validation photos "
+                "fall): no diagnosis is given"))
+        if result["cam"] is not None and result["in_distribution"] is not False:  # PNG made in the request's thread
             out["gradcam_png"] = base64.b64encode(overlay_png(result["shown"], result["cam"])).decode()
         return out
 
@@ -607,6 +624,7 @@ PAGE = """<!doctype html>
  .fill{display:block;background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
  #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
+ #ood{background:#fde2e1;border:1px solid #d9827d;padding:.6rem;border-radius:8px}
  small{color:#666} #model{font-size:.85rem;color:#444;background:#f6f6f6;border-radius:8px;padding:.5rem .7rem}
 </style></head><body>
 <h1>Skin lesion check</h1>
@@ -617,7 +635,10 @@ PAGE = """<!doctype html>
 <p id="error"></p>
 <div id="result" hidden>
  <h2 id="label"></h2>
+ <p id="ood" hidden>This photo does not look like the skin photos the model was trained on, so it gives
+  no diagnosis. Send a close, well-lit photo of the skin lesion itself.</p>
  <p id="warn">Low confidence: the model is unsure about this photo.</p>
+ <details id="more"><summary>The model's probabilities, for the curious (not a diagnosis)</summary></details>
  <div id="bars"></div>
  <div class="pics"><img id="photo" alt="your photo"><img id="cam" alt="Grad-CAM: where the model looked"></div>
 </div>
@@ -638,6 +659,8 @@ fetch("/info").then(r => r.json()).then(i => {
                     : "Test: not evaluated yet (run testing.py on this checkpoint).");
   lines.push(i.calibrated ? "Probabilities are calibrated (temperature " + i.temperature.toFixed(2) + ")."
                           : "Probabilities are not calibrated.");
+  lines.push(i.ood ? "Photos unlike its training photos get no diagnosis (" + i.ood.score + " distance above "
+                     + i.ood.threshold.toFixed(3) + ")." : "No check for photos unlike its training photos.");
   $("model").replaceChildren(...lines.map(t => {
     const p = document.createElement("div"); p.textContent = t; return p; }));
 }).catch(e => { $("model").textContent = "model facts unavailable: " + e; });
@@ -649,15 +672,21 @@ async function send(file) {
       headers: {"Content-Type": file.type || "application/octet-stream"}});
     const a = await r.json();
     if (!r.ok) { $("error").textContent = a.error || ("HTTP " + r.status); return; }
-    $("label").textContent = a.label + " (" + (100 * a.probability).toFixed(1) + "%)";
-    $("warn").style.display = a.confident ? "none" : "block";
-    $("bars").replaceChildren(...Object.entries(a.probabilities).sort((x, y) => y[1] - x[1]).map(([c, p]) => {
+    const unlike = a.in_distribution === false;  // no label: the photo is not like the training photos
+    $("label").textContent = unlike ? "No diagnosis" : a.label + " (" + (100 * a.probability).toFixed(1) + "%)";
+    $("ood").hidden = !unlike;
+    $("warn").style.display = a.confident || unlike ? "none" : "block";
+    const more = $("more"), bars = $("bars");
+    more.hidden = !unlike; more.open = false;
+    if (unlike) more.appendChild(bars); else more.after(bars);  // collapsed under "for the curious"
+    bars.replaceChildren(...Object.entries(a.probabilities).sort((x, y) => y[1] - x[1]).map(([c, p]) => {
       const row = document.createElement("div"); row.className = "row";
       row.innerHTML = '<span class="name"></span><span class="bar"><span class="fill"></span></span>'
                     + '<span class="pct"></span>';
       row.children[0].textContent = c; row.querySelector(".fill").style.width = (100 * p) + "%";
       row.children[2].textContent = (100 * p).toFixed(1) + "%"; return row; }));
-    $("cam").src = "data:image/png;base64," + a.gradcam_png;
+    $("cam").hidden = !a.gradcam_png;
+    if (a.gradcam_png) $("cam").src = "data:image/png;base64," + a.gradcam_png;
     $("result").hidden = false;
   } catch (e) { $("error").textContent = "request failed: " + e; }
 }

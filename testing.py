@@ -4,11 +4,15 @@
     python testing.py --checkpoint runs/lenet-all                     # every fold of a --fold all run
     python testing.py --checkpoint runs/r18-s0 runs/r18-s1 runs/r18-s2   # a seed ensemble (probabilities averaged)
     python testing.py --checkpoint runs/x/best.pt --tta --svm         # test-time views; SVM on the features
+    python testing.py --checkpoint runs/x/best.pt --ood-dir my-photos # also score your own non-lesion photos
 
 Probabilities are calibrated with the temperature fitted on Valid (stored in best.pt by train.py,
 or fitted here when absent). Beside the scores: 95% bootstrap intervals over patients, expected
 calibration error and a reliability diagram, risk against coverage as the confidence threshold
-sweeps, and the Mpox threshold that reaches 95% sensitivity on Valid.
+sweeps, and the Mpox threshold that reaches 95% sensitivity on Valid. Out of distribution: how well
+each score (models/ood.py) tells the Test images from generated non-skin pictures, from synthetic
+lesions (for a network trained on real photos), from --ood-dir photos and from the Test images of
+the class a `train.py --exclude-class` run never saw; and what the gate does to the Test images.
 Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png and
 risk_coverage.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean ± std and
 the interval of the mean over folds, and the scores over the distinct Test images), pooled plots.
@@ -29,14 +33,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from getData import (FOLDS, POSITIVE_CLASS, DataError, MSLDDataset, Number, Parser, atomic_write, patient_id,
-                     run_main, usable_folds_root)
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, build_model, derived_seed, embed,
-                    fit_temperature, load_checkpoint, load_classifier, mean_std_table, predict_logits, probabilities,
-                    resize_size, save_figure, select_runtime)
+from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number,
+                     Parser, atomic_write, is_synthetic, list_classes, load_image, not_skin_images, patient_id, prepare,
+                     run_main, synthetic_image, usable_folds_root)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
+                    detection_metrics, embed, fit_temperature, load_checkpoint, load_classifier, logits_and_features,
+                    mean_std_table, ood_scores, predict_logits, probabilities, reference_for, resize_size, save_figure,
+                    select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
-                device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0)
+                device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
+                ood_dir=[])
 # SVM on deep features (Chaddad et al. 2025): C and kernel chosen on the Valid split.
 SVM_GRID = [dict(kernel=k, C=c) for k in ("linear", "rbf") for c in (0.01, 0.1, 1.0, 10.0, 100.0)]
 SUMMARY_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
@@ -263,15 +270,17 @@ class Head:
 
 
 class FoldImages:
-    """A fold's splits, each decoded once per image size."""
+    """A fold's splits, each decoded once per image size, with the checkpoint's classes."""
 
-    def __init__(self, folds_root, fold: int):
-        self.folds_root, self.fold, self._cache = folds_root, fold, {}
+    def __init__(self, folds_root, fold: int, classes: list[str]):
+        self.folds_root, self.fold, self.classes, self._cache = folds_root, fold, classes, {}
 
-    def __call__(self, split: str, size: int) -> MSLDDataset:
-        if (split, size) not in self._cache:
-            self._cache[split, size] = MSLDDataset(self.folds_root, self.fold, split, cache_size=size)
-        return self._cache[split, size]
+    def __call__(self, split: str, size: int, classes: list[str] | None = None) -> MSLDDataset:
+        classes = classes or self.classes
+        if (split, size, *classes) not in self._cache:
+            self._cache[split, size, *classes] = MSLDDataset(self.folds_root, self.fold, split, cache_size=size,
+                                                             classes=classes)
+        return self._cache[split, size, *classes]
 
 
 def load_for_eval(checkpoint, svm: bool, rt):
@@ -334,19 +343,23 @@ def head_metrics(head: Head, ds: MSLDDataset, valid_y, threshold: float, resampl
     return m
 
 
-def predictions_csv(paths, y_true, probs, classes) -> str:
+def predictions_csv(paths, y_true, probs, classes, gate_columns: dict | None = None) -> str:
+    """One row per image: its class, the prediction, the probabilities; with an OOD reference also the
+    gate's score and whether the gate keeps the image."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes]])
-    for p, y, pr in zip(paths, y_true, probs):
-        w.writerow([p, classes[y], classes[int(np.argmax(pr))], *[f"{v:.6f}" for v in pr]])
+    extra = list(gate_columns or {})
+    w.writerow(["file", "true", "predicted", *[f"p_{c}" for c in classes], *extra])
+    for i, (p, y, pr) in enumerate(zip(paths, y_true, probs)):
+        w.writerow([p, classes[y], classes[int(np.argmax(pr))], *[f"{v:.6f}" for v in pr],
+                    *[f"{gate_columns[k][i]:.6f}" if k == "ood_score" else bool(gate_columns[k][i]) for k in extra]])
     return buf.getvalue()
 
 
-def write_outputs(out: Path, m: dict, ds: MSLDDataset, probs) -> None:
+def write_outputs(out: Path, m: dict, ds: MSLDDataset, probs, gate_columns: dict | None = None) -> None:
     y = ds.targets.numpy()
     atomic_write(out / "metrics.json", json.dumps(m, indent=2))
-    atomic_write(out / "predictions.csv", predictions_csv(ds.paths, y, probs, ds.classes))
+    atomic_write(out / "predictions.csv", predictions_csv(ds.paths, y, probs, ds.classes, gate_columns))
     atomic_write(out / "report.md", report_markdown(m))
     title = f"fold {m['fold']} {m['split']} {m['head']}"
     plot_confusion(m["confusion"], ds.classes, out / "confusion.png", title=title)
@@ -364,9 +377,10 @@ class FoldResult:
 
 
 def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None, split="Test", threshold=0.6,
-                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0) -> dict[str, FoldResult]:
+                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_dirs=()) -> dict[str, FoldResult]:
     """Evaluate one fold's checkpoint (several: an ensemble) on its `split`, per head asked for:
-    "softmax" (calibrated, averaged over members) and "svm". Outputs go to `out` and `out/svm`."""
+    "softmax" (calibrated, averaged over members; with the out-of-distribution scores of the first
+    member) and "svm". Outputs go to `out` and `out/svm`."""
     rt = rt or select_runtime()
     members = [load_for_eval(c, svm, rt) for c in checkpoints]
     ckpt = members[0][1]
@@ -377,22 +391,34 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     for c, (_, other, _) in zip(checkpoints[1:], members[1:]):
         if other["classes"] != ckpt["classes"] or (other.get("fold") or fold) != fold:
             raise ModelError(f"{c}: an ensemble's checkpoints must share the fold and the classes of {checkpoints[0]}")
-    images = FoldImages(usable_folds_root(data_root), int(fold))
-    ds = images(split, resize_size(members[0][0].input_size))
-    if ds.classes != ckpt["classes"]:
-        raise DataError(f"{data_root}: classes {ds.classes} differ from the checkpoint's {ckpt['classes']}")
+    root, exclude = usable_folds_root(data_root), ckpt["config"].get("exclude_class")
+    expected = [c for c in list_classes(root) if c != exclude]
+    if expected != ckpt["classes"]:
+        raise DataError(f"{data_root}: classes {expected} differ from the checkpoint's {ckpt['classes']}")
+    images = FoldImages(root, int(fold), ckpt["classes"])
+    size = resize_size(members[0][0].input_size)
+    ds = images(split, size)
     heads = {}
     if all(has_head for *_, has_head in members):
         heads["softmax"] = softmax_head(members, images, split, rt, batch_size, tta)
     if svm:
         heads["svm"] = svm_head(members[0][0], ds.classes, images, split, rt, batch_size)
-    valid_y = images("Valid", resize_size(members[0][0].input_size)).targets.numpy()
+    valid_y = images("Valid", size).targets.numpy()
+    ood, gate_columns = {}, None
+    reference = reference_for(ckpt, members[0][0], rt, checkpoints[0], root, int(fold)) if "softmax" in heads else None
+    if reference is not None:
+        near = images(split, size, [exclude]).images if exclude else None
+        sets = ood_sets(ds.images, size, not is_synthetic(root), near, ood_dirs, seed)
+        ood, gate_columns = ood_evaluation(members[0][0], reference, ds, ds.targets.numpy(), heads["softmax"].probs,
+                                           rt, batch_size, sets)
     results = {}
     for name, head in heads.items():
         m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, int(fold)))
         m.update(fold=int(fold), split=split, checkpoint=[str(c) for c in checkpoints] if len(checkpoints) > 1
-                 else str(checkpoints[0]), checkpoint_id=file_id(checkpoints[0]), model=ckpt["model"], head=name)
-        write_outputs(Path(out) / ("svm" if name == "svm" else ""), m, ds, head.probs)
+                 else str(checkpoints[0]), checkpoint_id=file_id(checkpoints[0]), model=ckpt["model"], head=name,
+                 **({"ood": ood} if name == "softmax" and ood else {}))
+        write_outputs(Path(out) / ("svm" if name == "svm" else ""), m, ds, head.probs,
+                      gate_columns if name == "softmax" else None)
         results[name] = FoldResult(m, [str(p) for p in ds.paths], ds.targets.numpy(), head.probs)
     if len(results) > 1:
         atomic_write(Path(out) / "heads.md", heads_table({h: r.metrics for h, r in results.items()}))
@@ -434,7 +460,7 @@ def report_markdown(m: dict) -> str:
     return (f"# {m['model']} fold {m['fold']} {m['split']}, {m['head']} head (n={m['n']})\n\n{head}\n\n"
             f"{_ci_line(m['ci95'])}\n\nCalibration: ECE {m['ece']:.4f} (before temperature scaling "
             f"{m['ece_raw']:.4f}; temperature {m['temperature']})\n\n{per_class_table(m)}\n{gate}\n\n"
-            + "\n".join(rc) + "\n\n" + mpox)
+            + "\n".join(rc) + "\n\n" + mpox + ("\n" + ood_markdown(m["ood"]) if m.get("ood") else ""))
 
 
 def per_class_table(m: dict) -> str:
@@ -443,6 +469,103 @@ def per_class_table(m: dict) -> str:
         lines.append(f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['specificity']:.3f} "
                      f"| {v['roc_auc']:.3f} | {v['support']} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- out of distribution
+OOD_SETS = ("not_skin", "synthetic_lesions", "ood_dir", "near")  # near: the class the network never saw
+
+
+def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_images, ood_dirs, seed: int):
+    """The images the gate should refuse, as uint8 caches (N, 3, S, S), by set and (not_skin) kind:
+    generated non-skin pictures and the Test photos with their colour channels scrambled; for a
+    network trained on real photos the synthetic lesions; the user's --ood-dir photos; and the
+    Test photos of the class the network was trained without (near-OOD)."""
+    kinds = {}
+    for kind, im in not_skin_images(seed):
+        kinds.setdefault(kind, []).append(prepare(im, size))
+    kinds = {k: torch.stack(v) for k, v in kinds.items()}
+    kinds["scrambled_channels"] = test_images[:, [2, 0, 1]]  # skin photos in colours skin never has
+    sets = {"not_skin": kinds}
+    if real_data:
+        rng = np.random.default_rng(seed)
+        sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
+                                                         for c in SYNTHETIC_PATIENTS for _ in range(8)])}
+    if ood_dirs:
+        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in images_under(ood_dirs)])}
+    if exclude_images is not None:
+        sets["near"] = {"all": exclude_images}
+    return sets
+
+
+def images_under(folders) -> list[Path]:
+    """Every image file below `folders` (searched recursively), sorted; one line if there is none."""
+    found = []
+    for d in map(Path, folders):
+        if not d.is_dir():
+            raise DataError(f"--ood-dir {d}: no such folder")
+        found += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise DataError(f"--ood-dir {', '.join(map(str, folders))}: no images there "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict]:
+    """Every OOD score's AUROC and FPR at 95% TPR for each set against the Test images (and, for the
+    gate's score, for each kind of non-skin picture); what the gate does to the Test images: the
+    share it turns away and the accuracy on those it keeps. Returns (metrics, per-image gate columns)."""
+    def scores(images):
+        logits, features = logits_and_features(model, images, rt, batch_size)
+        return ood_scores(reference, features, logits[0])
+    inside = scores(test.images)
+    out = dict(score=reference["score"], threshold=reference["thresholds"][reference["score"]], sets={}, kinds={})
+    for name, kinds in sets.items():
+        per_kind = {kind: scores(images) for kind, images in kinds.items()}
+        pooled = {s: torch.cat([v[s] for v in per_kind.values()]) for s in SCORES}
+        out["sets"][name] = {s: detection_metrics(inside[s], pooled[s]) for s in SCORES}
+        if name == "not_skin":
+            out["kinds"] = {kind: {s: detection_metrics(inside[s], v[s]) for s in SCORES}
+                            for kind, v in per_kind.items()}
+    kept = (inside[out["score"]] <= out["threshold"]).numpy()
+    out["gate"] = dict(rejected_share=float(1 - kept.mean()), n_kept=int(kept.sum()), n=len(kept))
+    if kept.any():
+        m = classification_metrics(np.asarray(y)[kept], np.asarray(probs)[kept], test.classes)
+        out["gate"].update(accuracy_kept=m["accuracy"], balanced_accuracy_kept=m["balanced_accuracy"])
+    return out, dict(ood_score=inside[out["score"]].numpy(), in_distribution=kept)
+
+
+def ood_markdown(ood: dict) -> str:
+    g = ood["gate"]
+    lines = [f"Out of distribution: the gate ({ood['score']} <= {ood['threshold']:.4f}, keeping 95% of Valid) turns "
+             f"away {g['rejected_share']:.1%} of these images; accuracy on the {g['n_kept']} it keeps "
+             f"{g.get('accuracy_kept', float('nan')):.4f}.", "",
+             "| set | images | " + " | ".join(f"{s} AUROC | {s} FPR95" for s in SCORES) + " |",
+             "|---" * (2 + 2 * len(SCORES)) + "|"]
+    for name, by_score in ood["sets"].items():
+        lines.append(f"| {name} | {by_score[SCORES[0]]['n_out']} | "
+                     + " | ".join(f"{by_score[s]['auroc']:.3f} | {by_score[s]['fpr95']:.3f}" for s in SCORES) + " |")
+    kinds = ", ".join(f"{k} {v[ood['score']]['auroc']:.3f}" for k, v in ood["kinds"].items())
+    return "\n".join(lines) + f"\n\n{ood['score']} AUROC by kind of non-skin picture: {kinds}\n"
+
+
+def ood_summary_table(folds: dict[int, dict]) -> str:
+    """Mean ± std over folds of each score's AUROC and FPR95 per set; the gate's share turned away."""
+    lines = ["| set | score | AUROC | FPR95 |", "|---|---|---|---|"]
+    first = next(iter(folds.values()))
+    for name in first["sets"]:
+        for s in SCORES:
+            a = [f["sets"][name][s]["auroc"] for f in folds.values() if name in f["sets"]]
+            r = [f["sets"][name][s]["fpr95"] for f in folds.values() if name in f["sets"]]
+            lines.append(f"| {name} | {s} | {_mean_std(a)} | {_mean_std(r)} |")
+    gates = [f["gate"] for f in folds.values()]
+    rejected, kept = ([g.get(k, np.nan) for g in gates] for k in ("rejected_share", "accuracy_kept"))
+    return ("\n".join(lines) + f"\n\nThe gate ({first['score']}) turns away {_mean_std(rejected)} of the Test "
+            f"images; accuracy on those it keeps {_mean_std(kept)} ({len(folds)} folds, mean ± std).\n")
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, float)
+    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
 
 
 # ----------------------------------------------------------------------------- 5 folds
@@ -499,10 +622,14 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
              f"Mpox sensitivity {distinct.get('mpox_sensitivity', float('nan')):.4f}, ECE {distinct['ece']:.4f}. "
              f"{_ci_line(distinct['ci95'])}.\n",
              f"\nConfidence gate {threshold}:\n", mean_std_table(gated, gate_keys)]
+    oods = {k: m["ood"] for k, m in metrics.items() if m.get("ood")}
+    if oods:
+        lines += ["\nOut of distribution (AUROC and FPR at 95% TPR against each fold's Test images):\n",
+                  ood_summary_table(oods)]
     numbers = dict(folds=rows, ci95_of_mean=ci_mean, gated=gated, distinct=dict(
         n=len(y), entries=entries, **{k: distinct[k] for k in SUMMARY_KEYS + ["ci95"] if k in distinct}),
         pooled_confusion=np.sum([m["confusion"] for m in metrics.values()], axis=0).tolist(),
-        pooled_ece=calibration_bins(pooled_y, pooled_p)[0])
+        pooled_ece=calibration_bins(pooled_y, pooled_p)[0], ood=oods)
     atomic_write(out / f"summary{suffix}.json", json.dumps(numbers, indent=2))
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
@@ -569,6 +696,8 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true",
                    help=f"average {len(TTA_VIEWS)} test-time views: flips and corner crops")
     p.add_argument("--svm", action="store_true", help="also fit an SVM on the pooled features (C, kernel on Valid)")
+    p.add_argument("--ood-dir", action="append", default=d["ood_dir"], metavar="DIR",
+                   help="photos of your own that are not skin lesions: scored as out-of-distribution (repeatable)")
     p.add_argument("--bootstrap", type=Number(int, 10), default=d["bootstrap"],
                    help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=Number(int, 0), default=d["seed"], help="seed of the bootstrap")
@@ -582,9 +711,11 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
+    if args.ood_dir:
+        images_under(args.ood_dir)  # one line now, not after the evaluation, if there is nothing there
     result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
                       threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
-                      resamples=args.bootstrap, seed=args.seed)
+                      resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir)
     if all(isinstance(v, FoldResult) for v in result.values()):  # one fold
         print("\n".join(report_markdown(r.metrics) for r in result.values()))
         if len(result) > 1:

@@ -37,15 +37,16 @@ from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, UserError, atomic_write, list_classes, patient_id,
                      resolve_data_root, run_main)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
-                    fit_temperature, make_optimizer, mean_std_table, param_groups, per_rank_batch, predict_logits,
-                    probabilities, resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed,
-                    shard, training_state, unwrap, warmup_cosine, write_history)
+                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, embed, epoch_generators,
+                    fit_reference, fit_temperature, logits_and_features, make_optimizer, mean_std_table, param_groups,
+                    per_rank_batch, probabilities, resize_size, resume, save_checkpoint, select_runtime, send,
+                    set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
-    label_smoothing=0.1, balance="none", augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None, aug_device="auto",
+    label_smoothing=0.1, balance="none", exclude_class=None, augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None,
+    aug_device="auto",
     seed=0, device="auto", precision="auto", memory_format="auto", compile=None, deterministic=False, jobs=1,
     out=None, resume=False, overwrite=False, save_every=60.0, benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
@@ -64,8 +65,8 @@ class FoldData:
     device, Valid to the training device. The labels stay on the CPU as well (`train_labels`, and
     Valid's), where the sampler, the sites and the metrics read them without waiting for a GPU."""
 
-    def __init__(self, folds_root, fold: int, input_size: int, rt: Runtime, aug_device, aug_dirs=()):
-        classes = list_classes(folds_root)
+    def __init__(self, folds_root, fold: int, classes: list[str], input_size: int, rt: Runtime, aug_device,
+                 aug_dirs=()):
         size = resize_size(input_size)
         train = MSLDDataset(folds_root, fold, "Train", cache_size=size, extra_dirs=aug_dirs, classes=classes)
         valid = MSLDDataset(folds_root, fold, "Valid", cache_size=size, classes=classes)
@@ -169,15 +170,16 @@ def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size:
     return dict(train_loss=loss_sum / n, train_acc=correct / n, train_images_per_s=n / (time.perf_counter() - start))
 
 
-def validate(model, data: FoldData, rt: Runtime) -> tuple[dict, torch.Tensor]:
-    """Valid loss, accuracy and balanced accuracy (the classes are imbalanced); and the logits."""
+def validate(model, data: FoldData, rt: Runtime) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Valid loss, accuracy and balanced accuracy (the classes are imbalanced); and the logits and
+    pooled features (for the temperature and the out-of-distribution reference)."""
     unwrap(model).eval()
-    logits = predict_logits(unwrap(model), data.valid_images, rt)
+    logits, features = logits_and_features(unwrap(model), data.valid_images, rt)
     probs, y = probabilities(logits), data.valid_targets
     pred = probs.argmax(1)
     return dict(valid_loss=F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
                 valid_acc=(pred == y).double().mean().item(),
-                valid_bal_acc=float(balanced_accuracy_score(y.numpy(), pred.numpy()))), logits
+                valid_bal_acc=float(balanced_accuracy_score(y.numpy(), pred.numpy()))), logits, features
 
 
 def is_better(new: dict, best: dict | None) -> bool:
@@ -216,16 +218,18 @@ class FoldRun:
         """After each epoch (rank 0): validate `evaluated` (the model or its EMA), save, report."""
         if self.rt.rank != 0:
             return
-        metrics, logits = validate(evaluated, self.data, self.rt)
+        metrics, logits, features = validate(evaluated, self.data, self.rt)
         self.stop_if_diverged(row["epoch"], metrics["valid_loss"])
         row.update(metrics, epoch_s=time.perf_counter() - started)
         self.history.append(row)
         classes, config = self.data.classes, self.config
         if is_better(row, self.best):
             self.best = row
+            temperature = fit_temperature(logits, self.data.valid_targets)
+            ood = fit_reference(embed(unwrap(evaluated), self.data.train_images, self.rt), self.data.train_labels,
+                                features, logits[0], temperature)
             save_checkpoint(checkpoint_dict(evaluated, "classifier", classes, config, row["epoch"], row,
-                                            temperature=fit_temperature(logits, self.data.valid_targets)),
-                            self.out / "best.pt")
+                                            temperature=temperature, ood=ood), self.out / "best.pt")
         if self.clock.due(final=row["epoch"] == self.total):
             save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
                                             **training_state(opt, sched, self.history, self.best, **modules)),
@@ -252,12 +256,24 @@ class FoldRun:
                     **{k: v for k, v in best.items() if k.startswith("valid")})
 
 
+def training_classes(folds_root: Path, exclude: str | None) -> list[str]:
+    """The classes a run learns: all of the dataset's, or all but --exclude-class (whose Test images
+    testing.py then scores as near out-of-distribution: a condition the network never saw)."""
+    classes = list_classes(folds_root)
+    if exclude is None:
+        return classes
+    if exclude not in classes:
+        raise DataError(f"--exclude-class {exclude}: not a class of {folds_root}; choose one of {', '.join(classes)}")
+    return [c for c in classes if c != exclude]
+
+
 def setup_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime, unit="epoch"):
     """The seeded model on its device, the fold's decoded images, and its run directory."""
     set_seed(cfg["seed"])
-    model = rt.module(build_model(cfg["model"], len(list_classes(folds_root)), cfg["init"], cfg["input_size"]))
+    classes = training_classes(folds_root, cfg["exclude_class"])
+    model = rt.module(build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"]))
     aug_device = rt.device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
-    data = FoldData(folds_root, fold, model.input_size, rt, aug_device, cfg["aug_dir"] or ())
+    data = FoldData(folds_root, fold, classes, model.input_size, rt, aug_device, cfg["aug_dir"] or ())
     config = dict(cfg, fold=fold, data_root=str(folds_root), classes=data.classes, train_images=len(data))
     return model, data, FoldRun(out, config, data, rt, unit)
 
@@ -561,6 +577,8 @@ def parse_args(argv=None):
     o.add_argument("--label-smoothing", type=Number(float, 0, 1, open_high=True), default=d["label_smoothing"])
     o.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
                    help="class-balanced loss weights or sampler (Mpox is 38%% of images, Measles 7%%)")
+    o.add_argument("--exclude-class", default=d["exclude_class"], metavar="NAME", help="train without this class "
+                   "(its Train and Valid images left out): testing.py scores its Test images as near-OOD")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", default=d["augment"], choices=list(TRAIN_AUGMENTS),
                    help="basic: crop, flips, mild colour jitter; trivial: crop, flips, one TrivialAugment op; none")

@@ -5,7 +5,8 @@
     predict.py     how a network sees an image; batched inference, test-time views, temperature
     optim.py       parameter groups, optimizers (LARS), warm-up + cosine schedule, weight EMA
     runtime.py     device, bf16, channels_last, torchrun/DDP, placing tensors, seeds, per-epoch index batches
-    rundir.py      history.csv, curves and figures as PNG, mean ± std tables
+    ood.py         out-of-distribution scores (kNN, energy, MSP, Mahalanobis) and the gate fitted on Train/Valid
+    rundir.py      history.csv, curves and figures as PNG, mean ± std tables, the run directory's lock
 
     from models import build_model, load_classifier, predict, select_runtime
 """
@@ -14,8 +15,10 @@ from models.checkpoint import (ModelError, checkpoint_dict, load_checkpoint, res
                                unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
-from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, crop, device_logits, embed, fit_temperature, normalize,
-                            predict, predict_logits, probabilities, resize_size, to_input, view)
+from models.ood import GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, ood_scores, reference_for
+from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
+                            fit_temperature, logits_and_features, normalize, predict, predict_logits, probabilities,
+                            resize_size, to_input, view)
 from models.rundir import SaveClock, claim_run_dir, mean_std_table, png_bytes, save_figure, write_history
 from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, constant, derived_seed,
                             distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
@@ -23,9 +26,11 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
 
 __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "ModelError", "checkpoint_dict",
            "load_checkpoint", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
-           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS",
-           "crop", "device_logits", "embed", "fit_temperature", "normalize", "predict", "predict_logits",
-           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "mean_std_table",
-           "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for",
-           "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators", "per_rank_batch",
-           "seed_worker", "select_runtime", "send", "set_numerics", "set_seed", "shard"]
+           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES",
+           "detection_metrics", "fit_reference", "gate", "ood_scores", "reference_for", "MEAN", "PLAIN_VIEW", "STD",
+           "TTA_VIEWS", "capture_features", "crop", "device_logits", "embed", "fit_temperature", "logits_and_features",
+           "normalize", "predict", "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock",
+           "claim_run_dir", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS",
+           "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant", "derived_seed", "distributed",
+           "epoch_generators", "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed",
+           "shard"]

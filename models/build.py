@@ -29,9 +29,16 @@ CAM_LAYERS = [("lenet", "relu2", "nchw"), ("resnet", "layer4", "nchw"), ("resnex
               ("maxvit", "blocks", "nchw"), ("swin", "features", "nhwc"), ("vit", "encoder.layers.[-1].ln_1", "tokens")]
 
 
+# The layers worth offering to Grad-CAM besides the default, by family (gradcam.py --faithfulness
+# and --sanity measure them all): a ResNet's last three stages, 28, 14 and 7 positions a side at 224 px.
+CAM_CANDIDATES = [("resnet", ("layer2", "layer3", "layer4")), ("resnext", ("layer2", "layer3", "layer4")),
+                  ("wide_resnet", ("layer2", "layer3", "layer4"))]
+
+
 class Classifier(nn.Module):
     """backbone (image -> pooled features) + linear head, with the facts other scripts need:
-    `name`, `input_size`, `num_features`, `cam_layer` (a submodule path) and `cam_layout`."""
+    `name`, `input_size`, `num_features`, `cam_layer` (a submodule path), `cam_layout` and
+    `cam_candidates` (the layers worth explaining with, the default among them)."""
 
     def __init__(self, name: str, backbone: nn.Module, num_features: int, num_classes: int, input_size: int):
         super().__init__()
@@ -41,6 +48,8 @@ class Classifier(nn.Module):
         layer, self.cam_layout = next(((p, lay) for prefix, p, lay in CAM_LAYERS if name.startswith(prefix)),
                                       (None, None))
         self.cam_layer = self._resolve(f"backbone.{layer}") if layer else None
+        others = next((names for prefix, names in CAM_CANDIDATES if name.startswith(prefix)), ())
+        self.cam_candidates = [f"backbone.{n}" for n in others] or [self.cam_layer]
 
     def _resolve(self, path: str) -> str:
         head, sep, tail = path.partition(".[-1]")

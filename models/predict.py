@@ -5,6 +5,8 @@ photo in serve.py); a view is a crop of input_size from it (the centre one for p
 scaled to [0, 1] and normalised. Test-time augmentation averages the probabilities of several
 views; temperature scaling (Guo et al. 2017) divides the logits by one scalar fitted on Valid.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,25 @@ def device_logits(model, images: torch.Tensor, rt, batch_size: int = 64, views=P
 def predict_logits(model, images: torch.Tensor, rt, batch_size: int = 64, views=PLAIN_VIEW) -> torch.Tensor:
     """device_logits on the CPU: one copy back to the host at the end, not one wait per batch."""
     return device_logits(model, images, rt, batch_size, views).cpu()
+
+
+@contextlib.contextmanager
+def capture_features(model):
+    """Collects, in order, the pooled features the classifier head receives in every forward pass
+    inside the block (detached, float32, on the device): features and logits from one pass."""
+    seen = []
+    handle = model.head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().float()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def logits_and_features(model, images: torch.Tensor, rt, batch_size: int = 64, views=PLAIN_VIEW):
+    """(logits (V, N, C), pooled features (N, F) of the first view), both on the CPU, from one pass."""
+    with capture_features(model) as seen:
+        logits = device_logits(model, images, rt, batch_size, views)
+    return logits.cpu(), torch.cat(seen)[:len(images)].cpu()
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

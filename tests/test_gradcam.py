@@ -1,5 +1,6 @@
 import gc
 import hashlib
+import json
 import weakref
 
 import numpy as np
@@ -11,8 +12,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
-from gradcam import GradCAM, overlay_png
-from models import build_model, checkpoint_dict, save_checkpoint, select_runtime
+from getData import load_image
+from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
+from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 
 
 class QuadrantNet(nn.Module):
@@ -182,3 +184,102 @@ def test_cli_bad_input_is_one_line(trained, synthetic, tmp_path):
     assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, photo, "--layer", "backbone.layer9"),
                           "no such module")
     assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, photo, "--target-class", "Flu"), "Flu")
+
+
+# ----------------------------------------------------------------------------- does the map explain?
+class LeftTexture(nn.Module):
+    """Known answer: class 1's logit is the fine texture in the left half of the image, class 0's a
+    constant. `feat` (a fixed Laplacian, rectified and locally averaged) responds to texture
+    anywhere; the head reads only its left half."""
+    input_size = 32
+
+    def __init__(self):
+        super().__init__()
+        conv = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        laplacian = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+        with torch.no_grad():
+            conv.weight.copy_(laplacian.expand(1, 3, 3, 3) / 3)
+        self.feat = nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(3, stride=1, padding=1))
+
+    def forward(self, x):
+        texture = self.feat(x)[..., :x.shape[-1] // 2].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(texture), 2 * texture - 2], 1)
+
+
+def _left_textured(n=6):
+    """A fine checkerboard on the left half, flat on the right: the evidence for class 1 is on the left."""
+    x = torch.zeros(n, 3, 32, 32)
+    board = (torch.arange(32)[:, None] + torch.arange(16)[None]) % 2 * 2.0 - 1
+    x[..., :16] = board + 0.1 * torch.randn(n, 3, 32, 16, generator=torch.Generator().manual_seed(0))
+    return x
+
+
+def test_deletion_by_the_map_beats_a_random_map_where_the_answer_is_known():
+    model, x = LeftTexture().eval(), _left_textured()
+    target = torch.ones(len(x), dtype=torch.long)
+    rt, gen = select_runtime("cpu"), torch.Generator().manual_seed(1)
+    with GradCAM(model, layer="feat") as cam:
+        maps, probs = cam(x, target)
+    assert (maps[..., :16].sum((1, 2)) / maps.sum((1, 2)) > 0.95).all()  # the mass on the left half
+    curves = {name: deletion_insertion(model, x, target, m, rt, gen)
+              for name, m in dict(gradcam=maps, **baseline_maps(len(x), 32, gen)).items()}
+    deletion = {name: float(curve_area(d).mean()) for name, (d, _) in curves.items()}
+    insertion = {name: float(curve_area(i).mean()) for name, (_, i) in curves.items()}
+    assert deletion["gradcam"] < deletion["random"] - 0.2, (deletion, insertion)
+    assert insertion["gradcam"] > insertion["random"] + 0.1, insertion
+    for d, i in curves.values():  # the curves start (deletion) and end (insertion) at the image's own probability
+        assert torch.allclose(d[:, 0], probs[:, 1], atol=1e-5) and torch.allclose(i[:, -1], probs[:, 1], atol=1e-5)
+    blurred_image = model(blurred(x)).softmax(1)[:, 1]
+    for d, i in curves.values():  # and at the blurred image's at the other end
+        assert torch.allclose(d[:, -1], blurred_image, atol=1e-5) and torch.allclose(i[:, 0], blurred_image, atol=1e-5)
+
+
+def test_spearman_ranks_ties_as_scipy_does():
+    from scipy.stats import spearmanr
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (3, 40), generator=g).float()  # many ties, as Grad-CAM's ReLU leaves zeros
+    b = a + torch.randint(0, 3, (3, 40), generator=g).float()
+    ours = spearman(a, b)
+    for i in range(3):
+        assert ours[i].item() == pytest.approx(spearmanr(a[i], b[i]).statistic, abs=1e-9)
+    assert torch.isnan(spearman(torch.ones(1, 5), a[:1, :5])).all()  # a constant map correlates with nothing
+
+
+def test_randomising_the_network_drops_the_maps_correlation(trained_resnet, synthetic):
+    from gradcam import randomisation
+    model, _ = load_classifier(trained_resnet / "best.pt", select_runtime("cpu"))
+    images = [load_image(p) for p in sorted(synthetic.glob("fold1/Test/*/*.jpg"))[:12]]
+    result = randomisation(model, images, select_runtime("cpu"), ["backbone.layer3"], 12)
+    steps = result["layers"]["layer3"]
+    assert [s["randomised"] for s in steps] == ["head", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
+    assert steps[-1]["spearman"] < 0.3, steps  # measured: 0.36 without the head, -0.09 once every weight is new
+    assert result["examples"]["layer3"].shape == (4, 1 + len(steps), 64, 64)
+    again = randomisation(model, images, select_runtime("cpu"), ["backbone.layer3"], 12)
+    assert again["layers"] == result["layers"]  # seeded: the same new weights every time
+
+
+def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, synthetic, tmp_path):
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--faithfulness", "--sanity", "--limit", 6,
+                   "--out", tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "one").iterdir()} == {"faithfulness.json", "faithfulness.png", "sanity.json",
+                                                              "sanity_relu2.png", "explains.md"}
+    faith = json.loads((tmp_path / "one" / "faithfulness.json").read_text())
+    assert faith["n"] == 6 and set(faith["maps"]) == {"gradcam relu2", "random", "centre"}
+    assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1
+    proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--out", tmp_path / "all")
+    assert proc.returncode == 0, proc.stderr
+    assert all((tmp_path / "all" / f"fold{k}" / "faithfulness.json").is_file() for k in range(1, 6))
+    assert "mean ± std" in (tmp_path / "all" / "summary.md").read_text()
+
+
+def test_bad_layers_and_empty_image_lists_are_one_line(trained, tmp_path):
+    ck = trained / "best.pt"
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, "--faithfulness", "--layer", "layer9"),
+                          "--layer", "no such module")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, tmp_path / "empty", "--out", tmp_path / "o"),
+                          "no images there")
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", ck, "--layer", "relu1", "--layer", "relu2"),
+                          "--layer", "one layer")
+    assert not (tmp_path / "o").exists()

@@ -248,11 +248,11 @@ class DevTools:
         self.proc.wait()
 
 
-@pytest.mark.skipif(not _chromium(), reason="no Chromium installed (apt-get install chromium)")
-def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_path):
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    photo_path = sorted(synthetic.rglob("MKP_*.jpg"))[0]
-    browser = DevTools(_chromium(), tmp_path / "profile")
+def upload_in_browser(srv, photo_path, profile) -> dict:
+    """Open the page in headless Chromium, choose `photo_path` in its file input, and return what the
+    page then shows (once the result or an error is up)."""
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    browser = DevTools(_chromium(), profile)
     try:
         target = browser.call("Target.createTarget", url=url)["targetId"]
         sid = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -269,20 +269,30 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
                 "({shown: !document.getElementById('result').hidden,"
                 " label: document.getElementById('label').textContent,"
                 " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
+                " camShown: !document.getElementById('cam').hidden,"
                 " fill: (document.querySelector('#bars .fill') || {getBoundingClientRect: () => ({width: 0})})"
                 ".getBoundingClientRect().width, facts: document.getElementById('model').textContent,"
+                " ood: !document.getElementById('ood').hidden, barsFolded: !!document.querySelector('#more #bars'),"
+                " folded: !document.getElementById('more').open,"
                 " error: document.getElementById('error').textContent})"))["result"]["value"]
             if state["shown"] or state["error"]:
                 break
             time.sleep(0.1)
     finally:
         browser.close()
+    return state
+
+
+@pytest.mark.skipif(not _chromium(), reason="no Chromium installed (apt-get install chromium)")
+def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_path):
+    state = upload_in_browser(server, sorted(synthetic.rglob("MKP_*.jpg"))[0], tmp_path / "profile")
     assert state["shown"] and not state["error"], state
     assert state["bars"] == 6 and state["cam"] > 1000 and state["fill"] > 0  # the top bar is drawn
     facts = state["facts"]
     assert "Answered by lenet, trained on fold 1" in facts and "Validation: accuracy" in facts
     assert "calibrated (temperature" in facts and "Test: not evaluated yet" in facts
     assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))
+    assert not state["ood"] and not state["barsFolded"]
 
 
 # ----------------------------------------------------------------------------- what a client may cost

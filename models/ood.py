@@ -1,0 +1,124 @@
+"""Out-of-distribution (OOD) scores: does a photo look like the skin photos the network trained on?
+
+A six-class softmax names one of six conditions for any input, a logo or a cat included, and its
+confidence is no measure of distance from the training data. Four scores, each "higher = less like
+the training data":
+
+    knn          distance from the L2-normalised penultimate features to their k-th nearest Train
+                 image (Sun et al. 2022, "Out-of-distribution detection with deep nearest
+                 neighbors"; on OpenOOD v1.5's CIFAR-10 ResNet-18 benchmark the strongest simple
+                 method: AUROC 90.6 near-OOD, 93.0 far-OOD). The one the gate uses.
+    energy       -logsumexp of the logits (Liu et al. 2020, "Energy-based out-of-distribution
+                 detection"; temperature 1)
+    msp          -(maximum softmax probability), calibrated (Hendrycks & Gimpel 2017): the baseline
+    mahalanobis  the smallest Mahalanobis distance to a class mean of the Train features, with one
+                 covariance shared by the classes (Lee et al. 2018), shrunk towards a multiple of the
+                 identity (Ledoit & Wolf 2004): 512 dimensions from about 500 images need it.
+
+`fit_reference` builds what the scores need from the Train features (stored in best.pt when it is
+written, readable with weights_only=True) and the thresholds that keep 95% of the Valid images;
+`ood_scores` scores new images from their features and logits.
+"""
+import torch
+import torch.nn.functional as F
+
+from getData import DataError, MSLDDataset, usable_folds_root
+from models.predict import embed, logits_and_features, resize_size
+
+SCORES = ("knn", "energy", "msp", "mahalanobis")
+GATE_SCORE = "knn"
+KNN_K = 5  # about 1% of a fold's ~540 Train images (Sun et al. take k = 50 of CIFAR-10's 50,000: 0.1%)
+KEEP = 0.95  # the gate keeps 95% of Valid images (Sun et al.'s operating point)
+
+
+def knn_distance(features: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Euclidean distance from each L2-normalised row of `features` to its k-th nearest row of `bank`
+    (already normalised): for unit vectors |a - b|^2 = 2 - 2 a.b, so one matrix product."""
+    similarity = F.normalize(features.float(), dim=1) @ bank.float().T
+    kth = similarity.topk(min(k, len(bank)), dim=1).values[:, -1]
+    return (2 - 2 * kth).clamp_min(0).sqrt()
+
+
+def shrunk_covariance(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf covariance of the rows of `x` (n, p): (1 - s) S + s mu I with the shrinkage s that
+    minimises the expected squared error (Ledoit & Wolf 2004, as scikit-learn's LedoitWolf)."""
+    x = (x - x.mean(0)).double()
+    n, p = x.shape
+    sample = x.T @ x / n
+    mu = sample.trace() / p
+    delta = ((sample - mu * torch.eye(p, dtype=x.dtype)) ** 2).sum() / p
+    beta = ((x.pow(2).sum(1) ** 2).sum() / n - (sample ** 2).sum()) / (n * p)
+    shrinkage = min(float(beta), float(delta)) / float(delta) if float(delta) > 0 else 1.0
+    return ((1 - shrinkage) * sample + shrinkage * mu * torch.eye(p, dtype=x.dtype)).float()
+
+
+def fit_reference(train_features: torch.Tensor, train_labels: torch.Tensor, valid_features: torch.Tensor,
+                  valid_logits: torch.Tensor, temperature: float = 1.0, k: int = KNN_K) -> dict:
+    """What the scores need, from the Train images' features, and for each score the threshold that
+    keeps KEEP of the Valid images (in-distribution by construction). A dict of tensors, floats and
+    strings: best.pt stores it under "ood"."""
+    train_features = train_features.float()
+    present = train_labels.unique()
+    means = torch.stack([train_features[train_labels == c].mean(0) for c in present])
+    within = torch.cat([train_features[train_labels == c] - means[i] for i, c in enumerate(present)])
+    reference = dict(score=GATE_SCORE, k=k, temperature=temperature, keep=KEEP,
+                     bank=F.normalize(train_features, dim=1).half(),  # half the bytes; distances to 1e-3
+                     class_means=means, precision=torch.linalg.pinv(shrunk_covariance(within), hermitian=True))
+    valid = ood_scores(reference, valid_features, valid_logits)
+    reference["thresholds"] = {name: float(torch.quantile(v.double(), KEEP)) for name, v in valid.items()}
+    return reference
+
+
+def ood_scores(reference: dict, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every score (higher: less like the Train images) for images with these penultimate features
+    and logits (float, any device)."""
+    features, logits = features.float(), logits.float()
+    means, precision = (reference[k].to(features.device) for k in ("class_means", "precision"))
+    centred = features[:, None, :] - means[None]  # (N, C, F)
+    mahalanobis = torch.einsum("ncf,fg,ncg->nc", centred, precision, centred).amin(1)
+    return dict(knn=knn_distance(features, reference["bank"].to(features.device), reference["k"]),
+                energy=-torch.logsumexp(logits, 1),
+                msp=-(logits / reference["temperature"]).softmax(1).amax(1),
+                mahalanobis=mahalanobis)
+
+
+def gate(reference: dict, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the gate's score, in-distribution or not) per image: kept when the score is within the
+    threshold that keeps KEEP of Valid."""
+    score = ood_scores(reference, features, logits)[reference["score"]]
+    return score, score <= reference["thresholds"][reference["score"]]
+
+
+def detection_metrics(in_scores, out_scores) -> dict:
+    """How well a score tells OOD images (positive) from in-distribution ones: AUROC, and the false
+    positive rate at 95% true positive rate as OOD papers define it (the share of OOD images kept
+    when the threshold keeps 95% of in-distribution ones)."""
+    in_scores, out_scores = torch.as_tensor(in_scores).double(), torch.as_tensor(out_scores).double()
+    # AUROC = P(out > in) + P(out == in) / 2, over every pair (Mann-Whitney)
+    greater = (out_scores[:, None] > in_scores[None]).double().mean()
+    ties = (out_scores[:, None] == in_scores[None]).double().mean()
+    threshold = torch.quantile(in_scores, KEEP)
+    return dict(auroc=float(greater + ties / 2), fpr95=float((out_scores <= threshold).double().mean()),
+                n_in=len(in_scores), n_out=len(out_scores))
+
+
+def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dict | None:
+    """The OOD reference of a classifier checkpoint: the one stored in it, or, for a checkpoint older
+    than the scores, one computed now from its fold's Train and Valid images when they are at hand
+    (a one-line note either way). None: no gate (no data to compute one from)."""
+    if ckpt.get("ood"):
+        return ckpt["ood"]
+    data_root, fold = data_root or ckpt["config"].get("data_root"), fold or ckpt.get("fold")
+    try:
+        root = usable_folds_root(data_root)
+        train, valid = (MSLDDataset(root, fold, split, cache_size=resize_size(model.input_size),
+                                    classes=ckpt["classes"]) for split in ("Train", "Valid"))
+    except (DataError, TypeError):  # no data_root recorded, or its data is gone
+        print(f"note: {path} holds no out-of-distribution reference (it is older than the scores) and its data "
+              "is not at hand: no OOD gate")
+        return None
+    print(f"note: {path} holds no out-of-distribution reference (it is older than the scores): computed from "
+          f"fold {fold}'s Train and Valid images")
+    valid_logits, valid_features = logits_and_features(model, valid.images, rt)
+    return fit_reference(embed(model, train.images, rt), train.targets, valid_features, valid_logits[0],
+                         ckpt.get("temperature") or 1.0)

@@ -1,0 +1,170 @@
+"""Knowing when not to answer: the out-of-distribution scores, their gate, and where users meet them."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.covariance import LedoitWolf
+
+import train
+from conftest import assert_one_line_error, run_cli, train_args
+from getData import index_split, list_classes, not_skin_images
+from models import detection_metrics, fit_reference, gate, ood_scores, select_runtime
+from models.ood import knn_distance, shrunk_covariance
+from testing import evaluate
+
+
+def _features(n, d=16, seed=0, shift=0.0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def test_knn_distance_is_the_kth_smallest_of_torch_cdist():
+    bank, query = F.normalize(_features(200, seed=1), dim=1), _features(30, seed=2)
+    for k in (1, 5, 50):
+        direct = torch.cdist(F.normalize(query, dim=1), bank).kthvalue(k, dim=1).values
+        assert torch.allclose(knn_distance(query, bank, k), direct, atol=1e-5), k
+
+
+def test_shrunk_covariance_is_ledoit_wolf():
+    x = _features(60, d=30, seed=3) @ torch.randn(30, 30, generator=torch.Generator().manual_seed(4))
+    sklearn = torch.from_numpy(LedoitWolf().fit(x.numpy()).covariance_).double()
+    assert torch.allclose(shrunk_covariance(x).double(), sklearn, rtol=1e-4, atol=1e-5)
+
+
+def test_the_gate_keeps_95_percent_of_valid_and_refuses_what_is_far():
+    labels = torch.arange(400) % 4
+    centres = 3 * torch.eye(16)[:4]
+    train_features, valid_features = (centres[labels] + 0.5 * _features(400, seed=s) for s in (5, 6))
+    logits = 4 * F.one_hot(labels, 4).float() + _features(400, d=4, seed=8)  # no two images score alike
+    reference = fit_reference(train_features, labels, valid_features, logits)
+    for name, threshold in reference["thresholds"].items():
+        kept = (ood_scores(reference, valid_features, logits)[name] <= threshold).float().mean()
+        assert 0.95 <= kept <= 0.95 + 1 / 400, name
+    _, kept = gate(reference, valid_features, logits)
+    assert kept.float().mean() >= 0.95
+    far = 0.5 * _features(100, seed=7) - 3 * torch.eye(16)[8:].sum(0)  # pointing where no class points
+    assert gate(reference, far, torch.zeros(100, 4))[1].float().mean() < 0.05
+
+
+def test_detection_metrics_read_the_scores_the_right_way_round():
+    inside, outside = torch.arange(100.0), torch.arange(100.0) + 1000
+    m = detection_metrics(inside, outside)
+    assert m["auroc"] == 1.0 and m["fpr95"] == 0.0
+    m = detection_metrics(outside, inside)  # an inverted score is caught, not averaged away
+    assert m["auroc"] == 0.0 and m["fpr95"] == 1.0
+    assert detection_metrics(inside, inside)["auroc"] == pytest.approx(0.5)
+
+
+def test_a_network_trained_on_the_synthetic_set_flags_noise_and_text_and_keeps_its_test_images(trained_resnet,
+                                                                                                tmp_path):
+    trained = trained_resnet
+    assert "ood" in torch.load(trained / "best.pt", weights_only=True)  # stored when best.pt was written
+    m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50)["softmax"].metrics["ood"]
+    assert m["kinds"]["noise"]["knn"]["auroc"] > 0.95 and m["kinds"]["text"]["knn"]["auroc"] > 0.95, m["kinds"]
+    assert m["sets"]["not_skin"]["knn"]["auroc"] > 0.8
+    assert m["gate"]["rejected_share"] < 0.25 and m["gate"]["n_kept"] > 0.75 * m["gate"]["n"]
+    rows = list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))
+    assert {"ood_score", "in_distribution"} <= set(rows[0]) and sum(r["in_distribution"] == "True" for r in rows) \
+        == m["gate"]["n_kept"]
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "Out of distribution" in report and "| not_skin |" in report
+
+
+def test_excluding_a_class_trains_without_it_and_tests_it_as_near_ood(synthetic, tmp_path):
+    out = tmp_path / "no-cowpox"
+    assert train.main(train_args(synthetic, out, "--epochs", 2, "--exclude-class", "Cowpox")) == 0
+    config = json.loads((out / "config.json").read_text())
+    classes = [c for c in list_classes(synthetic) if c != "Cowpox"]
+    assert config["classes"] == classes
+    assert config["train_images"] == sum(1 for _, y in index_split(synthetic, 1, "Train") if y != 1)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["classes"] == classes and best["state_dict"]["head.weight"].shape[0] == 5
+    m = evaluate(out / "best.pt", tmp_path / "t", resamples=50)["softmax"].metrics
+    cowpox_test = sum(1 for _, y in index_split(synthetic, 1, "Test") if y == 1)
+    assert m["n"] == len(index_split(synthetic, 1, "Test")) - cowpox_test
+    assert m["ood"]["sets"]["near"]["knn"]["n_out"] == cowpox_test
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "x", "--exclude-class", "Flu")),
+                          "--exclude-class Flu", "Chickenpox")
+
+
+def test_ood_dir_without_images_is_one_line(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photos here")
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-dir", tmp_path / "empty",
+                                  "--out", tmp_path / "t"), "--ood-dir", "no images")
+    assert not (tmp_path / "t").exists()
+
+
+def test_ood_dir_photos_are_scored(trained, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, (kind, im) in enumerate(not_skin_images(seed=9, per_kind=1)):
+        im.save(folder / f"{i}-{kind}.png")
+    m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50, ood_dirs=[folder])["softmax"].metrics["ood"]
+    assert m["sets"]["ood_dir"]["knn"]["n_out"] == 9
+
+
+def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained, tmp_path, capsys):
+    old = torch.load(trained / "best.pt", weights_only=True)
+    del old["ood"]
+    torch.save(old, tmp_path / "old.pt")
+    m = evaluate(tmp_path / "old.pt", tmp_path / "t", resamples=50)["softmax"].metrics
+    assert "computed from fold 1's Train and Valid images" in capsys.readouterr().out
+    stored = evaluate(trained / "best.pt", tmp_path / "t2", resamples=50)["softmax"].metrics
+    assert m["ood"]["gate"] == stored["ood"]["gate"]  # the same reference, computed again
+    old["config"]["data_root"] = str(tmp_path / "gone")
+    torch.save(old, tmp_path / "orphan.pt")
+    import serve
+    predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))
+    assert "its data is not at hand: no OOD gate" in capsys.readouterr().out and predictor.info["ood"] is None
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predict_withholds_the_label_of_a_noise_image(trained_resnet, synthetic):
+    import serve
+    from test_serve import predict
+    predictor = serve.Predictor(trained_resnet / "best.pt", select_runtime("cpu"))
+    srv = serve.make_server(predictor)
+    __import__("threading").Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+        status, a = predict(srv, _png(noise), "image/png", "?gradcam=1")
+        assert status == 200 and a["in_distribution"] is False and a["label"] is None and "reason" in a
+        assert a["ood_score"] > predictor.info["ood"]["threshold"] and "gradcam_png" not in a
+        assert sum(a["probabilities"].values()) == pytest.approx(1, abs=1e-4)  # kept for the curious
+        kept = [predict(srv, p.read_bytes())[1] for p in sorted(synthetic.glob("fold1/Test/*/*.jpg"))[:20]]
+        assert sum(k["in_distribution"] for k in kept) >= 15 and all(k["label"] for k in kept if k["in_distribution"])
+        status, info = __import__("test_serve").request(srv, "GET", "/info")
+        assert info["ood"]["score"] == "knn" and info["ood"]["keeps_of_valid"] == 0.95
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.skipif(not __import__("test_serve")._chromium(), reason="no Chromium installed (apt-get install chromium)")
+def test_the_page_gives_no_diagnosis_for_a_photo_unlike_the_training_photos(trained_resnet, tmp_path):
+    import serve
+    from test_serve import upload_in_browser
+    predictor = serve.Predictor(trained_resnet / "best.pt", select_runtime("cpu"))
+    srv = serve.make_server(predictor)
+    __import__("threading").Thread(target=srv.serve_forever, daemon=True).start()
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(noise)
+    try:
+        state = upload_in_browser(srv, noise, tmp_path / "profile")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert state["shown"] and not state["error"], state
+    assert state["label"] == "No diagnosis" and state["ood"], state  # the plain words, no class named
+    assert state["barsFolded"] and state["folded"] and not state["camShown"]  # probabilities only on request
+    assert "no diagnosis" in state["facts"]
