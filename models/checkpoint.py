@@ -2,7 +2,8 @@
 
     {"model": name, "kind": "classifier" | "encoder", "state_dict": unwrapped weights,
      "classes": [...], "input_size": int, "fold": int, "epoch": int, "metric": {...},
-     "config": {...}}  (+ "temperature" in a classifier's best.pt, fitted on Valid)
+     "config": {...}}  (+ in a classifier's best.pt "temperature", fitted on Valid, and "ood", what
+     models/ood.py needs to score an image's distance from the Train images)
     + in last.pt: "optimizer", "scheduler", "history", "best" and the state of any other
       module the loop trains or keeps (SimCLR's "projector", the weights' "ema") for --resume.
 """
