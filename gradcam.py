@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, index_split, load_image,
                      prepare, run_main, usable_folds_root)
@@ -319,9 +320,11 @@ def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> d
     maps.update(baseline_maps(len(x), model.input_size, gen))
     out = dict(n=len(x), steps=STEPS, baseline=f"Gaussian blur, sigma {RISE_SIGMA * model.input_size / 224:.1f} px",
                maps={})
+    bar = tqdm(total=len(maps) * len(range(0, len(x), batch_size)), desc="deletion/insertion", leave=False)
     for name, m in maps.items():
         deletion, insertion = [], []
         for i in range(0, len(x), batch_size):
+            bar.update()
             d, ins = deletion_insertion(model, x[i:i + batch_size], target[i:i + batch_size], m[i:i + batch_size], rt,
                                         gen)
             deletion.append(d)
@@ -330,6 +333,7 @@ def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> d
         out["maps"][name] = dict(deletion_auc=float(curve_area(deletion).mean()),
                                  insertion_auc=float(curve_area(insertion).mean()),
                                  deletion_curve=deletion.mean(0).tolist(), insertion_curve=insertion.mean(0).tolist())
+    bar.close()
     return out
 
 
@@ -366,7 +370,7 @@ def randomisation(model, images, rt, layers, batch_size: int, seed: int = 0) -> 
     torch.manual_seed(seed)
     out = {layer.removeprefix("backbone."): [] for layer in layers}
     examples = {layer.removeprefix("backbone."): [trained[layer][:4].cpu()] for layer in layers}
-    for name, block in cascade(random_model):
+    for name, block in tqdm(cascade(random_model), desc="randomisation", leave=False):
         for m in block.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()

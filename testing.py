@@ -11,8 +11,8 @@ or fitted here when absent). Beside the scores: 95% bootstrap intervals over pat
 calibration error and a reliability diagram, risk against coverage as the confidence threshold
 sweeps, and the Mpox threshold that reaches 95% sensitivity on Valid. Out of distribution: how well
 each score (models/ood.py) tells the Test images from generated non-skin pictures, from synthetic
-lesions (for a network trained on real photos), from --ood-dir photos and from the Test images of
-the class a `train.py --exclude-class` run never saw; and what the gate does to the Test images.
+lesions (for a network trained on real photos), from --ood-dir photos and from the photos of the
+class a `train.py --exclude-class` run never saw; and what the gate does to the Test images.
 Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png and
 risk_coverage.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean ± std and
 the interval of the mean over folds, and the scores over the distinct Test images), pooled plots.
@@ -33,9 +33,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number,
-                     Parser, atomic_write, is_synthetic, list_classes, load_image, not_skin_images, patient_id, prepare,
-                     run_main, synthetic_image, usable_folds_root)
+from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset,
+                     Number, Parser, atomic_write, is_synthetic, list_classes, load_image, not_skin_images, patient_id,
+                     prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, fit_temperature, load_checkpoint, load_classifier, logits_and_features,
                     mean_std_table, ood_scores, predict_logits, probabilities, reference_for, resize_size, save_figure,
@@ -407,7 +407,8 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     ood, gate_columns = {}, None
     reference = reference_for(ckpt, members[0][0], rt, checkpoints[0], root, int(fold)) if "softmax" in heads else None
     if reference is not None:
-        near = images(split, size, [exclude]).images if exclude else None
+        # near-OOD: every photo of the class the network never saw, in all three splits of the fold
+        near = torch.cat([images(s, size, [exclude]).images for s in SPLITS]) if exclude else None
         sets = ood_sets(ds.images, size, not is_synthetic(root), near, ood_dirs, seed)
         ood, gate_columns = ood_evaluation(members[0][0], reference, ds, ds.targets.numpy(), heads["softmax"].probs,
                                            rt, batch_size, sets)
@@ -479,7 +480,8 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
     """The images the gate should refuse, as uint8 caches (N, 3, S, S), by set and (not_skin) kind:
     generated non-skin pictures and the Test photos with their colour channels scrambled; for a
     network trained on real photos the synthetic lesions; the user's --ood-dir photos; and the
-    Test photos of the class the network was trained without (near-OOD)."""
+    photos of the class the network was trained without (near-OOD; from all three splits, since it
+    saw none of them: a fold's Test split alone holds 5 to 20 photos of a small class)."""
     kinds = {}
     for kind, im in not_skin_images(seed):
         kinds.setdefault(kind, []).append(prepare(im, size))

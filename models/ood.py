@@ -7,13 +7,18 @@ the training data":
     knn          distance from the L2-normalised penultimate features to their k-th nearest Train
                  image (Sun et al. 2022, "Out-of-distribution detection with deep nearest
                  neighbors"; on OpenOOD v1.5's CIFAR-10 ResNet-18 benchmark the strongest simple
-                 method: AUROC 90.6 near-OOD, 93.0 far-OOD). The one the gate uses.
+                 method: AUROC 90.6 near-OOD, 93.0 far-OOD)
     energy       -logsumexp of the logits (Liu et al. 2020, "Energy-based out-of-distribution
                  detection"; temperature 1)
     msp          -(maximum softmax probability), calibrated (Hendrycks & Gimpel 2017): the baseline
     mahalanobis  the smallest Mahalanobis distance to a class mean of the Train features, with one
                  covariance shared by the classes (Lee et al. 2018), shrunk towards a multiple of the
                  identity (Ledoit & Wolf 2004): 512 dimensions from about 500 images need it.
+                 The one the gate uses: on MSLD v2.0 it separates the generated non-skin pictures
+                 from real Test photos far better than knn (AUROC 0.96 against 0.87 over the five
+                 folds, better on every kind of picture; README, "Out of distribution"). With ~500
+                 Train images the 5th neighbour is a noisy density estimate; a few class means and
+                 one shrunk covariance pool all of them.
 
 `fit_reference` builds what the scores need from the Train features (stored in best.pt when it is
 written, readable with weights_only=True) and the thresholds that keep 95% of the Valid images;
@@ -26,7 +31,7 @@ from getData import DataError, MSLDDataset, usable_folds_root
 from models.predict import embed, logits_and_features, resize_size
 
 SCORES = ("knn", "energy", "msp", "mahalanobis")
-GATE_SCORE = "knn"
+GATE_SCORE = "mahalanobis"
 KNN_K = 5  # about 1% of a fold's ~540 Train images (Sun et al. take k = 50 of CIFAR-10's 50,000: 0.1%)
 KEEP = 0.95  # the gate keeps 95% of Valid images (Sun et al.'s operating point)
 

@@ -13,7 +13,7 @@ from sklearn.covariance import LedoitWolf
 import train
 from conftest import assert_one_line_error, run_cli, train_args
 from getData import index_split, list_classes, not_skin_images
-from models import detection_metrics, fit_reference, gate, ood_scores, select_runtime
+from models import GATE_SCORE, detection_metrics, fit_reference, gate, ood_scores, select_runtime
 from models.ood import knn_distance, shrunk_covariance
 from testing import evaluate
 
@@ -65,7 +65,7 @@ def test_a_network_trained_on_the_synthetic_set_flags_noise_and_text_and_keeps_i
     assert "ood" in torch.load(trained / "best.pt", weights_only=True)  # stored when best.pt was written
     m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50)["softmax"].metrics["ood"]
     assert m["kinds"]["noise"]["knn"]["auroc"] > 0.95 and m["kinds"]["text"]["knn"]["auroc"] > 0.95, m["kinds"]
-    assert m["sets"]["not_skin"]["knn"]["auroc"] > 0.8
+    assert m["sets"]["not_skin"]["knn"]["auroc"] > 0.8 and m["sets"]["not_skin"][GATE_SCORE]["auroc"] > 0.8
     assert m["gate"]["rejected_share"] < 0.25 and m["gate"]["n_kept"] > 0.75 * m["gate"]["n"]
     rows = list(csv.DictReader(open(tmp_path / "t" / "predictions.csv")))
     assert {"ood_score", "in_distribution"} <= set(rows[0]) and sum(r["in_distribution"] == "True" for r in rows) \
@@ -84,9 +84,9 @@ def test_excluding_a_class_trains_without_it_and_tests_it_as_near_ood(synthetic,
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["classes"] == classes and best["state_dict"]["head.weight"].shape[0] == 5
     m = evaluate(out / "best.pt", tmp_path / "t", resamples=50)["softmax"].metrics
-    cowpox_test = sum(1 for _, y in index_split(synthetic, 1, "Test") if y == 1)
-    assert m["n"] == len(index_split(synthetic, 1, "Test")) - cowpox_test
-    assert m["ood"]["sets"]["near"]["knn"]["n_out"] == cowpox_test
+    cowpox = {s: sum(1 for _, y in index_split(synthetic, 1, s) if y == 1) for s in ("Train", "Valid", "Test")}
+    assert m["n"] == len(index_split(synthetic, 1, "Test")) - cowpox["Test"]
+    assert m["ood"]["sets"]["near"]["knn"]["n_out"] == sum(cowpox.values())  # never seen: every split's photos
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "x", "--exclude-class", "Flu")),
                           "--exclude-class Flu", "Chickenpox")
 
@@ -144,7 +144,7 @@ def test_predict_withholds_the_label_of_a_noise_image(trained_resnet, synthetic)
         kept = [predict(srv, p.read_bytes())[1] for p in sorted(synthetic.glob("fold1/Test/*/*.jpg"))[:20]]
         assert sum(k["in_distribution"] for k in kept) >= 15 and all(k["label"] for k in kept if k["in_distribution"])
         status, info = __import__("test_serve").request(srv, "GET", "/info")
-        assert info["ood"]["score"] == "knn" and info["ood"]["keeps_of_valid"] == 0.95
+        assert info["ood"]["score"] == GATE_SCORE and info["ood"]["keeps_of_valid"] == 0.95
     finally:
         srv.shutdown()
         srv.server_close()
