@@ -32,12 +32,13 @@ import torch
 
 from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, TTA_VIEWS, ModelError, capture_features, device_logits,
-                    gate, load_classifier, probabilities, reference_for, resize_size, select_runtime, view)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, capture_features,
+                    device_logits, gate, gate_by, load_classifier, probabilities, reference_for, resize_size,
+                    select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
-                timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024)
+                timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024, ood_score=None)
 TRUST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity", "ece")
 
 
@@ -81,14 +82,15 @@ class Predictor:
     Each answer (label, calibrated probabilities and, if asked, the Grad-CAM of the returned class)
     comes from one forward pass of its batch."""
 
-    def __init__(self, checkpoint, rt, threshold=0.6, max_batch=16, max_wait_ms=5.0, tta=False):
+    def __init__(self, checkpoint, rt, threshold=0.6, max_batch=16, max_wait_ms=5.0, tta=False, ood_score=None):
         model, ckpt = load_classifier(checkpoint, rt)
         self.model, self.classes, self.rt = model, ckpt["classes"], rt
         self.threshold, self.max_batch, self.max_wait = threshold, max_batch, max_wait_ms / 1000
         self.views, self.temperature = (TTA_VIEWS if tta else PLAIN_VIEW), ckpt.get("temperature") or 1.0
         self.data_root = ckpt["config"].get("data_root")
         self.needed_side = resize_size(max(model.input_size, DISPLAY_SIZE))  # uploads are decoded at least this big
-        self.ood = reference_for(ckpt, model, rt, checkpoint)  # None: no gate (an old checkpoint, its data gone)
+        # None: no gate (an old checkpoint whose data is gone)
+        self.ood = gate_by(reference_for(ckpt, model, rt, checkpoint), ood_score)
         digest = hashlib.sha1(Path(checkpoint).read_bytes()).hexdigest()[:12]
         ood = self.ood and dict(score=self.ood["score"], threshold=self.ood["thresholds"][self.ood["score"]],
                                 keeps_of_valid=self.ood["keep"])
@@ -563,6 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"],
                    help="confidence warning below this")
     p.add_argument("--tta", action="store_true", help=f"average {len(TTA_VIEWS)} test-time views per photo")
+    p.add_argument("--ood-score", default=d["ood_score"], choices=SCORES,
+                   help="no diagnosis beyond this out-of-distribution score's threshold (default: the checkpoint's)")
     p.add_argument("--max-batch", type=Number(int, 1), default=d["max_batch"], help="images per forward pass")
     p.add_argument("--max-wait-ms", type=Number(float, 0), default=d["max_wait_ms"],
                    help="how long a request waits for others to share its forward pass")
@@ -586,7 +590,7 @@ def parse_args(argv=None):
 def run(args) -> None:
     checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
-    predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta)
+    predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta, args.ood_score)
     if args.benchmark:
         benchmark(args, predictor)
         return

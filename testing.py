@@ -37,13 +37,13 @@ from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_
                      Number, Parser, atomic_write, is_synthetic, list_classes, load_image, not_skin_images, patient_id,
                      prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
-                    detection_metrics, embed, fit_temperature, load_checkpoint, load_classifier, logits_and_features,
-                    mean_std_table, ood_scores, predict_logits, probabilities, reference_for, resize_size, save_figure,
-                    select_runtime)
+                    detection_metrics, embed, fit_temperature, gate_by, load_checkpoint, load_classifier,
+                    logits_and_features, mean_std_table, ood_scores, predict_logits, probabilities, reference_for,
+                    resize_size, save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
-                ood_dir=[])
+                ood_dir=[], ood_score=None)
 # SVM on deep features (Chaddad et al. 2025): C and kernel chosen on the Valid split.
 SVM_GRID = [dict(kernel=k, C=c) for k in ("linear", "rbf") for c in (0.01, 0.1, 1.0, 10.0, 100.0)]
 SUMMARY_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
@@ -377,7 +377,8 @@ class FoldResult:
 
 
 def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None, split="Test", threshold=0.6,
-                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_dirs=()) -> dict[str, FoldResult]:
+                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_dirs=(),
+                  ood_score=None) -> dict[str, FoldResult]:
     """Evaluate one fold's checkpoint (several: an ensemble) on its `split`, per head asked for:
     "softmax" (calibrated, averaged over members; with the out-of-distribution scores of the first
     member) and "svm". Outputs go to `out` and `out/svm`."""
@@ -406,6 +407,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     valid_y = images("Valid", size).targets.numpy()
     ood, gate_columns = {}, None
     reference = reference_for(ckpt, members[0][0], rt, checkpoints[0], root, int(fold)) if "softmax" in heads else None
+    reference = gate_by(reference, ood_score)
     if reference is not None:
         # near-OOD: every photo of the class the network never saw, in all three splits of the fold
         near = torch.cat([images(s, size, [exclude]).images for s in SPLITS]) if exclude else None
@@ -700,6 +702,8 @@ def parse_args(argv=None):
     p.add_argument("--svm", action="store_true", help="also fit an SVM on the pooled features (C, kernel on Valid)")
     p.add_argument("--ood-dir", action="append", default=d["ood_dir"], metavar="DIR",
                    help="photos of your own that are not skin lesions: scored as out-of-distribution (repeatable)")
+    p.add_argument("--ood-score", default=d["ood_score"], choices=SCORES,
+                   help="gate on this out-of-distribution score (default: the checkpoint's)")
     p.add_argument("--bootstrap", type=Number(int, 10), default=d["bootstrap"],
                    help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=Number(int, 0), default=d["seed"], help="seed of the bootstrap")
@@ -717,7 +721,7 @@ def run(args) -> dict:
         images_under(args.ood_dir)  # one line now, not after the evaluation, if there is nothing there
     result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
                       threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
-                      resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir)
+                      resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir, ood_score=args.ood_score)
     if all(isinstance(v, FoldResult) for v in result.values()):  # one fold
         print("\n".join(report_markdown(r.metrics) for r in result.values()))
         if len(result) > 1:

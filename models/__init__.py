@@ -15,7 +15,8 @@ from models.checkpoint import (ModelError, checkpoint_dict, load_checkpoint, res
                                unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
-from models.ood import GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, ood_scores, reference_for
+from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, ood_scores,
+                        reference_for)
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
                             fit_temperature, logits_and_features, normalize, predict, predict_logits, probabilities,
                             resize_size, to_input, view)
@@ -26,7 +27,7 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
 
 __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "ModelError", "checkpoint_dict",
            "load_checkpoint", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
-           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES",
+           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by",
            "detection_metrics", "fit_reference", "gate", "ood_scores", "reference_for", "MEAN", "PLAIN_VIEW", "STD",
            "TTA_VIEWS", "capture_features", "crop", "device_logits", "embed", "fit_temperature", "logits_and_features",
            "normalize", "predict", "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock",

@@ -87,6 +87,12 @@ def ood_scores(reference: dict, features: torch.Tensor, logits: torch.Tensor) ->
                 mahalanobis=mahalanobis)
 
 
+def gate_by(reference: dict | None, score: str | None) -> dict | None:
+    """The reference with its gate on `score` (its stored threshold keeps KEEP of Valid too); None:
+    the one the checkpoint chose."""
+    return dict(reference, score=score) if reference is not None and score else reference
+
+
 def gate(reference: dict, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(the gate's score, in-distribution or not) per image: kept when the score is within the
     threshold that keeps KEEP of Valid."""

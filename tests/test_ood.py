@@ -123,6 +123,22 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained
     assert "its data is not at hand: no OOD gate" in capsys.readouterr().out and predictor.info["ood"] is None
 
 
+def test_ood_score_chooses_the_gate_in_testing_and_serve(trained, tmp_path):
+    stored = torch.load(trained / "best.pt", weights_only=True)["ood"]
+    for score in ("knn", "msp"):
+        m = evaluate(trained / "best.pt", tmp_path / score, resamples=50, ood_score=score)["softmax"].metrics["ood"]
+        assert m["score"] == score and m["threshold"] == stored["thresholds"][score]
+        rows = list(csv.DictReader(open(tmp_path / score / "predictions.csv")))
+        kept = [float(r["ood_score"]) <= stored["thresholds"][score] for r in rows]
+        assert [r["in_distribution"] == "True" for r in rows] == kept and sum(kept) == m["gate"]["n_kept"]
+    import serve
+    info = serve.Predictor(trained / "best.pt", select_runtime("cpu"), ood_score="knn").info["ood"]
+    assert info["score"] == "knn" and info["threshold"] == stored["thresholds"]["knn"]
+    assert serve.Predictor(trained / "best.pt", select_runtime("cpu")).info["ood"]["score"] == stored["score"]
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-score", "distance"),
+                          "--ood-score", "knn")
+
+
 def _png(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG")
