@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, index_split, load_image,
                      prepare, run_main, usable_folds_root)
-from models import (MEAN, MEMORY_FORMATS, PRECISIONS, STD, ModelError, capture_features, crop, gate, load_classifier,
-                    reference_for, resize_size, save_figure, select_runtime, to_input)
+from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop, gate, gate_by,
+                    load_classifier, reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
-                faithfulness=False, sanity=False)
+                faithfulness=False, sanity=False, ood_score=None)
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
 
 
@@ -460,6 +460,9 @@ def parse_args(argv=None):
     p.add_argument("--target-class", default=d["target_class"], help="explain this class instead of the predicted one")
     p.add_argument("--alpha", type=Number(float, 0, 1), default=d["alpha"], help="heat-map opacity")
     p.add_argument("--cmap", default=d["cmap"], help="matplotlib colormap")
+    p.add_argument("--ood-score", default=d["ood_score"], choices=SCORES,
+                   help="frame in red the photos beyond this out-of-distribution score's threshold (default: the "
+                   "checkpoint's)")
     p.add_argument("--out", default=d["out"], help="output folder (default RUN/gradcam)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
@@ -573,7 +576,7 @@ def run(args) -> list:
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
     paths = _image_paths(args, ckpt)
     images = [load_image(p) for p in paths]  # every file checked before anything is written
-    reference = reference_for(ckpt, model, rt, args.checkpoint)
+    reference = gate_by(reference_for(ckpt, model, rt, args.checkpoint), args.ood_score)
     results = run_gradcam(model, images, rt, target, layer, args.alpha, args.cmap, args.batch_size, reference)
     out = Path(args.out or Path(args.checkpoint).parent / "gradcam")
     write_figures(results, [str(p) for p in paths], classes, out, target)
