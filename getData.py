@@ -262,6 +262,12 @@ def _is_image_file(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def images_under(folder) -> list[Path]:
+    """Every image file below `folder`, at any depth, sorted (hidden files, such as macOS's `._`
+    copies, left out)."""
+    return sorted(p for p in Path(folder).rglob("*") if _is_image_file(p))
+
+
 def is_class_folder(d: Path) -> bool:
     """A folder that can hold a class: not hidden, not an archiver's leftover such as __MACOSX/."""
     return d.is_dir() and not d.name.startswith((".", "__"))

@@ -27,10 +27,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, index_split, load_image,
-                     prepare, run_main, usable_folds_root)
+from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, images_under, index_split,
+                     load_image, prepare, run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop, gate, gate_by,
-                    load_classifier, reference_for, resize_size, save_figure, select_runtime, to_input)
+                    load_classifier, mean_std, reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -477,8 +477,7 @@ def _image_paths(args, ckpt) -> list[Path]:
     if args.images:
         paths = []
         for p in map(Path, args.images):
-            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS) \
-                if p.is_dir() else [p]
+            paths += images_under(p) if p.is_dir() else [p]
         if not paths:
             raise DataError(f"{', '.join(args.images)}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return paths
@@ -543,9 +542,6 @@ def tables(sanity: dict) -> dict:
 def studies_summary(results: dict) -> str:
     """Mean ± std over folds: each map's deletion and insertion areas; each layer's Spearman
     correlation once every weight is re-initialised."""
-    def mean_std(values):
-        values = np.asarray(values, float)
-        return f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.4f}"
     folds = list(results.values())
     lines = [f"# Does Grad-CAM explain? {len(folds)} folds, mean ± std\n"]
     if folds[0]["faithfulness"]:

@@ -34,12 +34,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset,
-                     Number, Parser, atomic_write, is_synthetic, list_classes, load_image, not_skin_images, patient_id,
-                     prepare, run_main, synthetic_image, usable_folds_root)
+                     Number, Parser, atomic_write, images_under, is_synthetic, list_classes, load_image,
+                     not_skin_images, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, fit_temperature, gate_by, load_checkpoint, load_classifier,
-                    logits_and_features, mean_std_table, ood_scores, predict_logits, probabilities, reference_for,
-                    resize_size, save_figure, select_runtime)
+                    logits_and_features, mean_std, mean_std_table, ood_scores, predict_logits, probabilities,
+                    reference_for, resize_size, save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -475,9 +475,6 @@ def per_class_table(m: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- out of distribution
-OOD_SETS = ("not_skin", "synthetic_lesions", "ood_dir", "near")  # near: the class the network never saw
-
-
 def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_images, ood_dirs, seed: int):
     """The images the gate should refuse, as uint8 caches (N, 3, S, S), by set and (not_skin) kind:
     generated non-skin pictures and the Test photos with their colour channels scrambled; for a
@@ -495,19 +492,19 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
         sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
                                                          for c in SYNTHETIC_PATIENTS for _ in range(8)])}
     if ood_dirs:
-        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in images_under(ood_dirs)])}
+        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in ood_dir_images(ood_dirs)])}
     if exclude_images is not None:
         sets["near"] = {"all": exclude_images}
     return sets
 
 
-def images_under(folders) -> list[Path]:
-    """Every image file below `folders` (searched recursively), sorted; one line if there is none."""
+def ood_dir_images(folders) -> list[Path]:
+    """Every image file below the --ood-dir folders; one line if there is none."""
     found = []
     for d in map(Path, folders):
         if not d.is_dir():
             raise DataError(f"--ood-dir {d}: no such folder")
-        found += sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found += images_under(d)
     if not found:
         raise DataError(f"--ood-dir {', '.join(map(str, folders))}: no images there "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -560,16 +557,11 @@ def ood_summary_table(folds: dict[int, dict]) -> str:
         for s in SCORES:
             a = [f["sets"][name][s]["auroc"] for f in folds.values() if name in f["sets"]]
             r = [f["sets"][name][s]["fpr95"] for f in folds.values() if name in f["sets"]]
-            lines.append(f"| {name} | {s} | {_mean_std(a)} | {_mean_std(r)} |")
+            lines.append(f"| {name} | {s} | {mean_std(a, 3)} | {mean_std(r, 3)} |")
     gates = [f["gate"] for f in folds.values()]
     rejected, kept = ([g.get(k, np.nan) for g in gates] for k in ("rejected_share", "accuracy_kept"))
-    return ("\n".join(lines) + f"\n\nThe gate ({first['score']}) turns away {_mean_std(rejected)} of the Test "
-            f"images; accuracy on those it keeps {_mean_std(kept)} ({len(folds)} folds, mean ± std).\n")
-
-
-def _mean_std(values) -> str:
-    values = np.asarray(values, float)
-    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
+    return ("\n".join(lines) + f"\n\nThe gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test "
+            f"images; accuracy on those it keeps {mean_std(kept, 3)} ({len(folds)} folds, mean ± std).\n")
 
 
 # ----------------------------------------------------------------------------- 5 folds
@@ -718,7 +710,7 @@ def parse_args(argv=None):
 def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.ood_dir:
-        images_under(args.ood_dir)  # one line now, not after the evaluation, if there is nothing there
+        ood_dir_images(args.ood_dir)  # one line now, not after the evaluation, if there is nothing there
     result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
                       threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
                       resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir, ood_score=args.ood_score)

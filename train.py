@@ -46,8 +46,8 @@ DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
     label_smoothing=0.1, balance="none", exclude_class=None, augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None,
-    aug_device="auto",
-    seed=0, device="auto", precision="auto", memory_format="auto", compile=None, deterministic=False, jobs=1,
+    aug_device="auto", seed=0, device="auto", precision="auto", memory_format="auto", compile=None,
+    deterministic=False, jobs=1,
     out=None, resume=False, overwrite=False, save_every=60.0, benchmark=False, peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
@@ -257,7 +257,7 @@ class FoldRun:
 
 
 def training_classes(folds_root: Path, exclude: str | None) -> list[str]:
-    """The classes a run learns: all of the dataset's, or all but --exclude-class (whose Test images
+    """The classes a run learns: all of the dataset's, or all but --exclude-class (whose photos
     testing.py then scores as near out-of-distribution: a condition the network never saw)."""
     classes = list_classes(folds_root)
     if exclude is None:
@@ -578,7 +578,7 @@ def parse_args(argv=None):
     o.add_argument("--balance", default=d["balance"], choices=["none", "loss", "sampler"],
                    help="class-balanced loss weights or sampler (Mpox is 38%% of images, Measles 7%%)")
     o.add_argument("--exclude-class", default=d["exclude_class"], metavar="NAME", help="train without this class "
-                   "(its Train and Valid images left out): testing.py scores its Test images as near-OOD")
+                   "(its Train and Valid images left out): testing.py scores its photos as near-OOD")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", default=d["augment"], choices=list(TRAIN_AUGMENTS),
                    help="basic: crop, flips, mild colour jitter; trivial: crop, flips, one TrivialAugment op; none")

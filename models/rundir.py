@@ -94,13 +94,17 @@ def write_history(history: list[dict], fields: list[str], out: Path, panels: lis
     save_figure(fig, Path(out) / name)
 
 
+def mean_std(values, digits: int = 4) -> str:
+    """'mean ± std' of numbers over runs (sample std, ddof=1; 0 for a single run)."""
+    values = np.asarray(values, float)
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
+
+
 def mean_std_table(rows: list[dict], keys, label: str = "fold") -> str:
     """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs."""
     keys = [k for k in keys if all(k in r for r in rows)]
     lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
-    stats = [(np.mean([r[k] for r in rows]), np.std([r[k] for r in rows], ddof=1) if len(rows) > 1 else 0.0)
-             for k in keys]
-    lines.append("| mean ± std | " + " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in stats) + " |")
+    lines.append("| mean ± std | " + " | ".join(mean_std([r[k] for r in rows]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -139,15 +139,19 @@ def test_ood_score_chooses_the_gate_in_testing_and_serve(trained, tmp_path):
                           "--ood-score", "knn")
 
 
-def test_gradcam_marks_the_photos_the_gate_turns_away(trained_resnet, synthetic, tmp_path):
+def test_gradcam_marks_the_photos_the_gate_turns_away(trained_resnet, synthetic, tmp_path, monkeypatch):
     import gradcam
+    gated_on = []  # the score each gate call used: --ood-score must reach it
+    monkeypatch.setattr(gradcam, "gate", lambda ref, *a: gated_on.append(ref["score"]) or gate(ref, *a))
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(noise)
     lesions = sorted(synthetic.glob("fold1/Test/*/*.jpg"))[:8]
     for score in (None, "knn"):
         args = ["--checkpoint", str(trained_resnet / "best.pt"), str(noise), *map(str, lesions),
                 "--out", str(tmp_path / f"cam-{score}")] + (["--ood-score", score] if score else [])
+        gated_on.clear()
         results = gradcam.run(gradcam.parse_args(args))
+        assert set(gated_on) == {score or GATE_SCORE}
         assert results[0].in_distribution is False and sum(e.in_distribution for e in results[1:]) >= 6, score
         assert gradcam._caption(results[0], ["a"] * 6).startswith("OOD") and "OOD" not in \
             gradcam._caption(next(e for e in results if e.in_distribution), ["a"] * 6)
