@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (DataError, Number, Parser, UserError, atomic_write, decode_all, images_under, index_split,
+from getData import (DataError, Number, Parser, atomic_write, decode_all, images_under, index_split,
                      list_classes, origin_stem, patient_id, resolve_data_root, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
@@ -224,19 +224,9 @@ def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: fl
 def pretrain(cfg: dict) -> dict:
     with distributed(cfg["device"], cfg["precision"], cfg["memory_format"]) as rt, contextlib.ExitStack() as held:
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(cfg["data_root"])))
-        refusal = rt.from_rank0(lambda: _claim(cfg, held))  # every rank stops on rank 0's refusal
-        if refusal:
-            raise DataError(refusal)
+        # rank 0 locks the run directory; a finished run there is replaced only on request
+        rt.from_rank0(lambda: claim_run_dir(cfg["out"], cfg["resume"], cfg["overwrite"], held, "simclr.py"))
         return _pretrain(cfg, folds_root, rt)
-
-
-def _claim(cfg: dict, held: contextlib.ExitStack) -> str | None:
-    """Rank 0 locks the run directory for this run; a finished run there is replaced only on request."""
-    try:
-        claim_run_dir(cfg["out"], cfg["resume"], cfg["overwrite"], held, "simclr.py")
-    except UserError as e:
-        return str(e)
-    return None
 
 
 def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
-from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, UserError, atomic_write, list_classes, patient_id,
+from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, run_main)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, embed, epoch_generators,
@@ -647,9 +647,7 @@ def run(args) -> list[dict]:
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
         outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
-        refusal = rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal
-        if refusal:
-            raise DataError(refusal)
+        rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal
         if args.jobs > 1:
             results = train_side_by_side(cfg, folds_root, outs, args.jobs)
         else:
@@ -662,10 +660,9 @@ def run(args) -> list[dict]:
         return results
 
 
-def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> str | None:
+def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> None:
     """On rank 0: lock the run directory (and each fold's) for this run and refuse to replace a finished
-    run unasked (models.rundir.claim_run_dir); refuse --resume of a run of the other kind. Returns
-    the refusal as one line, or None."""
+    run unasked (models.rundir.claim_run_dir); refuse --resume of a run of the other kind."""
     root = Path(cfg["out"])
     try:
         if cfg["resume"] and cfg["fold"] == "all" and (root / "last.pt").is_file():
@@ -676,9 +673,8 @@ def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> 
             raise DataError(f"{root}: holds a --fold all run; resume it with --fold all")
         for out in dict.fromkeys([root, *outs.values()]):
             claim_run_dir(out, cfg["resume"], cfg["overwrite"], held, "train.py")
-    except (UserError, OSError, ValueError) as e:
-        return str(e)
-    return None
+    except (OSError, ValueError) as e:  # an unreadable config.json, --out at a file: one line too
+        raise DataError(str(e)) from None
 
 
 def fit_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:

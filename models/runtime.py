@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from getData import UserError
 from models.checkpoint import ModelError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -67,11 +68,22 @@ class Runtime:
         return dist.get_backend() if dist.is_initialized() else None
 
     def from_rank0(self, compute):
-        """compute() on rank 0 only (e.g. it may write the synthetic set); every rank gets its value."""
-        value = [compute() if self.rank == 0 else None]
-        if self.world > 1:
-            dist.broadcast_object_list(value)
-        return value[0]
+        """compute() on rank 0 only (e.g. it may write the synthetic set); every rank gets its value,
+        or raises rank 0's user error (one line on each rank, where the others, left waiting for a
+        broadcast that never came, would die with gloo's "Connection reset by peer" traceback)."""
+        if self.world == 1:
+            return compute()
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                outcome = [(compute(), None)]
+            except UserError as e:
+                outcome = [(None, e)]
+        dist.broadcast_object_list(outcome)
+        value, error = outcome[0]
+        if error is not None:
+            raise error
+        return value
 
 
 # ----------------------------------------------------------------------------- placing tensors

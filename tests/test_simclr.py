@@ -1,6 +1,11 @@
+import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,10 +14,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-
-import json
-import subprocess
-import sys
 
 import simclr
 import train
@@ -100,16 +101,25 @@ def _ddp_worker(rank, world, port, path):
     dist.all_reduce(mean)
     if rank == 0:
         torch.save({"loss": mean / world, "grads": [p.grad for p in model.parameters()]}, path)
+    # The DDP wrapper goes before its group, as train.py's and simclr.py's do when their fold returns:
+    # freed after it, its Reducer destroys the gloo group while holding the GIL, and torch 2.11 then
+    # deadlocks about one run in three (a gloo thread waits for the GIL to free a tensor).
+    del model
     dist.destroy_process_group()
 
 
 def test_ddp_gathers_negatives_with_gradients(tmp_path):
     """2 gloo processes, half the batch each: the same loss and gradients as one process on all of it."""
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=True)
+    workers = mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.pt")), nprocs=2, join=False)
+    deadline = time.monotonic() + 120  # a hang fails the test instead of stalling the suite
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail("the two gloo processes did not finish in 120 s")
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     a, b = _pair(8, 8, seed=3)
@@ -233,6 +243,21 @@ def test_a_batch_smaller_than_two_per_rank_is_a_one_line_error(synthetic, tmp_pa
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 2 and all("--batch-size 3: 2 process(es) need at least 4" in ln for ln in errors)
     assert 'simclr.py", line' not in proc.stderr  # no traceback from our code (torchrun reports the exit codes)
+
+
+def test_what_rank0_refuses_stops_every_rank_with_its_one_line(synthetic, tmp_path):
+    """Rank 0 alone resolves the data root and claims the run directory: its refusal reaches the other
+    rank as the same line, which is not left waiting in a broadcast to die with gloo's "Connection
+    reset by peer" traceback."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "config.json").write_text("{}")
+    for script, args, message in (("train.py", ["--data-root", tmp_path / "missing"], "no such folder"),
+                                  ("simclr.py", ["--data-root", synthetic, "--out", busy], "holds a run already")):
+        proc = _torchrun(2, script, *args, "--epochs", 1, "--device", "cpu", timeout=120)
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert proc.returncode != 0 and len(errors) == 2 and all(message in ln for ln in errors), proc.stderr[-2000:]
+        assert "Connection reset" not in proc.stderr and f'{script}", line' not in proc.stderr
 
 
 def test_patient_pairs_stay_in_their_split_and_single_photos_pair_with_themselves(synthetic):
