@@ -1005,12 +1005,13 @@ def download(url: str, data_root) -> Path:
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = Parser(__doc__, __file__)
-    p.add_argument("--data-root", default=DEFAULTS["data_root"], help="folder holding MSLD v2.0 (any unzip layout)")
+    p.add_argument("--data-root", help=f"folder holding MSLD v2.0 (any unzip layout; default {DEFAULTS['data_root']})")
     p.add_argument("--report", help="also write the audit as JSON to this file")
     p.add_argument("--aug-dir", action="append", default=[], metavar="K=PATH",
                    help="augment.py output folder to audit as part of fold K's Train (repeatable)")
-    p.add_argument("--synthetic", nargs="?", const=DEFAULTS["synthetic_root"], metavar="PATH",
-                   help=f"write the synthetic demo dataset (default {DEFAULTS['synthetic_root']})")
+    p.add_argument("--synthetic", nargs="?", const="", metavar="PATH",
+                   help=f"write the synthetic demo dataset to PATH (default: --data-root if given, else "
+                        f"{DEFAULTS['synthetic_root']})")
     p.add_argument("--seed", type=Number(int, 0), default=DEFAULTS["seed"])
     p.add_argument("--download", metavar="URL", help="zip URL to fetch into --data-root, or 'kaggle'")
     return p.parse_args(argv)
@@ -1027,13 +1028,14 @@ def _aug_dirs(specs) -> dict:
 
 
 def run(args) -> None:
-    if args.synthetic:
-        make_synthetic(args.synthetic, seed=args.seed)
+    if args.synthetic is not None:  # `--synthetic --data-root X` writes to X, where the user will look for it
+        make_synthetic(args.synthetic or args.data_root or DEFAULTS["synthetic_root"], seed=args.seed)
         return
+    data_root = args.data_root or DEFAULTS["data_root"]
     if args.download:
-        print(f"extracted to {download(args.download, args.data_root)}")
+        print(f"extracted to {download(args.download, data_root)}")
         return
-    report = audit(find_folds_root(args.data_root), _aug_dirs(args.aug_dir))
+    report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))
     print(format_report(report))
     if args.report:
         atomic_write(args.report, json.dumps(report, indent=2, default=str))

@@ -96,6 +96,14 @@ def test_synthetic_refuses_non_empty_folder(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def test_synthetic_goes_where_the_command_line_points(monkeypatch):
+    written = []
+    monkeypatch.setattr(getData, "make_synthetic", lambda path, seed: written.append(path))
+    for argv in (["--synthetic"], ["--synthetic", "--data-root", "/x"], ["--data-root", "/x", "--synthetic", "/y"]):
+        getData.run(getData.parse_args(argv))
+    assert written == ["data/synthetic", "/x", "/y"]  # --data-root X: in X, not data/synthetic unsaid
+
+
 # ----------------------------------------------------------------------------- audit
 def _copy(synthetic, tmp_path):
     root = tmp_path / "FOLDS"
