@@ -554,7 +554,7 @@ def plan_copies(samples, classes, factor: int | None, balance: bool) -> list[tup
 
 def _write_one(task):
     src, dst, seed, ops = task
-    x = torch.from_numpy(np.asarray(load_image(src))).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(load_image(src))).permute(2, 0, 1)[None].float() / 255  # a writable copy
     y = augment_batch(x, torch.Generator().manual_seed(seed), ops)
     Image.fromarray((y[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()).save(dst, quality=95)
 

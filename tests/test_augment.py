@@ -5,7 +5,7 @@ from torchvision.transforms import v2
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli, run_script
 from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
@@ -174,6 +174,15 @@ def test_writer_is_deterministic(tmp_path, synthetic):
     assert sum(a.values()) == len(index_split(synthetic, 2, "Train")) == len(list((tmp_path / "a").rglob("*.jpg")))
     for p in (tmp_path / "a").rglob("*.jpg"):
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_writer_command_line_prints_no_warning(tmp_path, synthetic):
+    """As a user runs it, in a fresh interpreter (torch warns once per process, so only a new one can
+    show a warning): PyTorch's "NumPy array is not writable" came once per worker."""
+    proc = run_script(REPO / "augment.py", "--data-root", synthetic, "--out", tmp_path / "aug", "--factor", 1,
+                      "--ops", "hflip", "--workers", 1)
+    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
 
 
 def test_writer_balance_tops_up_to_largest_class(tmp_path, synthetic):
