@@ -320,11 +320,9 @@ def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> d
     maps.update(baseline_maps(len(x), model.input_size, gen))
     out = dict(n=len(x), steps=STEPS, baseline=f"Gaussian blur, sigma {RISE_SIGMA * model.input_size / 224:.1f} px",
                maps={})
-    bar = tqdm(total=len(maps) * len(range(0, len(x), batch_size)), desc="deletion/insertion", leave=False)
-    for name, m in maps.items():
+    for name, m in tqdm(maps.items(), desc="deletion/insertion", leave=False):
         deletion, insertion = [], []
         for i in range(0, len(x), batch_size):
-            bar.update()
             d, ins = deletion_insertion(model, x[i:i + batch_size], target[i:i + batch_size], m[i:i + batch_size], rt,
                                         gen)
             deletion.append(d)
@@ -333,7 +331,6 @@ def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> d
         out["maps"][name] = dict(deletion_auc=float(curve_area(deletion).mean()),
                                  insertion_auc=float(curve_area(insertion).mean()),
                                  deletion_curve=deletion.mean(0).tolist(), insertion_curve=insertion.mean(0).tolist())
-    bar.close()
     return out
 
 

@@ -47,8 +47,8 @@ DEFAULTS = dict(
     optimizer="adamw", weight_decay=0.05, decay_all=False, warmup_epochs=3, clip_grad=0.0, ema=0.0,
     label_smoothing=0.1, balance="none", exclude_class=None, augment="basic", mixup=0.0, cutmix=0.0, aug_dir=None,
     aug_device="auto", seed=0, device="auto", precision="auto", memory_format="auto", compile=None,
-    deterministic=False, jobs=1,
-    out=None, resume=False, overwrite=False, save_every=60.0, benchmark=False, peak_tflops=None,
+    deterministic=False, jobs=1, out=None, resume=False, overwrite=False, save_every=60.0, benchmark=False,
+    peak_tflops=None,
     federated=None, clients=5, rounds=30, local_epochs=2, mu=0.01, partition="iid", alpha=0.5,
 )
 # Settings that may change when a run is resumed: where and how fast it runs, not what it learns.
