@@ -39,6 +39,7 @@ from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, M
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
                 timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024, ood_score=None)
+FLAG_VALUES = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 TRUST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity", "ece")
 
 
@@ -362,26 +363,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._not_allowed()
 
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
+    def _content_length(self) -> int:
+        """The body's one length. A chunked body, or two lengths that disagree, would let the bytes
+        after what we read pass for the connection's next request (request smuggling, RFC 9112 6.3):
+        refused, and the connection closed with the error."""
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "Transfer-Encoding is not supported: send the body with a Content-Length")
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if not lengths:
             raise RequestError(411, "Content-Length is required")
-        if not length.isdigit():
+        length = lengths.pop()
+        if lengths or not (length.isascii() and length.isdigit()):  # isdigit alone takes '²'
             raise RequestError(400, "bad Content-Length")
-        if int(length) > self.limits.max_bytes:  # refused before a byte of the body is read
-            raise RequestError(413, f"body of {int(length):,} bytes is over the {self.limits.max_bytes:,}-byte limit")
-        if int(length) == 0:
+        return int(length)
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        if length > self.limits.max_bytes:  # refused before a byte of the body is read
+            raise RequestError(413, f"body of {length:,} bytes is over the {self.limits.max_bytes:,}-byte limit")
+        if length == 0:
             raise RequestError(400, "empty body: send an image")
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
+        body = self.rfile.read(length)
+        if len(body) < length:
             raise RequestError(400, "body shorter than Content-Length")
         return body
+
+    @staticmethod
+    def _flag(query: str, name: str) -> bool:
+        value = parse_qs(query, keep_blank_values=True).get(name, ["0"])[-1].lower()
+        if value not in FLAG_VALUES:
+            raise RequestError(400, f"{name}={value[:20]}: use {name}=1 or {name}=0")
+        return FLAG_VALUES[value]
 
     def _post(self):
         url = urlparse(self.path)
         if url.path != "/predict":
             self._not_allowed()
-        started = time.perf_counter()
+        started, gradcam = time.perf_counter(), self._flag(url.query, "gradcam")
         ctype = self.headers.get("Content-Type", "")
         kind = ctype.split(";")[0].strip().lower()
         if not (kind.startswith("image/") or kind in ("application/octet-stream", "multipart/form-data")):
@@ -391,7 +409,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = image_from_multipart(body, ctype) if kind == "multipart/form-data" else body
         del body
         image = self._decode(data)
-        gradcam = parse_qs(url.query).get("gradcam", ["0"])[0] in ("1", "true", "yes")
         result = self.predictor.submit(image, explain_it=gradcam).result()
         answer = self.predictor.answer(result)
         answer["timing_ms"] = dict(total=1000 * (time.perf_counter() - started), inference=result["inference_ms"])

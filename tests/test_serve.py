@@ -496,3 +496,38 @@ def test_scores_that_are_not_numbers_are_a_valid_json_500(trained, synthetic, tm
                                         ("--deadline", "0"), ("--decode-mb", "0"), ("--max-connections", "0")])
 def test_bad_serve_flags_are_one_line(trained, flag, value):
     assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", flag, value), f"{flag} {value}")
+
+
+def raw_reply(srv, data: bytes) -> bytes:
+    with socket.create_connection(srv.server_address[:2], timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("headers,status", [
+    (b"Content-Length: \xb2\r\n", 400),                                # a digit to str.isdigit, not to int()
+    (b"Content-Length: %d\r\nContent-Length: 7\r\n", 400),             # two lengths that disagree
+    (b"Transfer-Encoding: chunked\r\n", 411),
+    (b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n", 411),    # which framing? neither
+], ids=["unicode digit", "two lengths", "chunked", "chunked and a length"])
+def test_a_body_framed_two_ways_is_refused_and_smuggles_nothing(server, synthetic, headers, status):
+    """Whatever follows the body we would have read must not be answered as a second request."""
+    image = photo(synthetic)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + headers.replace(
+        b"%d", str(len(image)).encode()) + b"\r\n"
+    smuggled = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw_reply(server, head + image + smuggled)
+    assert reply.startswith(b"HTTP/1.1 %d" % status) and reply.count(b"HTTP/1.1") == 1, reply[:300]
+    assert b"application/json" in reply and b'"error"' in reply
+    assert predict(server, image)[0] == 200
+
+
+def test_the_gradcam_switch_takes_yes_or_no_and_refuses_the_rest(server, synthetic):
+    image = photo(synthetic)
+    assert "gradcam_png" in predict(server, image, query="?gradcam")[1]
+    assert "gradcam_png" not in predict(server, image, query="?gradcam=no")[1]
+    status, answer = predict(server, image, query="?gradcam=maybe")
+    assert status == 400 and "gradcam=maybe" in answer["error"]
