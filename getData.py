@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 DEFAULTS = dict(
@@ -44,6 +44,9 @@ DEFAULTS = dict(
 FOLDS = (1, 2, 3, 4, 5)
 SPLITS = ("Train", "Valid", "Test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# The decoders a photo may reach, whatever its name says (JPEG's also opens a phone's multi-picture
+# MPO). Pillow would otherwise try every format it knows on an upload, EPS included: Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # File-name prefix -> class folder, from the dataset's naming key (Keywords.jpg).
 PREFIX_CLASS = {"MKP": "Monkeypox", "CHP": "Chickenpox", "CWP": "Cowpox", "MSL": "Measles",
                 "HFMD": "HFMD", "HEALTHY": "Healthy"}
@@ -348,7 +351,7 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
-        with Image.open(source) as im:
+        with Image.open(source, formats=IMAGE_FORMATS) as im:
             if im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"{name}: {im.width}x{im.height} pixels is over the {max_pixels:,}-pixel "
                                     "limit; send a smaller photo")
@@ -361,6 +364,8 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: the same answer
         raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image (not a JPEG, PNG, WebP, BMP, TIFF or GIF file)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
 

@@ -268,6 +268,25 @@ def test_load_image_rejects_bad_files(tmp_path):
         load_image(bomb, name="bomb.png")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_load_image_reads_the_formats_photos_come_in(fmt):
+    im = load_image(_save(Image.new("RGB", (40, 30), (200, 100, 50)), fmt), name=f"p.{fmt.lower()}")
+    assert im.size == (40, 30) and im.mode == "RGB"
+
+
+def test_load_image_hands_no_other_format_to_a_decoder(monkeypatch):
+    """An upload named nothing reaches only the photo decoders: an EPS would otherwise be handed to
+    Ghostscript (a program, run on a stranger's file), an ICO or a PDF-like file to their plugins."""
+    from PIL import EpsImagePlugin
+    reached = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: reached.append("eps"))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    for data in (eps, _save(Image.new("RGB", (16, 16)), "ICO")):
+        with pytest.raises(DataError, match="not a JPEG, PNG, WebP, BMP, TIFF or GIF file"):
+            load_image(data, name="upload")
+    assert reached == []
+
+
 def test_dataset_cache_matches_uncached_and_returns_paths(synthetic):
     plain = MSLDDataset(synthetic, 1, "Valid", return_path=True)
     cached = MSLDDataset(synthetic, 1, "Valid", cache_size=40)
