@@ -90,6 +90,18 @@ def run_main(body, *args) -> int:
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
+        sys.stderr.write(f"\ninterrupted{': ' if e.args else ''}{e.args[0] if e.args else ''}\n")
+        return 130  # the shell's status for SIGINT
+
+
+@contextlib.contextmanager
+def resumable(out):
+    """A run that --resume continues: Ctrl-C inside says so, in run_main's one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the same command with --resume continues {out} from its last saved epoch") from None
 
 
 # ----------------------------------------------------------------------------- command lines

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (DataError, Number, Parser, atomic_write, decode_all, images_under, index_split,
-                     list_classes, origin_stem, patient_id, resolve_data_root, run_main)
+                     list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
                     per_rank_batch, resize_size, resume, save_checkpoint, send, set_seed, shard, training_state,
@@ -226,7 +226,8 @@ def pretrain(cfg: dict) -> dict:
         folds_root = Path(rt.from_rank0(lambda: resolve_data_root(cfg["data_root"])))
         # rank 0 locks the run directory; a finished run there is replaced only on request
         rt.from_rank0(lambda: claim_run_dir(cfg["out"], cfg["resume"], cfg["overwrite"], held, "simclr.py"))
-        return _pretrain(cfg, folds_root, rt)
+        with resumable(cfg["out"]):
+            return _pretrain(cfg, folds_root, rt)
 
 
 def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:

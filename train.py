@@ -20,6 +20,8 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     resolve_data_root, run_main)
+                     resolve_data_root, resumable, run_main)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, embed, epoch_generators,
                     fit_reference, fit_temperature, logits_and_features, make_optimizer, mean_std_table, param_groups,
@@ -648,10 +650,11 @@ def run(args) -> list[dict]:
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
         outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
         rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal
-        if args.jobs > 1:
-            results = train_side_by_side(cfg, folds_root, outs, args.jobs)
-        else:
-            results = [fit_fold(cfg, k, folds_root, outs[k], rt) for k in folds]
+        with resumable(cfg["out"]):
+            if args.jobs > 1:
+                results = train_side_by_side(cfg, folds_root, outs, args.jobs)
+            else:
+                results = [fit_fold(cfg, k, folds_root, outs[k], rt) for k in folds]
         if rt.rank == 0 and args.fold == "all":
             table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "best_epoch"])
             atomic_write(Path(cfg["out"]) / "summary.md",
@@ -692,6 +695,10 @@ def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs:
         futures = [pool.submit(_fold_job, cfg, k, folds_root, out) for k, out in outs.items()]
         try:
             return [f.result() for f in futures]
+        except KeyboardInterrupt:  # a terminal's Ctrl-C reached the folds too; a `kill -INT` of this one did not
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal.SIGINT)
+            raise
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
@@ -699,11 +706,33 @@ def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs:
 
 def _start_job(threads: int) -> None:
     torch.set_num_threads(threads)  # the CPU's cores shared out between the folds, not each taking all
+    tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that os._exit (below) would leave behind
+    _on_interrupt(_leave)
 
 
 def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
     rt = select_runtime(cfg["device"], cfg["precision"], cfg["memory_format"], deterministic=cfg["deterministic"])
-    return fit_fold(cfg, fold, folds_root, out, rt)
+    _on_interrupt(_unwind)
+    try:
+        return fit_fold(cfg, fold, folds_root, out, rt)
+    except KeyboardInterrupt:  # unwound (temporary files removed); the pool would hand out the next fold: leave
+        os._exit(130)
+
+
+def _on_interrupt(handler) -> None:
+    """How a fold's process meets Ctrl-C: it leaves quietly (the parent says so), at once when idle, after
+    unwinding when it trains a fold. Not where Ctrl-C is ignored (a `nohup ... &` run)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _leave(signum, frame):
+    os._exit(130)
+
+
+def _unwind(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or the parent's) cannot cut the unwinding short
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,8 @@ def save_checkpoint(ckpt: dict, path) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(ckpt, f)
-        except RuntimeError as e:
-            if isinstance(e.__context__, OSError):  # torch's zip writer, closing, hides the write's own error
+        except RuntimeError as e:  # torch's zip writer, closing, hides why the write stopped: a full
+            if isinstance(e.__context__, (OSError, KeyboardInterrupt)):  # disk, or Ctrl-C mid-save
                 raise e.__context__ from None
             raise
 

@@ -1,3 +1,4 @@
+import io
 import urllib.error
 
 import pytest
@@ -114,6 +115,26 @@ def test_checkpoint_is_weights_only_and_written_atomically(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(_ckpt(model), tmp_path / "best.pt")
     assert (tmp_path / "best.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_ctrl_c_in_the_middle_of_a_save_stays_a_ctrl_c(tmp_path, monkeypatch):
+    """torch's zip writer, closing after an interrupted write, raises a RuntimeError of its own: the
+    caller must see the KeyboardInterrupt (a user's Ctrl-C, one line), not that error's traceback."""
+    import models.checkpoint
+    save_checkpoint(_ckpt(build_model("lenet", 6)), tmp_path / "best.pt")
+    before, writes = (tmp_path / "best.pt").read_bytes(), []
+
+    class Interrupted(io.FileIO):
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) == 3:
+                raise KeyboardInterrupt
+            return super().write(data)
+    monkeypatch.setattr(models.checkpoint, "open", lambda path, mode: Interrupted(path, mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_ckpt(build_model("lenet", 6)), tmp_path / "best.pt")
+    assert len(writes) == 3 and (tmp_path / "best.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
 

@@ -1,13 +1,16 @@
+import contextlib
 import csv
 import fcntl
 import io
 import json
 import os
 import pty
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 
 import numpy as np
 import pytest
@@ -70,8 +73,7 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     assert train.main(train_args(synthetic, tmp_path / "full", *args)) == 0
 
     revive = killed_on_call(monkeypatch, train, "validate", 3)  # the process dies before epoch 3 is saved
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(synthetic, tmp_path / "cut", *args))
+    assert train.main(train_args(synthetic, tmp_path / "cut", *args)) == 130
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
     revive()
     assert train.main(train_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
@@ -206,8 +208,7 @@ def test_resume_with_dropout_matches_an_uninterrupted_run(synthetic, tmp_path, m
     args = ["--epochs", 3, "--model", "mobilenet_v3_small", "--input-size", 32, "--save-every", 0]
     assert train.main(train_args(synthetic, tmp_path / "full", *args)) == 0
     revive = killed_on_call(monkeypatch, train, "validate", 2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train_args(synthetic, tmp_path / "cut", *args))
+    assert train.main(train_args(synthetic, tmp_path / "cut", *args)) == 130
     revive()
     torch.rand(1000)  # whatever this process drew in between
     assert train.main(train_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
@@ -292,6 +293,45 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(synthetic, tmp_p
     assert (tmp_path / "jobs" / "summary.md").read_text() == (tmp_path / "turn" / "summary.md").read_text()
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "x", "--jobs", 2))
     assert_one_line_error(proc, "--jobs 2", "--fold all")
+
+
+@pytest.mark.parametrize("who", ["terminal", "parent"])
+def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path, who):
+    """Ctrl-C in a terminal reaches the parent and every fold's process; `kill -INT` the parent alone.
+    Either way the run stops within seconds (the pool would otherwise train the running folds to
+    their end, and hand out the next), says how to go on, and leaves no process or temporary file."""
+    out = tmp_path / "r"
+    # as from a terminal, where Ctrl-C is not ignored (it is in anything started with `nohup ... &`)
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", interactive, "train.py",
+                             *train_args(synthetic, out, "--fold", "all", "--jobs", 2, "--epochs", 100_000)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("fold*/best.pt"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # both folds are training
+        (os.killpg if who == "terminal" else os.kill)(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert _group_gone(proc.pid, within=10), "a fold's process outlived the run"
+    finally:  # a failing test leaves nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    assert proc.returncode == 130 and lines == [f"interrupted: the same command with --resume continues {out} "
+                                                "from its last saved epoch"], err[-2000:]
+    assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))  # none started after
+
+
+def _group_gone(group: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
