@@ -717,6 +717,8 @@ def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
         return fit_fold(cfg, fold, folds_root, out, rt)
     except KeyboardInterrupt:  # unwound (temporary files removed); the pool would hand out the next fold: leave
         os._exit(130)
+    finally:
+        _on_interrupt(_leave)  # idle again
 
 
 def _on_interrupt(handler) -> None:

@@ -323,6 +323,40 @@ def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path
     assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))  # none started after
 
 
+FOLD_PROCESS = """
+import os, signal, sys, time
+import train
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, not `nohup ... &`
+def fold(*args):  # stands in for fit_fold
+    if sys.argv[1] == "during":
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        finally:
+            print("unwound", flush=True)
+    return {{}}
+train.fit_fold = fold
+train._start_job(1)
+train._fold_job({cfg}, 1, None, None)
+if sys.argv[1] == "between":
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+print("still here", flush=True)
+"""
+
+
+@pytest.mark.parametrize("moment", ["during", "between"])
+def test_a_fold_process_leaves_quietly_on_ctrl_c_during_a_fold_or_between_two(moment):
+    """--jobs N's process for folds: Ctrl-C during a fold unwinds it (its files are cleaned up) and
+    leaves; between folds (waiting for the next from the pool) it leaves at once; either way with no
+    traceback (the parent prints the one line) and without taking another fold."""
+    cfg = dict(device="cpu", precision="fp32", memory_format="contiguous", deterministic=False)
+    proc = subprocess.run([sys.executable, "-c", FOLD_PROCESS.format(cfg=cfg), moment], cwd=REPO, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout == ("unwound\n" if moment == "during" else "")
+
+
 def _group_gone(group: int, within: float) -> bool:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
