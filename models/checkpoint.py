@@ -7,6 +7,7 @@
     + in last.pt: "optimizer", "scheduler", "history", "best" and the state of any other
       module the loop trains or keeps (SimCLR's "projector", the weights' "ema") for --resume.
 """
+import pickle
 from pathlib import Path
 
 import torch
@@ -55,11 +56,18 @@ def load_checkpoint(path) -> dict:
         raise ModelError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: empty file (0 bytes), not a checkpoint; was it copied or downloaded whole?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or an older one's pickle
+        raise ModelError(f"{path}: not a PyTorch checkpoint (it starts {head!r}, not as torch.save writes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any file torch cannot parse: the unpickler raises many different types
+    except pickle.UnpicklingError:  # torch's text here suggests weights_only=False: never, for a stranger's file
+        raise ModelError(f"{path}: not plain tensors and numbers (it may hold code, which is never run here), "
+                         "or damaged") from None
+    except Exception as e:  # a damaged archive; the unpickler raises many different types
         detail = next(iter(str(e).splitlines()), "") or type(e).__name__
-        raise ModelError(f"{path}: not a PyTorch checkpoint ({detail[:120]})") from None
+        raise ModelError(f"{path}: not a PyTorch checkpoint, or damaged ({detail[:120]})") from None
     if not isinstance(ckpt, dict):
         raise ModelError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}")
     return ckpt

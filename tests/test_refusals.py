@@ -153,20 +153,47 @@ def test_archive_leftovers_and_hidden_folders_are_not_classes(synthetic, tmp_pat
 
 
 # ----------------------------------------------------------------------------- checkpoints and runs
-def test_an_empty_checkpoint_is_one_line_in_every_loader(synthetic, trained, tmp_path):
-    empty = tmp_path / "empty.pt"
-    empty.write_bytes(b"")
+class _RunsCode:
+    """Unpickled, it would create the file `marker`: what a stranger's checkpoint could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _bad_checkpoint(kind: str, path: Path, trained: Path) -> tuple:
+    """Write a bad checkpoint of a kind; return what its one line must say."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return "0 bytes",
+    if kind == "text":
+        path.write_text("hello")
+        return "not a PyTorch checkpoint", "b'hell'"
+    if kind == "cut":
+        path.write_bytes((trained / "best.pt").read_bytes()[:5000])
+        return "not a PyTorch checkpoint, or damaged",
+    torch.save({"model": "lenet", "state_dict": _RunsCode(path.with_suffix(".ran"))}, path)
+    return "may hold code, which is never run here",
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "cut", "runs code"])
+def test_a_bad_checkpoint_is_one_line_in_every_loader_and_runs_nothing(synthetic, trained, tmp_path, kind):
+    bad = tmp_path / "bad.pt"
+    says = _bad_checkpoint(kind, bad, trained)
     photo = next(synthetic.rglob("*.jpg"))
-    for script, args in (("train.py", train_args(synthetic, tmp_path / "r", "--epochs", 1, "--init", empty)),
-                         ("testing.py", ["--checkpoint", empty]), ("gradcam.py", ["--checkpoint", empty, photo]),
-                         ("serve.py", ["--checkpoint", empty]),
-                         ("simclr.py", ["--data-root", synthetic, "--init", empty, "--out", tmp_path / "s"])):
-        assert_one_line_error(run_cli(script, *args), "empty.pt", "0 bytes")
+    for script, args in (("train.py", train_args(synthetic, tmp_path / "r", "--epochs", 1, "--init", bad)),
+                         ("testing.py", ["--checkpoint", bad]), ("gradcam.py", ["--checkpoint", bad, photo]),
+                         ("serve.py", ["--checkpoint", bad]),
+                         ("simclr.py", ["--data-root", synthetic, "--init", bad, "--out", tmp_path / "s"])):
+        assert_one_line_error(run_cli(script, *args), "bad.pt", *says)
     run = tmp_path / "cut"
     run.mkdir()
-    (run / "last.pt").write_bytes(b"")
+    shutil.copy(bad, run / "last.pt")
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
-                          "last.pt", "0 bytes")
+                          "last.pt", *says)
+    assert not bad.with_suffix(".ran").exists()  # nothing in the file was run
 
 
 def _cut_run(synthetic, out, monkeypatch, *extra):
