@@ -149,14 +149,23 @@ class Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- writing files
+def check_folder(path) -> Path:
+    """Refuse now, creating nothing, a folder path that a file stands in the way of."""
+    path = Path(path)
+    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
+    if blocker:
+        raise WriteError(f"{path}: cannot make this folder, {blocker} is a file; choose another path")
+    return path
+
+
 def make_folder(path) -> Path:
     """mkdir -p, or one line saying which part of the path is in the way."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), path)
-        raise WriteError(f"{path}: cannot make this folder, {blocker} is a file; choose another path") from None
+        check_folder(path)  # names the file in the way
+        raise WriteError(f"{path}: cannot make this folder; choose another path") from None
     except OSError as e:
         raise WriteError(f"{path}: cannot make this folder ({e.strerror})") from None
     return path

@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, images_under, index_split,
-                     load_image, prepare, run_main, usable_folds_root)
+from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, check_folder, images_under,
+                     index_split, load_image, prepare, run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop, gate, gate_by,
                     load_classifier, mean_std, reference_for, resize_size, save_figure, select_runtime, to_input)
 
@@ -500,7 +500,8 @@ def run_studies(args, rt) -> dict:
     """--faithfulness and --sanity for one checkpoint, or for every fold of a --fold all run (each on
     its own fold's --split, unless images are given), with a summary over the folds."""
     runs, results = study_checkpoints(args.checkpoint), {}
-    root = Path(args.out or (Path(args.checkpoint) if len(runs) > 1 else next(iter(runs.values())).parent) / "gradcam")
+    root = check_folder(args.out or (Path(args.checkpoint) if len(runs) > 1 else next(iter(runs.values())).parent)
+                       / "gradcam")
     for fold, path in runs.items():
         model, ckpt = load_classifier(path, rt)
         layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
@@ -567,11 +568,11 @@ def run(args) -> list:
     if args.layer and len(args.layer) > 1:
         raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
+    out = check_folder(args.out or Path(args.checkpoint).parent / "gradcam")  # and an --out in the way
     paths = _image_paths(args, ckpt)
     images = [load_image(p) for p in paths]  # every file checked before anything is written
     reference = gate_by(reference_for(ckpt, model, rt, args.checkpoint), args.ood_score)
     results = run_gradcam(model, images, rt, target, layer, args.alpha, args.cmap, args.batch_size, reference)
-    out = Path(args.out or Path(args.checkpoint).parent / "gradcam")
     write_figures(results, [str(p) for p in paths], classes, out, target)
     for e, p in zip(results, paths):
         print(f"{p}: {_caption(e, classes)}")

@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import hashlib
 import http.client
 import http.server
@@ -615,8 +616,8 @@ def run(args) -> None:
     try:
         server = make_server(predictor, args.host, args.port, limits)
     except OSError as e:  # port taken, address not ours
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); "
-                        "choose another --port") from None
+        hint = "choose another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); {hint}") from None
     print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/",
           flush=True)
     try:

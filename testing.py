@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset,
-                     Number, Parser, atomic_write, images_under, is_synthetic, list_classes, load_image,
+                     Number, Parser, atomic_write, check_folder, images_under, is_synthetic, list_classes, load_image,
                      not_skin_images, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, fit_temperature, gate_by, load_checkpoint, load_classifier,
@@ -657,12 +657,12 @@ def evaluate(checkpoints, out=None, **kw) -> dict:
     found = [_resolve(c) for c in checkpoints]
     tag = "test" if len(found) == 1 else f"test-ensemble{len(found)}"
     if all(isinstance(f, Path) for f in found):
-        return evaluate_fold(found, Path(out or found[0].parent / tag), **kw)
+        return evaluate_fold(found, check_folder(out or found[0].parent / tag), **kw)
     if not all(isinstance(f, dict) for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
     if kw.get("svm") and len(found) > 1:
         raise ModelError("--svm fits one network's features: give one checkpoint or run directory")
-    out = Path(out or Path(checkpoints[0]) / tag)
+    out = check_folder(out or Path(checkpoints[0]) / tag)
     kw.pop("fold", None)  # each fold's checkpoints know their fold
     folds = sorted(set.intersection(*(set(f) for f in found)))
     per_fold = {k: evaluate_fold([f[k] for f in found], out / f"fold{k}", fold=k, **kw) for k in folds}

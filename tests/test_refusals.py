@@ -81,11 +81,23 @@ def test_bad_values_are_one_line(script, args, fragment, synthetic, trained, tmp
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
-def test_outputs_where_a_file_stands_are_one_line(synthetic, trained, tmp_path):
+def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, trained, trained_all, tmp_path,
+                                                                   monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
+
+    def work(*a, **k):
+        raise AssertionError("the output folder is refused only after the work")
+    for module, name in ((testing, "evaluate_fold"), (gradcam, "run_gradcam"), (gradcam, "faithfulness")):
+        monkeypatch.setattr(module, name, work)
+    photo = next(synthetic.rglob("*.jpg"))
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, blocker, "--epochs", 1)), "a-file")
-    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--out", blocker / "t"), "a-file")
+    for checkpoint in (trained / "best.pt", trained_all):
+        assert_one_line_error(run_cli("testing.py", "--checkpoint", checkpoint, "--out", blocker / "t"), "a-file")
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained / "best.pt", photo, "--out", blocker / "g"),
+                          "a-file")
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained / "best.pt", photo, "--faithfulness",
+                                  "--out", blocker / "g"), "a-file")
     assert_one_line_error(run_cli("getData.py", "--data-root", synthetic, "--report", blocker / "audit.json"),
                           "a-file")
     assert blocker.read_text() == "not a folder"

@@ -531,3 +531,14 @@ def test_the_gradcam_switch_takes_yes_or_no_and_refuses_the_rest(server, synthet
     assert "gradcam_png" not in predict(server, image, query="?gradcam=no")[1]
     status, answer = predict(server, image, query="?gradcam=maybe")
     assert status == 400 and "gradcam=maybe" in answer["error"]
+
+
+def test_an_address_the_server_cannot_listen_on_is_one_line_naming_the_flag_to_change(trained):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--port", port),
+                              f"127.0.0.1:{port}", "choose another --port")
+    assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--host", "10.255.255.1"),
+                          "10.255.255.1", "check --host")  # an address that is not this machine's
