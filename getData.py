@@ -4,6 +4,7 @@
     python getData.py --data-root PATH --report audit.json
     python getData.py --synthetic [PATH] --seed 0 # small generated dataset in the MSLD layout
     python getData.py --download URL|kaggle       # fetch and safely extract a zip
+    python getData.py --extract archive.zip       # safely extract a zip downloaded by hand
 
 Everything else in the repository imports its data from here: the class list, `load_image`
 (EXIF, odd modes, pixel limit), the fold/split index, `MSLDDataset` and its in-memory uint8 cache.
@@ -235,6 +236,8 @@ def find_folds_root(data_root) -> Path:
     Real datasets win over the synthetic one when both are present.
     """
     root = Path(data_root)
+    if root.is_file() and _zip_hint(root):
+        raise DataError(f"{root}: a zip archive, not a folder{_zip_hint(root)}")
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; pass --data-root with your MSLD v2.0 download "
                         "or run `python getData.py --synthetic`")
@@ -247,10 +250,17 @@ def find_folds_root(data_root) -> Path:
             raise DataError(f"{partial[0]}: missing {', '.join(missing)}; "
                             "MSLD v2.0 has fold1..fold5, re-extract the download")
         raise DataError(f"{root}: no MSLD v2.0 layout found (expected "
-                        "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/'); "
-                        "check --data-root or run `python getData.py --synthetic`")
+                        "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/')"
+                        f"{_zip_hint(root) or '; check --data-root or run `python getData.py --synthetic`'}")
     real = [p for p in found if not is_synthetic(p)]
     return (real or found)[0]
+
+
+def _zip_hint(root: Path) -> str:
+    """Where the dataset should be, the download itself (a zip passed, or left unextracted): how to
+    extract it."""
+    zips = [z for z in ([root] if root.is_file() else sorted(root.glob("*.zip"))) if zipfile.is_zipfile(z)]
+    return f"; extract {zips[0]} with `python getData.py --extract '{zips[0]}'`" if zips else ""
 
 
 def _found_any(data_root) -> bool:
@@ -276,7 +286,7 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
         if str(data_root) != DEFAULTS["data_root"] or (Path(data_root).is_dir() and _found_any(data_root)):
             raise
     print(f"no MSLD v2.0 found under {data_root}/: using the synthetic demo set in {synthetic_root}/ "
-          "(see README to get the real data)")
+          f"(see README to get the real data{_zip_hint(Path(data_root)) if Path(data_root).is_dir() else ''})")
     if not _has_folds(Path(synthetic_root)):
         make_synthetic(synthetic_root, seed=seed)
     return Path(synthetic_root)
@@ -1040,6 +1050,7 @@ def parse_args(argv=None):
                         f"{DEFAULTS['synthetic_root']})")
     p.add_argument("--seed", type=Number(int, 0), default=DEFAULTS["seed"])
     p.add_argument("--download", metavar="URL", help="zip URL to fetch into --data-root, or 'kaggle'")
+    p.add_argument("--extract", metavar="ZIP", help="a downloaded zip to extract safely into --data-root")
     return p.parse_args(argv)
 
 
@@ -1060,6 +1071,13 @@ def run(args) -> None:
     data_root = args.data_root or DEFAULTS["data_root"]
     if args.download:
         print(f"extracted to {download(args.download, data_root)}")
+        return
+    if args.extract:
+        archive = Path(args.extract)
+        if not archive.is_file():
+            raise DataError(f"--extract {archive}: no such file")
+        target = safe_extract(archive, Path(data_root) / archive.stem)
+        print(f"extracted to {target}; its folds are in {find_folds_root(target)}")
         return
     report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))
     print(format_report(report))

@@ -428,3 +428,22 @@ def test_near_duplicate_pairs_are_in_the_json_report(tmp_path, synthetic):
     planted_from = f"Monkeypox/{_first(root, 1, 'Test', 'Monkeypox').name}"
     assert {pair["a"], pair["b"]} == {planted_from, "Monkeypox/MKP_97_01.jpg"}
     assert 0 <= pair["distance"] <= getData.NEAR_DUPLICATE_BITS and pair["split_across"] == ["fold1 Train/Test"]
+
+
+def test_a_zip_downloaded_by_hand_is_named_and_extracted(synthetic, tmp_path):
+    """Users pass the Kaggle zip itself as --data-root, or leave it unextracted in data/: one line says
+    how to extract it, and `getData.py --extract` does, safely, into a folder the scripts then find."""
+    archive = tmp_path / "downloads" / "archive.zip"
+    archive.parent.mkdir()
+    archive.write_bytes(_zip_bytes({f"Original Images/Original Images/FOLDS/{p.relative_to(synthetic)}": p.read_bytes()
+                                    for p in synthetic.rglob("*") if p.is_file()}))
+    hint = f"getData.py --extract '{archive}'"
+    assert_one_line_error(run_cli("train.py", "--data-root", archive, "--out", tmp_path / "r"), "a zip archive", hint)
+    assert_one_line_error(run_cli("getData.py", "--data-root", archive.parent), "no MSLD v2.0 layout", hint)
+    done = run_cli("getData.py", "--extract", archive, "--data-root", tmp_path / "data")
+    assert done.returncode == 0, done.stderr
+    folds = tmp_path / "data" / "archive" / "Original Images" / "Original Images" / "FOLDS"
+    assert done.stdout.strip() == f"extracted to {tmp_path / 'data' / 'archive'}; its folds are in {folds}"
+    assert find_folds_root(tmp_path / "data") == folds and list_classes(folds) == CLASSES
+    assert_one_line_error(run_cli("getData.py", "--extract", archive, "--data-root", tmp_path / "data"),
+                          "already exists")
