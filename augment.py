@@ -27,8 +27,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, decode_all, index_split,
-                     list_classes, load_image, run_main, usable_folds_root)
+from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder, decode_all,
+                     index_split, list_classes, load_image, run_main, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -567,7 +567,7 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
                     ops: str = "all", seed: int = 0, workers: int = 0) -> dict:
     """Write augmented copies of fold `fold`'s Train images to `out/<Class>/NAME__augNN.jpg`."""
     folds_root = usable_folds_root(data_root)
-    out = Path(out).resolve()
+    out = check_folder(Path(out).resolve())
     if out.is_relative_to(folds_root.resolve()) or out.is_relative_to(Path(data_root).resolve()):
         raise DataError(f"--out {out}: inside the source dataset; write augmented copies elsewhere")
     if out.exists() and any(out.iterdir()):

@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, check_folder, images_under,
                      index_split, load_image, prepare, run_main, usable_folds_root)
-from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop, gate, gate_by,
-                    load_classifier, mean_std, reference_for, resize_size, save_figure, select_runtime, to_input)
+from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop,
+                    find_checkpoint, find_checkpoints, gate, gate_by, load_classifier, mean_std, reference_for,
+                    resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -440,8 +441,8 @@ def parse_args(argv=None):
     d = DEFAULTS
     p = Parser(__doc__, __file__)
     p.add_argument("images", nargs="*", help="image files (or folders of them) to explain")
-    p.add_argument("--checkpoint", required=True, help="a classifier best.pt (with --faithfulness or --sanity also "
-                   "a --fold all run directory: every fold on its own split)")
+    p.add_argument("--checkpoint", required=True, help="a classifier best.pt or a run directory holding one (with "
+                   "--faithfulness or --sanity also a --fold all run directory: every fold on its own split)")
     p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,
                    help="explain this fold's --split instead of files (default: the checkpoint's fold)")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
@@ -485,23 +486,11 @@ def _image_paths(args, ckpt) -> list[Path]:
     return [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
 
 
-def study_checkpoints(checkpoint) -> dict:
-    """A best.pt or a run directory holding one -> {None: path}; a --fold all run directory -> {K: path}."""
-    path = Path(checkpoint)
-    if path.is_dir() and not (path / "best.pt").is_file():
-        found = {k: path / f"fold{k}" / "best.pt" for k in FOLDS if (path / f"fold{k}" / "best.pt").is_file()}
-        if not found:
-            raise ModelError(f"{path}: no best.pt here or in fold1..5/; train first with `python train.py`")
-        return found
-    return {None: path / "best.pt" if path.is_dir() else path}
-
-
 def run_studies(args, rt) -> dict:
     """--faithfulness and --sanity for one checkpoint, or for every fold of a --fold all run (each on
     its own fold's --split, unless images are given), with a summary over the folds."""
-    runs, results = study_checkpoints(args.checkpoint), {}
-    root = check_folder(args.out or (Path(args.checkpoint) if len(runs) > 1 else next(iter(runs.values())).parent)
-                       / "gradcam")
+    runs, results = find_checkpoints(args.checkpoint), {}
+    root = check_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam")
     for fold, path in runs.items():
         model, ckpt = load_classifier(path, rt)
         layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
@@ -558,7 +547,8 @@ def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:
         return run_studies(args, rt)
-    model, ckpt = load_classifier(args.checkpoint, rt)
+    checkpoint = find_checkpoint(args.checkpoint)
+    model, ckpt = load_classifier(checkpoint, rt)
     classes = ckpt["classes"]
     if args.target_class is not None and args.target_class not in classes:
         raise DataError(f"--target-class {args.target_class}: not one of {', '.join(classes)}")
@@ -568,10 +558,10 @@ def run(args) -> list:
     if args.layer and len(args.layer) > 1:
         raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
-    out = check_folder(args.out or Path(args.checkpoint).parent / "gradcam")  # and an --out in the way
+    out = check_folder(args.out or checkpoint.parent / "gradcam")  # and an --out in the way
     paths = _image_paths(args, ckpt)
     images = [load_image(p) for p in paths]  # every file checked before anything is written
-    reference = gate_by(reference_for(ckpt, model, rt, args.checkpoint), args.ood_score)
+    reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     results = run_gradcam(model, images, rt, target, layer, args.alpha, args.cmap, args.batch_size, reference)
     write_figures(results, [str(p) for p in paths], classes, out, target)
     for e, p in zip(results, paths):

@@ -34,8 +34,8 @@ import torch
 from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, capture_features,
-                    device_logits, gate, gate_by, load_classifier, probabilities, reference_for, resize_size,
-                    select_runtime, view)
+                    device_logits, find_checkpoint, gate, gate_by, load_classifier, probabilities, reference_for,
+                    resize_size, select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
@@ -574,7 +574,8 @@ def benchmark(args, predictor: Predictor) -> None:
 def parse_args(argv=None):
     d, positive = DEFAULTS, Number(float, 0, open_low=True)
     p = Parser(__doc__, __file__)
-    p.add_argument("--checkpoint", default=d["checkpoint"], help="a best.pt (default: the newest under runs/)")
+    p.add_argument("--checkpoint", default=d["checkpoint"],
+                   help="a best.pt or a run directory holding one (default: the newest under runs/)")
     p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
     p.add_argument("--port", type=Number(int, 0, 65535), default=d["port"], help="0: any free port")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
@@ -606,7 +607,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
-    checkpoint = args.checkpoint or newest_checkpoint(DEFAULTS["runs"])
+    checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
     predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta, args.ood_score)
     if args.benchmark:

@@ -37,9 +37,9 @@ from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_
                      Number, Parser, atomic_write, check_folder, images_under, is_synthetic, list_classes, load_image,
                      not_skin_images, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
-                    detection_metrics, embed, fit_temperature, gate_by, load_checkpoint, load_classifier,
-                    logits_and_features, mean_std, mean_std_table, ood_scores, predict_logits, probabilities,
-                    reference_for, resize_size, save_figure, select_runtime)
+                    detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
+                    load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, predict_logits,
+                    probabilities, reference_for, resize_size, save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -630,35 +630,15 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
 
-def fold_checkpoints(path: Path) -> dict[int, Path]:
-    """best.pt of each foldK/ of a --fold all run directory."""
-    found = {k: path / f"fold{k}" / "best.pt" for k in FOLDS if (path / f"fold{k}" / "best.pt").is_file()}
-    if not found:
-        raise ModelError(f"{path}: no best.pt here or in fold1..5/; train first with `python train.py`")
-    return found
-
-
-def _resolve(checkpoint) -> Path | dict[int, Path]:
-    """A best.pt (or a run directory holding one) -> its path; a --fold all directory -> {fold: best.pt}."""
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "best.pt").is_file():
-        return path / "best.pt"
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise ModelError(f"{path}: no such checkpoint or run directory")
-    return fold_checkpoints(path)
-
-
 def evaluate(checkpoints, out=None, **kw) -> dict:
     """One checkpoint or several (an ensemble), each a best.pt, a run directory holding one, or a
     --fold all directory of foldK/ runs. Returns {head: FoldResult} or {fold: {head: FoldResult}}."""
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
-    found = [_resolve(c) for c in checkpoints]
+    found = [find_checkpoints(c) for c in checkpoints]
     tag = "test" if len(found) == 1 else f"test-ensemble{len(found)}"
-    if all(isinstance(f, Path) for f in found):
-        return evaluate_fold(found, check_folder(out or found[0].parent / tag), **kw)
-    if not all(isinstance(f, dict) for f in found):
+    if all(None in f for f in found):
+        return evaluate_fold([f[None] for f in found], check_folder(out or found[0][None].parent / tag), **kw)
+    if any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
     if kw.get("svm") and len(found) > 1:
         raise ModelError("--svm fits one network's features: give one checkpoint or run directory")

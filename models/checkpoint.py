@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from getData import UserError, atomic_path
+from getData import FOLDS, UserError, atomic_path
 
 
 class ModelError(UserError):
@@ -48,6 +48,28 @@ def save_checkpoint(ckpt: dict, path) -> None:
             if isinstance(e.__context__, (OSError, KeyboardInterrupt)):  # disk, or Ctrl-C mid-save
                 raise e.__context__ from None
             raise
+
+
+def find_checkpoints(path) -> dict:
+    """What a user passes as --checkpoint: a .pt, or a run directory holding best.pt -> {None: path};
+    a --fold all run directory -> {K: foldK/best.pt}."""
+    path = Path(path)
+    if path.is_file() or (path / "best.pt").is_file():
+        return {None: path if path.is_file() else path / "best.pt"}
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such checkpoint or run directory")
+    found = {k: path / f"fold{k}" / "best.pt" for k in FOLDS if (path / f"fold{k}" / "best.pt").is_file()}
+    if not found:
+        raise ModelError(f"{path}: no best.pt here or in fold1..5/; train first with `python train.py`")
+    return found
+
+
+def find_checkpoint(path) -> Path:
+    """One checkpoint: a .pt, or a run directory holding best.pt."""
+    found = find_checkpoints(path)
+    if None not in found:
+        raise ModelError(f"{path}: a --fold all run; give one fold's, e.g. --checkpoint {found[min(found)].parent}")
+    return found[None]
 
 
 def load_checkpoint(path) -> dict:

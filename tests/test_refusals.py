@@ -100,6 +100,8 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
                                   "--out", blocker / "g"), "a-file")
     assert_one_line_error(run_cli("getData.py", "--data-root", synthetic, "--report", blocker / "audit.json"),
                           "a-file")
+    for out in (blocker, blocker / "aug"):
+        assert_one_line_error(run_cli("augment.py", "--data-root", synthetic, "--out", out), "a-file")
     assert blocker.read_text() == "not a folder"
 
 
@@ -206,6 +208,21 @@ def test_a_bad_checkpoint_is_one_line_in_every_loader_and_runs_nothing(synthetic
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
                           "last.pt", *says)
     assert not bad.with_suffix(".ran").exists()  # nothing in the file was run
+
+
+def test_every_script_takes_a_run_directory_for_its_checkpoint(synthetic, trained, trained_all, tmp_path):
+    """As testing.py always did: `--checkpoint runs/x` means runs/x/best.pt; a --fold all run where one
+    checkpoint is needed is one line naming a fold's."""
+    photo = next(synthetic.rglob("*.jpg"))
+    done = run_cli("gradcam.py", "--checkpoint", trained, photo, "--out", tmp_path / "g")
+    assert done.returncode == 0 and (tmp_path / "g" / "grid.png").is_file(), done.stderr
+    done = run_cli("serve.py", "--checkpoint", trained, "--benchmark", "--requests", 1, "--device", "cpu")
+    assert done.returncode == 0 and "requests/s" in done.stdout, done.stderr
+    assert run_cli("testing.py", "--checkpoint", trained, "--out", tmp_path / "t").returncode == 0
+    for script, extra in (("gradcam.py", [photo]), ("serve.py", [])):
+        assert_one_line_error(run_cli(script, "--checkpoint", trained_all, *extra), "a --fold all run",
+                              f"--checkpoint {trained_all / 'fold1'}")
+    assert_one_line_error(run_cli("serve.py", "--checkpoint", tmp_path / "nowhere"), "no such checkpoint")
 
 
 def _cut_run(synthetic, out, monkeypatch, *extra):
