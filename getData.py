@@ -92,7 +92,7 @@ def run_main(body, *args) -> int:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
-        sys.stderr.write(f"\ninterrupted{': ' if e.args else ''}{e.args[0] if e.args else ''}\n")
+        sys.stderr.write(f"\ninterrupted{''.join(f': {a}' for a in e.args)}\n")
         return 130  # the shell's status for SIGINT
 
 
