@@ -279,6 +279,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.limits.deadline  # the next request, its wait included
         super().handle_one_request()
 
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` asks whether to send the body: a body we would refuse is refused now,
+        before the client sends a byte of it (the standard library says "continue" to any)."""
+        try:
+            if self.command == "POST":
+                self._body_length()
+        except RequestError as e:
+            self._json(e.status, {"error": str(e)}, e.headers)
+            return False
+        return super().handle_expect_100()
+
     def log_message(self, fmt, *args):
         pass  # quiet; errors are answered to the client
 
@@ -364,26 +375,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             self._not_allowed()
 
-    def _content_length(self) -> int:
-        """The body's one length. A chunked body, or two lengths that disagree, would let the bytes
-        after what we read pass for the connection's next request (request smuggling, RFC 9112 6.3):
-        refused, and the connection closed with the error."""
+    def _body_length(self) -> int:
+        """The body's one length, if the body is one we take. A chunked body, or two lengths that
+        disagree, would let the bytes after what we read pass for the connection's next request
+        (request smuggling, RFC 9112 6.3): refused, and the connection closed with the error."""
         if "Transfer-Encoding" in self.headers:
             raise RequestError(411, "Transfer-Encoding is not supported: send the body with a Content-Length")
         lengths = set(self.headers.get_all("Content-Length") or [])
         if not lengths:
             raise RequestError(411, "Content-Length is required")
-        length = lengths.pop()
-        if lengths or not (length.isascii() and length.isdigit()):  # isdigit alone takes '²'
+        text = lengths.pop()
+        if lengths or not (text.isascii() and text.isdigit()):  # isdigit alone takes '²'
             raise RequestError(400, "bad Content-Length")
-        return int(length)
-
-    def _read_body(self) -> bytes:
-        length = self._content_length()
+        length = int(text)
         if length > self.limits.max_bytes:  # refused before a byte of the body is read
             raise RequestError(413, f"body of {length:,} bytes is over the {self.limits.max_bytes:,}-byte limit")
         if length == 0:
             raise RequestError(400, "empty body: send an image")
+        return length
+
+    def _read_body(self) -> bytes:
+        length = self._body_length()
         body = self.rfile.read(length)
         if len(body) < length:
             raise RequestError(400, "body shorter than Content-Length")

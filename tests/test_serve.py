@@ -542,3 +542,21 @@ def test_an_address_the_server_cannot_listen_on_is_one_line_naming_the_flag_to_c
                               f"127.0.0.1:{port}", "choose another --port")
     assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--host", "10.255.255.1"),
                           "10.255.255.1", "check --host")  # an address that is not this machine's
+
+
+def test_a_client_that_asks_before_sending_is_refused_before_it_sends(server, synthetic):
+    """`Expect: 100-continue`: a body the server would refuse is refused at once (413), not invited
+    with 100 Continue; one it takes is invited, and answered."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nExpect: 100-continue\r\n"
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(head + b"Content-Length: 50000000\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")
+    image = photo(synthetic)
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(image))
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(image)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"probabilities"' in reply
