@@ -503,7 +503,7 @@ def ood_dir_images(folders) -> list[Path]:
     found = []
     for d in map(Path, folders):
         if not d.is_dir():
-            raise DataError(f"--ood-dir {d}: no such folder")
+            raise DataError(f"--ood-dir {d}: {'a file, not a folder' if d.exists() else 'no such folder'}")
         found += images_under(d)
     if not found:
         raise DataError(f"--ood-dir {', '.join(map(str, folders))}: no images there "

@@ -105,6 +105,7 @@ def mean_std_table(rows: list[dict], keys, label: str = "fold") -> str:
     keys = [k for k in keys if all(k in r for r in rows)]
     lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
+        lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]}" if isinstance(r[k], int) else f"{r[k]:.4f}"
+                                                    for k in keys) + " |")  # an epoch is not 2.0000
     lines.append("| mean ± std | " + " | ".join(mean_std([r[k] for r in rows]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -96,6 +96,9 @@ def test_ood_dir_without_images_is_one_line(trained, tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no photos here")
     assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-dir", tmp_path / "empty",
                                   "--out", tmp_path / "t"), "--ood-dir", "no images")
+    for where, says in ((tmp_path / "empty" / "notes.txt", "a file, not a folder"), (tmp_path / "gone", "no such")):
+        assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-dir", where,
+                                      "--out", tmp_path / "t"), f"--ood-dir {where}: {says}")
     assert not (tmp_path / "t").exists()
 
 

@@ -56,8 +56,9 @@ def test_confidence_gate_coverage_and_covered_metrics():
 
 
 def test_mean_std_table():
-    table = mean_std_table([{"fold": 1, "accuracy": 0.5}, {"fold": 2, "accuracy": 0.7}], ["accuracy"])
-    assert "| 2 | 0.7000 |" in table and "0.6000 ± 0.1414" in table  # sample std, ddof=1
+    rows = [{"fold": 1, "accuracy": 0.5, "best_epoch": 3}, {"fold": 2, "accuracy": 0.7, "best_epoch": 4}]
+    table = mean_std_table(rows, ["accuracy", "best_epoch"])
+    assert "| 2 | 0.7000 | 4 |" in table and "| 0.6000 ± 0.1414 | 3.5000 ± 0.7071 |" in table  # sample std, ddof=1
 
 
 def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
