@@ -1032,7 +1032,10 @@ def download(url: str, data_root) -> Path:
             raise DataError(f"{url}: not an http(s) URL; pass --download https://.../file.zip or --download kaggle")
         name = Path(urllib.request.url2pathname(url.split("?")[0].rsplit("/", 1)[-1])).stem or "dataset"
     part = data_root / f".{name}.zip.part"
-    _fetch(url, part, headers)
+    try:
+        _fetch(url, part, headers)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the same command continues the download from {part}") from None
     target = safe_extract(part, data_root / name)
     part.unlink()
     return target

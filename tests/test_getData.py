@@ -372,6 +372,21 @@ def test_interrupted_download_resumes_with_range(tmp_path):
     assert sorted(p.name for p in (target / "d").iterdir()) == sorted(f"f{i}.bin" for i in range(20))
 
 
+def test_ctrl_c_during_a_download_says_the_same_command_continues_it(tmp_path, monkeypatch):
+    payload = _zip_bytes({"FOLDS/readme.txt": b"x" * 5000})
+    with _Server(payload) as srv:
+        with monkeypatch.context() as m:
+            m.setattr(getData.tqdm, "update", lambda self, n: (_ for _ in ()).throw(KeyboardInterrupt))
+            cut = run_cli("getData.py", "--download", f"{srv.url}/big.zip", "--data-root", tmp_path)
+        part = tmp_path / ".big.zip.part"
+        assert cut.returncode == 130 and part.is_file()
+        assert cut.stderr.strip().splitlines()[-1] == \
+            f"interrupted: the same command continues the download from {part}"
+        done = run_cli("getData.py", "--download", f"{srv.url}/big.zip", "--data-root", tmp_path)
+    assert done.returncode == 0 and (tmp_path / "big" / "FOLDS" / "readme.txt").read_bytes() == b"x" * 5000
+    assert "Range" in srv.requests[1][1]  # continued, not started again
+
+
 def test_zip_slip_is_refused_and_nothing_is_left(tmp_path):
     payload = _zip_bytes({"ok.txt": b"fine", "../../escaped.txt": b"evil"})
     with _Server(payload) as srv, pytest.raises(DataError, match="escape"):
