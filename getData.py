@@ -97,12 +97,17 @@ def run_main(body, *args) -> int:
 
 
 @contextlib.contextmanager
-def resumable(out):
-    """A run that --resume continues: Ctrl-C inside says so, in run_main's one line."""
+def on_interrupt(how_to_go_on: str):
+    """Ctrl-C inside: run_main's one line says how to go on."""
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the same command with --resume continues {out} from its last saved epoch") from None
+        raise KeyboardInterrupt(how_to_go_on) from None
+
+
+def resumable(out):
+    """A run that --resume continues."""
+    return on_interrupt(f"the same command with --resume continues {out} from its last saved epoch")
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -1032,10 +1037,8 @@ def download(url: str, data_root) -> Path:
             raise DataError(f"{url}: not an http(s) URL; pass --download https://.../file.zip or --download kaggle")
         name = Path(urllib.request.url2pathname(url.split("?")[0].rsplit("/", 1)[-1])).stem or "dataset"
     part = data_root / f".{name}.zip.part"
-    try:
+    with on_interrupt(f"the same command continues the download from {part}"):
         _fetch(url, part, headers)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the same command continues the download from {part}") from None
     target = safe_extract(part, data_root / name)
     part.unlink()
     return target
