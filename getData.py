@@ -241,8 +241,8 @@ def find_folds_root(data_root) -> Path:
     Real datasets win over the synthetic one when both are present.
     """
     root = Path(data_root)
-    if root.is_file() and _zip_hint(root):
-        raise DataError(f"{root}: a zip archive, not a folder{_zip_hint(root)}")
+    if root.is_file() and (hint := _zip_hint(root)):
+        raise DataError(f"{root}: a zip archive, not a folder{hint}")
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; pass --data-root with your MSLD v2.0 download "
                         "or run `python getData.py --synthetic`")
@@ -291,7 +291,7 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
         if str(data_root) != DEFAULTS["data_root"] or (Path(data_root).is_dir() and _found_any(data_root)):
             raise
     print(f"no MSLD v2.0 found under {data_root}/: using the synthetic demo set in {synthetic_root}/ "
-          f"(see README to get the real data{_zip_hint(Path(data_root)) if Path(data_root).is_dir() else ''})")
+          f"(see README to get the real data{_zip_hint(Path(data_root))})")
     if not _has_folds(Path(synthetic_root)):
         make_synthetic(synthetic_root, seed=seed)
     return Path(synthetic_root)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import termios
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -132,9 +133,13 @@ def test_ddp_two_gloo_processes_match_one_process(synthetic, tmp_path):
 
 
 def test_main_job_falls_back_to_synthetic_data(tmp_path):
+    (tmp_path / "data").mkdir()
+    with zipfile.ZipFile(tmp_path / "data" / "archive.zip", "w") as z:  # the download, not yet extracted
+        z.writestr("readme.txt", "MSLD v2.0")
     proc = run_script(REPO / "train.py", "--epochs", 1, "--device", "cpu", cwd=tmp_path)
     assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr
     assert "no MSLD v2.0 found under data/" in proc.stdout
+    assert "python getData.py --extract 'data/archive.zip'" in proc.stdout  # and how to use the download
     assert (tmp_path / "data" / "synthetic" / "SYNTHETIC.txt").is_file()
     assert (tmp_path / "runs" / "lenet-fold1" / "best.pt").is_file()
 
