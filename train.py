@@ -39,10 +39,11 @@ from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, resumable, run_main)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, embed, epoch_generators,
-                    fit_reference, fit_temperature, logits_and_features, make_optimizer, mean_std_table, param_groups,
-                    per_rank_batch, probabilities, resize_size, resume, save_checkpoint, select_runtime, send,
-                    set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
+                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
+                    fit_temperature, load_classifier, make_optimizer, mean_std_table, param_groups, per_rank_batch,
+                    predict_logits, probabilities, reference_from_images, resize_size, resume, save_checkpoint,
+                    select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine,
+                    write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -172,16 +173,16 @@ def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size:
     return dict(train_loss=loss_sum / n, train_acc=correct / n, train_images_per_s=n / (time.perf_counter() - start))
 
 
-def validate(model, data: FoldData, rt: Runtime) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Valid loss, accuracy and balanced accuracy (the classes are imbalanced); and the logits and
-    pooled features (for the temperature and the out-of-distribution reference)."""
+def validate(model, data: FoldData, rt: Runtime) -> tuple[dict, torch.Tensor]:
+    """Valid loss, accuracy and balanced accuracy (the classes are imbalanced); and the logits (for
+    the temperature)."""
     unwrap(model).eval()
-    logits, features = logits_and_features(unwrap(model), data.valid_images, rt)
+    logits = predict_logits(unwrap(model), data.valid_images, rt)
     probs, y = probabilities(logits), data.valid_targets
     pred = probs.argmax(1)
     return dict(valid_loss=F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
                 valid_acc=(pred == y).double().mean().item(),
-                valid_bal_acc=float(balanced_accuracy_score(y.numpy(), pred.numpy()))), logits, features
+                valid_bal_acc=float(balanced_accuracy_score(y.numpy(), pred.numpy()))), logits
 
 
 def is_better(new: dict, best: dict | None) -> bool:
@@ -220,18 +221,16 @@ class FoldRun:
         """After each epoch (rank 0): validate `evaluated` (the model or its EMA), save, report."""
         if self.rt.rank != 0:
             return
-        metrics, logits, features = validate(evaluated, self.data, self.rt)
+        metrics, logits = validate(evaluated, self.data, self.rt)
         self.stop_if_diverged(row["epoch"], metrics["valid_loss"])
         row.update(metrics, epoch_s=time.perf_counter() - started)
         self.history.append(row)
         classes, config = self.data.classes, self.config
         if is_better(row, self.best):
             self.best = row
-            temperature = fit_temperature(logits, self.data.valid_targets)
-            ood = fit_reference(embed(unwrap(evaluated), self.data.train_images, self.rt), self.data.train_labels,
-                                features, logits[0], temperature)
             save_checkpoint(checkpoint_dict(evaluated, "classifier", classes, config, row["epoch"], row,
-                                            temperature=temperature, ood=ood), self.out / "best.pt")
+                                            temperature=fit_temperature(logits, self.data.valid_targets)),
+                            self.out / "best.pt")
         if self.clock.due(final=row["epoch"] == self.total):
             save_checkpoint(checkpoint_dict(model, "classifier", classes, config, row["epoch"], row,
                                             **training_state(opt, sched, self.history, self.best, **modules)),
@@ -241,16 +240,33 @@ class FoldRun:
               f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} | valid loss {row['valid_loss']:.4f} "
               f"acc {row['valid_acc']:.3f} bal {row['valid_bal_acc']:.3f} | {row['train_images_per_s']:.0f} img/s")
 
+    def add_ood_reference(self) -> None:
+        """best.pt's out-of-distribution reference (models/ood.py), fitted from its weights once the run
+        stops: fitting it whenever Valid improves (about 40 times in the recipe's run) would embed every
+        Train image each time, 5-8% of a CPU run. A run killed before this point leaves best.pt without
+        one: --resume adds it, and testing.py and serve.py compute it meanwhile."""
+        path = self.out / "best.pt"
+        if self.rt.rank != 0 or not path.is_file():
+            return
+        best, ckpt = load_classifier(path, self.rt)
+        if ckpt.get("ood") is None:
+            ckpt["ood"] = reference_from_images(best, self.data.train_images, self.data.train_labels,
+                                                self.data.valid_images, ckpt["temperature"], self.rt)
+            save_checkpoint(ckpt, path)
+
     def stop_if_diverged(self, epoch: int, loss: float) -> None:
         """A loss that is not finite ends the run with one line (its best.pt and last.pt stay as they
         were): the optimizer cannot come back from NaN weights, and the temperature cannot be fitted."""
         if math.isfinite(loss):
             return
         kept = f"{self.out / 'best.pt'} keeps {self.unit} {self.best['epoch']}" if self.best else "no best.pt written"
+        self.add_ood_reference()
         raise DataError(f"fold {self.config['fold']} {self.unit} {epoch}: the loss is {loss}, the run diverged "
                         f"({kept}); train again with a lower --lr (now {self.config['lr']}) or with --clip-grad 1.0")
 
     def summary(self) -> dict:
+        """The best epoch's Valid metrics, once best.pt holds its out-of-distribution reference."""
+        self.add_ood_reference()
         if self.rt.world > 1:
             dist.barrier()
         best = self.best or {}

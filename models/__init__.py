@@ -16,7 +16,7 @@ from models.checkpoint import (ModelError, checkpoint_dict, find_checkpoint, fin
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
 from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, ood_scores,
-                        reference_for)
+                        reference_for, reference_from_images)
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
                             fit_temperature, logits_and_features, normalize, predict, predict_logits, probabilities,
                             resize_size, to_input, view)
@@ -29,9 +29,9 @@ __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "Model
            "find_checkpoint", "find_checkpoints", "load_checkpoint", "resume", "save_checkpoint", "training_state",
            "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine",
            "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference", "gate", "ood_scores",
-           "reference_for", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features", "crop", "device_logits",
-           "embed", "fit_temperature", "logits_and_features", "normalize", "predict", "predict_logits", "probabilities",
-           "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "mean_std", "mean_std_table", "png_bytes",
-           "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for", "batch_indices",
-           "constant", "derived_seed", "distributed", "epoch_generators", "per_rank_batch", "seed_worker",
-           "select_runtime", "send", "set_numerics", "set_seed", "shard"]
+           "reference_for", "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features",
+           "crop", "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict",
+           "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir",
+           "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS",
+           "Runtime", "backend_for", "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators",
+           "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed", "shard"]

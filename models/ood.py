@@ -113,23 +113,28 @@ def detection_metrics(in_scores, out_scores) -> dict:
                 n_in=len(in_scores), n_out=len(out_scores))
 
 
+def reference_from_images(model, train_images, train_targets, valid_images, temperature: float, rt) -> dict:
+    """fit_reference for an eval-mode classifier, from its fold's decoded Train and Valid images."""
+    valid_logits, valid_features = logits_and_features(model, valid_images, rt)
+    return fit_reference(embed(model, train_images, rt), train_targets, valid_features, valid_logits[0], temperature)
+
+
 def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dict | None:
-    """The OOD reference of a classifier checkpoint: the one stored in it, or, for a checkpoint older
-    than the scores, one computed now from its fold's Train and Valid images when they are at hand
-    (a one-line note either way). None: no gate (no data to compute one from)."""
+    """The OOD reference of a classifier checkpoint: the one stored in it, or, for a best.pt written
+    before its run finished (train.py adds the reference at the end) or older than the scores, one
+    computed now from its fold's Train and Valid images when they are at hand (a one-line note
+    either way). None: no gate (no data to compute one from)."""
     if ckpt.get("ood"):
         return ckpt["ood"]
     data_root, fold = data_root or ckpt["config"].get("data_root"), fold or ckpt.get("fold")
+    missing = (f"note: {path} holds no out-of-distribution reference (its run did not finish, or it is older than "
+               "the scores)")
     try:
         root = usable_folds_root(data_root)
         train, valid = (MSLDDataset(root, fold, split, cache_size=resize_size(model.input_size),
                                     classes=ckpt["classes"]) for split in ("Train", "Valid"))
     except (DataError, TypeError):  # no data_root recorded, or its data is gone
-        print(f"note: {path} holds no out-of-distribution reference (it is older than the scores) and its data "
-              "is not at hand: no OOD gate")
+        print(f"{missing} and its data is not at hand: no OOD gate")
         return None
-    print(f"note: {path} holds no out-of-distribution reference (it is older than the scores): computed from "
-          f"fold {fold}'s Train and Valid images")
-    valid_logits, valid_features = logits_and_features(model, valid.images, rt)
-    return fit_reference(embed(model, train.images, rt), train.targets, valid_features, valid_logits[0],
-                         ckpt.get("temperature") or 1.0)
+    print(f"{missing}: computed from fold {fold}'s Train and Valid images")
+    return reference_from_images(model, train.images, train.targets, valid.images, ckpt.get("temperature") or 1.0, rt)

@@ -12,8 +12,9 @@ from sklearn.covariance import LedoitWolf
 
 import train
 from conftest import assert_one_line_error, run_cli, train_args
-from getData import index_split, list_classes, not_skin_images
-from models import GATE_SCORE, detection_metrics, fit_reference, gate, ood_scores, select_runtime
+from getData import MSLDDataset, index_split, list_classes, not_skin_images
+from models import (GATE_SCORE, detection_metrics, fit_reference, gate, load_classifier, ood_scores,
+                    reference_from_images, resize_size, select_runtime)
 from models.ood import knn_distance, shrunk_covariance
 from testing import evaluate
 
@@ -72,6 +73,21 @@ def test_a_network_trained_on_the_synthetic_set_flags_noise_and_text_and_keeps_i
         == m["gate"]["n_kept"]
     report = (tmp_path / "t" / "report.md").read_text()
     assert "Out of distribution" in report and "| not_skin |" in report
+
+
+def test_best_pt_gets_its_reference_from_the_best_epochs_weights(synthetic, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "is_better", lambda new, best: best is None)  # epoch 1 stays the best of 3
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 3)) == 0
+    stored = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert stored["epoch"] == 1
+    rt = select_runtime("cpu")
+    model, _ = load_classifier(tmp_path / "r" / "best.pt", rt)
+    train_set, valid_set = (MSLDDataset(synthetic, 1, split, cache_size=resize_size(model.input_size))
+                            for split in ("Train", "Valid"))
+    direct = reference_from_images(model, train_set.images, train_set.targets, valid_set.images,
+                                   stored["temperature"], rt)
+    assert torch.allclose(stored["ood"]["class_means"], direct["class_means"], atol=1e-5)
+    assert stored["ood"]["thresholds"] == pytest.approx(direct["thresholds"], rel=1e-4)
 
 
 def test_excluding_a_class_trains_without_it_and_tests_it_as_near_ood(synthetic, tmp_path):

@@ -288,6 +288,21 @@ def test_a_diverging_run_stops_with_one_line_naming_the_epoch(synthetic, tmp_pat
     assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
 
 
+def test_a_run_that_diverges_later_keeps_a_whole_best_pt(synthetic, tmp_path, monkeypatch, capsys):
+    real, seen = train.validate, []
+
+    def nan_from_epoch_2(*args):
+        metrics, logits = real(*args)
+        seen.append(1)
+        return dict(metrics, valid_loss=float("nan") if len(seen) >= 2 else metrics["valid_loss"]), logits
+    monkeypatch.setattr(train, "validate", nan_from_epoch_2)
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 3)) == 2
+    err = capsys.readouterr().err
+    assert "epoch 2: the loss is nan" in err and "keeps epoch 1" in err
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["ood"]["thresholds"]  # with its out-of-distribution reference, as at the end
+
+
 # ----------------------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path):

@@ -76,8 +76,11 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     revive = killed_on_call(monkeypatch, train, "validate", 3)  # the process dies before epoch 3 is saved
     assert train.main(train_args(synthetic, tmp_path / "cut", *args)) == 130
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
+    assert "ood" not in torch.load(tmp_path / "cut" / "best.pt", weights_only=True)  # fitted once the run ends
     revive()
     assert train.main(train_args(synthetic, tmp_path / "cut", *args, "--resume")) == 0
+    full_ood, cut_ood = (torch.load(tmp_path / r / "best.pt", weights_only=True)["ood"] for r in ("full", "cut"))
+    assert torch.equal(full_ood["precision"], cut_ood["precision"]) and full_ood["thresholds"] == cut_ood["thresholds"]
 
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
