@@ -192,7 +192,8 @@ def is_better(new: dict, best: dict | None) -> bool:
 
 class FoldRun:
     """One fold's run directory, written by rank 0: config.json, history.csv + curves.png, best.pt
-    (the best Valid epoch, with the temperature fitted on Valid), last.pt (everything --resume needs).
+    (the best Valid epoch, with the temperature fitted on Valid, and the out-of-distribution reference
+    once the run stops), last.pt (everything --resume needs).
     best.pt is written whenever Valid improves; last.pt, history and curves at most every
     --save-every seconds and after the last epoch: a killed run loses at most that much."""
 
