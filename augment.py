@@ -15,6 +15,7 @@ import functools
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -561,6 +562,17 @@ def _write_one(task):
 
 def _init_worker():
     torch.set_num_threads(1)  # one process per core instead of threads fighting over cores
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+
+
+def _in_processes(fn, tasks, workers: int):
+    """fn over tasks in `workers` processes (1: in this one), results as they come. Spawned, not
+    forked: forking a process that runs threads (a notebook's, a server's) can deadlock the child."""
+    if workers == 1:
+        yield from map(fn, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(fn, tasks, chunksize=8)
 
 
 def write_augmented(data_root, fold: int, out, factor: int | None = None, balance: bool = False,
@@ -584,11 +596,9 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
             (tmp / c).mkdir()
         tasks = [(src, tmp / c / f"{src.stem}{AUG_TAG}{j:0{width}d}.jpg",
                   derived_seed(seed, fold, i, j), op_params) for i, (src, c, j) in enumerate(plan)]
-        workers = workers or os.cpu_count() or 1
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker) as pool:
-            for _ in tqdm(pool.imap_unordered(_write_one, tasks, chunksize=8), total=len(tasks), desc="augment",
-                          disable=None):
-                pass
+        for _ in tqdm(_in_processes(_write_one, tasks, workers or os.cpu_count() or 1), total=len(tasks),
+                      desc="augment", disable=None):
+            pass
     counts = {c: sum(1 for _, cc, _ in plan if cc == c) for c in classes}
     print(f"wrote {len(plan)} augmented Train images of fold {fold} to {out}: "
           + ", ".join(f"{c} {n}" for c, n in counts.items()))

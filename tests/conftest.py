@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,28 @@ def run_script(*args, cwd=REPO, timeout=600):
     """Run a repository script as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_as_from_a_terminal(script, *args) -> subprocess.Popen:
+    """A script started in a process group of its own with Ctrl-C not ignored, as from a terminal
+    (anything started with `nohup ... &`, this suite perhaps, ignores it). os.killpg(proc.pid,
+    signal.SIGINT) is then a terminal's Ctrl-C: it reaches the script and every process it started."""
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", interactive, script, *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def group_gone(group: int, within: float) -> bool:
+    """Whether every process of the process group has ended within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def run_cli(script, *args, cwd=None):

@@ -1,3 +1,8 @@
+import contextlib
+import os
+import signal
+import time
+
 import pytest
 import torch
 from torchvision.transforms import v2
@@ -5,7 +10,7 @@ from torchvision.transforms import v2
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import REPO, assert_one_line_error, run_cli, run_script
+from conftest import assert_one_line_error, group_gone, run_cli, start_as_from_a_terminal
 from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
@@ -157,7 +162,7 @@ def _train_origins(root, fold=1):
 
 def test_writer_factor_counts_names_and_never_valid_test(tmp_path, synthetic):
     out = tmp_path / "aug"
-    counts = write_augmented(synthetic, 1, out, factor=2, ops="hflip,noise", workers=2)
+    counts = write_augmented(synthetic, 1, out, factor=2, ops="hflip,noise", workers=1)
     origins = _train_origins(synthetic)
     written = sorted(out.rglob("*.jpg"))
     assert len(written) == 2 * len(origins) == sum(counts.values())
@@ -176,17 +181,30 @@ def test_writer_is_deterministic(tmp_path, synthetic):
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
 
 
-def test_writer_command_line_prints_no_warning(tmp_path, synthetic):
-    """As a user runs it, in a fresh interpreter (torch warns once per process, so only a new one can
-    show a warning): PyTorch's "NumPy array is not writable" came once per worker."""
-    proc = run_script(REPO / "augment.py", "--data-root", synthetic, "--out", tmp_path / "aug", "--factor", 1,
-                      "--ops", "hflip", "--workers", 1)
-    assert proc.returncode == 0 and "wrote" in proc.stdout, proc.stderr
-    assert "Warning" not in proc.stderr, proc.stderr
+def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthetic):
+    """As a user runs it, in a fresh interpreter with the workers it spawns (torch warns once per
+    process, so only new ones can show a warning: PyTorch's "NumPy array is not writable" came once
+    per worker): a terminal's Ctrl-C, once they write, gives one line and nothing else on stderr,
+    exit status 130, no process left, and no output folder (it appears whole or not at all)."""
+    proc = start_as_from_a_terminal("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug",
+                                    "--factor", 500, "--workers", 2)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(tmp_path.rglob("*.jpg")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the workers are writing
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert group_gone(proc.pid, within=10), "a writer process outlived the run"
+    finally:  # a failing test leaves nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    assert proc.returncode == 130 and lines == ["interrupted"], err[-2000:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_writer_balance_tops_up_to_largest_class(tmp_path, synthetic):
-    counts = write_augmented(synthetic, 1, tmp_path / "bal", balance=True, workers=2)
+    counts = write_augmented(synthetic, 1, tmp_path / "bal", balance=True, workers=1)
     have = {c: 0 for c in counts}
     for c in _train_origins(synthetic).values():
         have[c] += 1

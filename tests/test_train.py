@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from augment import write_augmented
-from conftest import REPO, assert_one_line_error, killed_on_call, run_cli, run_script, train_args
+from conftest import (REPO, assert_one_line_error, group_gone, killed_on_call, run_cli, run_script,
+                      start_as_from_a_terminal, train_args)
 from getData import index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
@@ -308,19 +309,15 @@ def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path
     below) stops the run within seconds (the pool would otherwise train the running folds to their
     end, and hand out the next), says how to go on, and leaves no process or temporary file."""
     out = tmp_path / "r"
-    # as from a terminal, where Ctrl-C is not ignored (it is in anything started with `nohup ... &`)
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.Popen([sys.executable, "-c", interactive, "train.py",
-                             *train_args(synthetic, out, "--fold", "all", "--jobs", 2, "--epochs", 100_000)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_as_from_a_terminal("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
+                                                              "--epochs", 100_000))
     try:
         deadline = time.monotonic() + 120
         while len(list(out.glob("fold*/best.pt"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # both folds are training
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        assert _group_gone(proc.pid, within=10), "a fold's process outlived the run"
+        assert group_gone(proc.pid, within=10), "a fold's process outlived the run"
     finally:  # a failing test leaves nothing running
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -363,17 +360,6 @@ def test_a_fold_process_leaves_quietly_on_ctrl_c_during_a_fold_or_between_two(mo
                           capture_output=True, timeout=120)
     assert proc.returncode == 130 and proc.stderr == "", proc.stderr[-2000:]
     assert proc.stdout == ("unwound\n" if moment == "during" else "")
-
-
-def _group_gone(group: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
