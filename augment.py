@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -562,16 +563,24 @@ def _write_one(task):
 
 def _init_worker():
     torch.set_num_threads(1)  # one process per core instead of threads fighting over cores
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
 def _in_processes(fn, tasks, workers: int):
     """fn over tasks in `workers` processes (1: in this one), results as they come. Spawned, not
-    forked: forking a process that runs threads (a notebook's, a server's) can deadlock the child."""
+    forked: forking a process that runs threads (a notebook's, a server's) can deadlock the child.
+    Ctrl-C is the parent's to handle (leaving the pool stops it): the workers start with SIGINT
+    ignored, which outlives exec, so one pressed while they import torch prints no traceback."""
     if workers == 1:
         yield from map(fn, tasks)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    main = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    with pool:
         yield from pool.imap_unordered(fn, tasks, chunksize=8)
 
 

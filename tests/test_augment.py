@@ -7,6 +7,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+import augment
+
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
@@ -201,6 +203,18 @@ def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthet
     lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
     assert proc.returncode == 130 and lines == ["interrupted"], err[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writers_workers_are_born_deaf_to_ctrl_c():
+    """Ctrl-C is the parent's to handle: a worker that took it while importing torch (its first
+    seconds) printed a traceback, when the parent's stop of the pool did not kill it first (a race
+    the test above cannot force). Ignored from birth, the workers report SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, not `nohup ... &`
+    try:
+        assert list(augment._in_processes(signal.getsignal, [signal.SIGINT] * 2, 2)) == [signal.SIG_IGN] * 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's is back
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_writer_balance_tops_up_to_largest_class(tmp_path, synthetic):
