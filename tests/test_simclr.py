@@ -223,17 +223,16 @@ def _torchrun(nproc, *args, timeout=300):
 def test_torchrun_two_processes_pretrain_the_real_simclr_module(synthetic, tmp_path):
     """Two gloo processes on the real SimCLR module (backbone + projector): it trains, and a global
     batch that does not divide by the ranks (7 on 2) is shared out equally, 3 images each."""
-    for batch, out in ((16, "even"), (7, "odd")):
-        proc = _torchrun(2, "simclr.py", "--data-root", synthetic, "--model", "lenet", "--epochs", 2,
-                         "--batch-size", batch, "--device", "cpu", "--eval-every", 1, "--out", tmp_path / out)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        config = json.loads((tmp_path / out / "config.json").read_text())
-        last = torch.load(tmp_path / out / "last.pt", weights_only=True)
-        assert config["world_size"] == 2 and config["backend"] == "gloo" and last["epoch"] == 2
-        assert len(last["history"]) == 2
-        assert all(np.isfinite(h["loss"]) for h in last["history"])
+    out = tmp_path / "odd"
+    proc = _torchrun(2, "simclr.py", "--data-root", synthetic, "--model", "lenet", "--epochs", 2, "--batch-size", 7,
+                     "--device", "cpu", "--eval-every", 1, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert config["world_size"] == 2 and config["backend"] == "gloo" and last["epoch"] == 2
+    losses = [h["loss"] for h in last["history"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
     # every rank drops the same share of a 7-image batch, never a different one (that would hang)
-    losses = [h["loss"] for h in torch.load(tmp_path / "odd" / "last.pt", weights_only=True)["history"]]
     assert losses[1] < math.log(2 * 6 - 1) + 0.5  # a global batch of 6: the loss is read over 12 views
 
 

@@ -214,9 +214,9 @@ def test_console_ends_with_clean_summaries_on_a_terminal(synthetic, tmp_path):
 def test_resume_with_dropout_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     """MobileNetV3 keeps a dropout layer before our head: its draws come from torch's global generator,
     seeded per epoch and rank, so a resumed run needs no saved random state to repeat them."""
-    args = ["--epochs", 3, "--model", "mobilenet_v3_small", "--input-size", 32, "--save-every", 0]
+    args = ["--epochs", 2, "--model", "mobilenet_v3_small", "--input-size", 32, "--save-every", 0]
     assert train.main(train_args(synthetic, tmp_path / "full", *args)) == 0
-    revive = killed_on_call(monkeypatch, train, "validate", 2)
+    revive = killed_on_call(monkeypatch, train, "validate", 2)  # in epoch 2: last.pt holds epoch 1
     assert train.main(train_args(synthetic, tmp_path / "cut", *args)) == 130
     revive()
     torch.rand(1000)  # whatever this process drew in between
