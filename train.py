@@ -256,8 +256,9 @@ class FoldRun:
             save_checkpoint(ckpt, path)
 
     def stop_if_diverged(self, epoch: int, loss: float) -> None:
-        """A loss that is not finite ends the run with one line (its best.pt and last.pt stay as they
-        were): the optimizer cannot come back from NaN weights, and the temperature cannot be fitted."""
+        """A loss that is not finite ends the run with one line (last.pt stays as it was; best.pt, the
+        last good epoch, gets its out-of-distribution reference): the optimizer cannot come back from
+        NaN weights, and the temperature cannot be fitted."""
         if math.isfinite(loss):
             return
         kept = f"{self.out / 'best.pt'} keeps {self.unit} {self.best['epoch']}" if self.best else "no best.pt written"
