@@ -3,6 +3,7 @@ import contextlib
 import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,6 +61,23 @@ def start_as_from_a_terminal(script, *args) -> subprocess.Popen:
                    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", interactive, script, *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool) -> list[str]:
+    """Ctrl-C to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process group
+    as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars
+    left out, once it and every process it started have ended; a failing test leaves none running."""
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert group_gone(proc.pid, within=10), "a process it started outlived it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
 
 
 def group_gone(group: int, within: float) -> bool:

@@ -1,7 +1,4 @@
-import contextlib
-import os
 import signal
-import time
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import augment
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import assert_one_line_error, group_gone, run_cli, start_as_from_a_terminal
+from conftest import assert_one_line_error, interrupt_when, run_cli, start_as_from_a_terminal
 from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
@@ -190,18 +187,8 @@ def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthet
     exit status 130, no process left, and no output folder (it appears whole or not at all)."""
     proc = start_as_from_a_terminal("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug",
                                     "--factor", 500, "--workers", 2)
-    try:
-        deadline = time.monotonic() + 120
-        while not any(tmp_path.rglob("*.jpg")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # the workers are writing
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        assert group_gone(proc.pid, within=10), "a writer process outlived the run"
-    finally:  # a failing test leaves nothing running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
-    assert proc.returncode == 130 and lines == ["interrupted"], err[-2000:]
+    lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=True)  # the workers write
+    assert proc.returncode == 130 and lines == ["interrupted"], lines
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,16 +1,13 @@
-import contextlib
 import csv
 import fcntl
 import io
 import json
 import os
 import pty
-import signal
 import struct
 import subprocess
 import sys
 import termios
-import time
 import zipfile
 
 import numpy as np
@@ -23,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from augment import write_augmented
-from conftest import (REPO, assert_one_line_error, group_gone, killed_on_call, run_cli, run_script,
+from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, run_script,
                       start_as_from_a_terminal, train_args)
 from getData import index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
@@ -311,19 +308,9 @@ def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path
     out = tmp_path / "r"
     proc = start_as_from_a_terminal("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
                                                               "--epochs", 100_000))
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("fold*/best.pt"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # both folds are training
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        assert group_gone(proc.pid, within=10), "a fold's process outlived the run"
-    finally:  # a failing test leaves nothing running
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False)  # both train
     assert proc.returncode == 130 and lines == [f"interrupted: the same command with --resume continues {out} "
-                                                "from its last saved epoch"], err[-2000:]
+                                                "from its last saved epoch"], lines
     assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))  # none started after
 
 
