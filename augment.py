@@ -15,9 +15,7 @@ import functools
 import math
 import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder, decode_all,
-                     index_split, list_classes, load_image, run_main, usable_folds_root)
+                     index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -568,18 +566,12 @@ def _init_worker():
 def _in_processes(fn, tasks, workers: int):
     """fn over tasks in `workers` processes (1: in this one), results as they come. Spawned, not
     forked: forking a process that runs threads (a notebook's, a server's) can deadlock the child.
-    Ctrl-C is the parent's to handle (leaving the pool stops it): the workers start with SIGINT
-    ignored, which outlives exec, so one pressed while they import torch prints no traceback."""
+    Ctrl-C is the parent's to handle (leaving the pool stops it): the workers ignore it throughout."""
     if workers == 1:
         yield from map(fn, tasks)
         return
-    main = threading.current_thread() is threading.main_thread()  # the only thread that may set handlers
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
+    with spawned_deaf_to_ctrl_c():
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, handler)
     with pool:
         yield from pool.imap_unordered(fn, tasks, chunksize=8)
 

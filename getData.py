@@ -22,8 +22,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +105,21 @@ def on_interrupt(how_to_go_on: str):
         yield
     except KeyboardInterrupt:
         raise KeyboardInterrupt(how_to_go_on) from None
+
+
+@contextlib.contextmanager
+def spawned_deaf_to_ctrl_c():
+    """Processes spawned inside the block start with Ctrl-C ignored (an ignored signal stays ignored
+    through exec), so one pressed while they import torch, their first seconds, prints no traceback
+    of theirs: the parent handles it, and what they do with it once ready is theirs to set. This
+    process ignores it too for the block's milliseconds. Only the main thread may set handlers."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 def resumable(out):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     resolve_data_root, resumable, run_main)
+                     resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
                     fit_temperature, load_classifier, make_optimizer, mean_std_table, param_groups, per_rank_batch,
@@ -708,12 +708,15 @@ def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs:
     launch-bound GPU fills up. Each fold's results are those it gets when trained alone."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
+    takes_ctrl_c, stopped = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, context.Event()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_job,
-                                                initargs=(threads,)) as pool:
-        futures = [pool.submit(_fold_job, cfg, k, folds_root, out) for k, out in outs.items()]
+                                                initargs=(threads, takes_ctrl_c, stopped)) as pool:
+        with spawned_deaf_to_ctrl_c():  # the pool starts its processes as folds are submitted
+            futures = [pool.submit(_fold_job, cfg, k, folds_root, out) for k, out in outs.items()]
         try:
             return [f.result() for f in futures]
-        except KeyboardInterrupt:  # a terminal's Ctrl-C reached the folds too; a `kill -INT` of this one did not
+        except KeyboardInterrupt:  # passed on: the folds' processes were born deaf to the terminal's
+            stopped.set()  # for a process still starting: it leaves once ready
             for worker in multiprocessing.active_children():
                 os.kill(worker.pid, signal.SIGINT)
             raise
@@ -722,10 +725,16 @@ def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs:
             raise
 
 
-def _start_job(threads: int) -> None:
+def _start_job(threads: int, takes_ctrl_c: bool, stopped) -> None:
+    """A fold's process, ready (torch imported): it takes Ctrl-C from now on, unless the run ignores it
+    (`nohup ... &`), and leaves if the run was stopped while it started (the handler first, so that
+    a stop after the check reaches it)."""
     torch.set_num_threads(threads)  # the CPU's cores shared out between the folds, not each taking all
     tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that os._exit (below) would leave behind
-    _on_interrupt(_leave)
+    if takes_ctrl_c:
+        signal.signal(signal.SIGINT, _leave)
+    if stopped.is_set():
+        os._exit(130)
 
 
 def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:

@@ -315,7 +315,7 @@ def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path
 
 
 FOLD_PROCESS = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 import train
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, not `nohup ... &`
 def fold(*args):  # stands in for fit_fold
@@ -328,7 +328,10 @@ def fold(*args):  # stands in for fit_fold
             print("unwound", flush=True)
     return {{}}
 train.fit_fold = fold
-train._start_job(1)
+stopped = threading.Event()
+if sys.argv[1] == "starting":
+    stopped.set()  # the run was stopped while this process imported torch, deaf to Ctrl-C
+train._start_job(1, True, stopped)
 train._fold_job({cfg}, 1, None, None)
 if sys.argv[1] == "between":
     os.kill(os.getpid(), signal.SIGINT)
@@ -337,11 +340,12 @@ print("still here", flush=True)
 """
 
 
-@pytest.mark.parametrize("moment", ["during", "between"])
+@pytest.mark.parametrize("moment", ["starting", "during", "between"])
 def test_a_fold_process_leaves_quietly_on_ctrl_c_during_a_fold_or_between_two(moment):
     """--jobs N's process for folds: Ctrl-C during a fold unwinds it (its files are cleaned up) and
-    leaves; between folds (waiting for the next from the pool) it leaves at once; either way with no
-    traceback (the parent prints the one line) and without taking another fold."""
+    leaves; between folds (waiting for the next from the pool) it leaves at once; stopped while it
+    started (deaf to Ctrl-C, importing torch) it leaves once ready; always with no traceback (the
+    parent prints the one line) and without taking another fold."""
     cfg = dict(device="cpu", precision="fp32", memory_format="contiguous", deterministic=False)
     proc = subprocess.run([sys.executable, "-c", FOLD_PROCESS.format(cfg=cfg), moment], cwd=REPO, text=True,
                           capture_output=True, timeout=120)
