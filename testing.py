@@ -550,7 +550,8 @@ def ood_markdown(ood: dict) -> str:
 
 
 def ood_summary_table(folds: dict[int, dict]) -> str:
-    """Mean ± std over folds of each score's AUROC and FPR95 per set; the gate's share turned away."""
+    """Mean ± std over folds of each score's AUROC and FPR95 per set; the gate's share turned away; the
+    mean AUROC of each score by kind of non-skin picture."""
     lines = ["| set | score | AUROC | FPR95 |", "|---|---|---|---|"]
     first = next(iter(folds.values()))
     for name in first["sets"]:
@@ -560,8 +561,14 @@ def ood_summary_table(folds: dict[int, dict]) -> str:
             lines.append(f"| {name} | {s} | {mean_std(a, 3)} | {mean_std(r, 3)} |")
     gates = [f["gate"] for f in folds.values()]
     rejected, kept = ([g.get(k, np.nan) for g in gates] for k in ("rejected_share", "accuracy_kept"))
-    return ("\n".join(lines) + f"\n\nThe gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test "
-            f"images; accuracy on those it keeps {mean_std(kept, 3)} ({len(folds)} folds, mean ± std).\n")
+    kinds = list(first["kinds"])
+    lines += ["", f"The gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test images; accuracy on "
+              f"those it keeps {mean_std(kept, 3)} ({len(folds)} folds, mean ± std).", "",
+              "AUROC by kind of non-skin picture (mean over folds):", "",
+              "| score | " + " | ".join(kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
+    lines += [f"| {s} | " + " | ".join(f"{np.mean([f['kinds'][k][s]['auroc'] for f in folds.values()]):.2f}"
+                                       for k in kinds) + " |" for s in SCORES]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- 5 folds

@@ -40,10 +40,10 @@ from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
-                    fit_temperature, load_classifier, make_optimizer, mean_std_table, param_groups, per_rank_batch,
-                    predict_logits, probabilities, reference_from_images, resize_size, resume, save_checkpoint,
-                    select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine,
-                    write_history)
+                    fit_temperature, is_current, load_classifier, make_optimizer, mean_std_table, param_groups,
+                    per_rank_batch, predict_logits, probabilities, reference_from_images, resize_size, resume,
+                    save_checkpoint, select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap,
+                    warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -250,7 +250,7 @@ class FoldRun:
         if self.rt.rank != 0 or not path.is_file():
             return
         best, ckpt = load_classifier(path, self.rt)
-        if ckpt.get("ood") is None:
+        if not is_current(ckpt.get("ood")):
             ckpt["ood"] = reference_from_images(best, self.data.train_images, self.data.train_labels,
                                                 self.data.valid_images, ckpt["temperature"], self.rt)
             save_checkpoint(ckpt, path)

@@ -5,7 +5,7 @@
     predict.py     how a network sees an image; batched inference, test-time views, temperature
     optim.py       parameter groups, optimizers (LARS), warm-up + cosine schedule, weight EMA
     runtime.py     device, bf16, channels_last, torchrun/DDP, placing tensors, seeds, per-epoch index batches
-    ood.py         out-of-distribution scores (kNN, energy, MSP, Mahalanobis) and the gate fitted on Train/Valid
+    ood.py         out-of-distribution scores (kNN, energy, MSP, Mahalanobis on 1+ stages) and their gate
     rundir.py      history.csv, curves and figures as PNG, mean ± std tables, the run directory's lock
 
     from models import build_model, load_classifier, predict, select_runtime
@@ -15,7 +15,7 @@ from models.checkpoint import (ModelError, checkpoint_dict, find_checkpoint, fin
                                save_checkpoint, training_state, unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
-from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, ood_scores,
+from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, is_current, ood_scores,
                         reference_for, reference_from_images)
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
                             fit_temperature, logits_and_features, normalize, predict, predict_logits, probabilities,
@@ -28,7 +28,7 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
 __all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "ModelError", "checkpoint_dict",
            "find_checkpoint", "find_checkpoints", "load_checkpoint", "resume", "save_checkpoint", "training_state",
            "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine",
-           "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference", "gate", "ood_scores",
+           "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores",
            "reference_for", "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features",
            "crop", "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict",
            "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir",

@@ -41,8 +41,9 @@ CAM_CANDIDATES = [("resnet", ("layer2", "layer3", "layer4")), ("resnext", ("laye
 
 class Classifier(nn.Module):
     """backbone (image -> pooled features) + linear head, with the facts other scripts need:
-    `name`, `input_size`, `num_features`, `cam_layer` (a submodule path), `cam_layout` and
-    `cam_candidates` (the layers worth explaining with, the default among them)."""
+    `name`, `input_size`, `num_features`, `cam_layer` (a submodule path), `cam_layout`,
+    `cam_candidates` (the layers worth explaining with, the default among them) and `ood_layers`
+    (the earlier stages whose pooled maps the out-of-distribution score reads beside the head's input)."""
 
     def __init__(self, name: str, backbone: nn.Module, num_features: int, num_classes: int, input_size: int):
         super().__init__()
@@ -54,6 +55,10 @@ class Classifier(nn.Module):
         self.cam_layer = self._resolve(f"backbone.{layer}") if layer else None
         others = next((names for prefix, names in CAM_CANDIDATES if name.startswith(prefix)), ())
         self.cam_candidates = [f"backbone.{n}" for n in others] or [self.cam_layer]
+        # The candidates but the deepest, whose pooled map is what the head receives: noise, flat colours or
+        # text are far from skin in the early stages' statistics even where the last stage maps them near a
+        # class (README, "Out of distribution"). NCHW stages only: they are pooled over their last two dims.
+        self.ood_layers = self.cam_candidates[:-1] if self.cam_layout == "nchw" else []
 
     def _resolve(self, path: str) -> str:
         head, sep, tail = path.partition(".[-1]")

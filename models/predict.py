@@ -69,21 +69,32 @@ def predict_logits(model, images: torch.Tensor, rt, batch_size: int = 64, views=
 
 @contextlib.contextmanager
 def capture_features(model):
-    """Collects, in order, the pooled features the classifier head receives in every forward pass
-    inside the block (detached, float32, on the device): features and logits from one pass."""
-    seen = []
-    handle = model.head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().float()))
+    """Collects, per forward pass inside the block, what the out-of-distribution scores read (detached,
+    float32, on the device): {"head": the pooled features the classifier head receives, and for each
+    of `model.ood_layers` its output averaged over positions}."""
+    seen, stages = [], {}
+
+    def stage(name):
+        return lambda module, inputs, output: stages.update({name: output.detach().float().mean((-2, -1))})
+
+    def head(module, inputs, output):
+        seen.append(dict(stages, head=inputs[0].detach().float()))
+        stages.clear()
+    handles = [model.get_submodule(name).register_forward_hook(stage(name)) for name in model.ood_layers]
+    handles.append(model.head.register_forward_hook(head))
     try:
         yield seen
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def logits_and_features(model, images: torch.Tensor, rt, batch_size: int = 64, views=PLAIN_VIEW):
-    """(logits (V, N, C), pooled features (N, F) of the first view), both on the CPU, from one pass."""
+    """(logits (V, N, C), capture_features' dict of the first view's features, each (N, F)), on the
+    CPU, from one pass."""
     with capture_features(model) as seen:
         logits = device_logits(model, images, rt, batch_size, views)
-    return logits.cpu(), torch.cat(seen)[:len(images)].cpu()
+    return logits.cpu(), {k: torch.cat([s[k] for s in seen])[:len(images)].cpu() for k in seen[0]}
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -36,10 +36,17 @@ def test_shrunk_covariance_is_ledoit_wolf():
     assert torch.allclose(shrunk_covariance(x).double(), sklearn, rtol=1e-4, atol=1e-5)
 
 
+def _layers(n, labels, seed, far_early=False):
+    """Features of n images in two stages: "head" near the images' class centres; "early" near one centre
+    for all, or, with far_early, pointing where no Train image points (what only an early stage sees)."""
+    head = 3 * torch.eye(16)[:4][labels] + 0.5 * _features(n, seed=seed)
+    early = 0.5 * _features(n, d=8, seed=seed + 100) + (4 * torch.eye(8)[7] if far_early else 0)
+    return {"head": head, "backbone.early": early}
+
+
 def test_the_gate_keeps_95_percent_of_valid_and_refuses_what_is_far():
     labels = torch.arange(400) % 4
-    centres = 3 * torch.eye(16)[:4]
-    train_features, valid_features = (centres[labels] + 0.5 * _features(400, seed=s) for s in (5, 6))
+    train_features, valid_features = (_layers(400, labels, seed=s) for s in (5, 6))
     logits = 4 * F.one_hot(labels, 4).float() + _features(400, d=4, seed=8)  # no two images score alike
     reference = fit_reference(train_features, labels, valid_features, logits)
     for name, threshold in reference["thresholds"].items():
@@ -47,8 +54,30 @@ def test_the_gate_keeps_95_percent_of_valid_and_refuses_what_is_far():
         assert 0.95 <= kept <= 0.95 + 1 / 400, name
     _, kept = gate(reference, valid_features, logits)
     assert kept.float().mean() >= 0.95
-    far = 0.5 * _features(100, seed=7) - 3 * torch.eye(16)[8:].sum(0)  # pointing where no class points
+    far = dict(head=0.5 * _features(100, seed=7) - 3 * torch.eye(16)[8:].sum(0),  # pointing where no class points
+               **{"backbone.early": _layers(100, labels[:100], seed=7)["backbone.early"]})
     assert gate(reference, far, torch.zeros(100, 4))[1].float().mean() < 0.05
+
+
+def test_the_multilayer_score_flags_what_only_an_early_stage_sees():
+    labels = torch.arange(400) % 4
+    train_features, valid_features = (_layers(400, labels, seed=s) for s in (5, 6))
+    reference = fit_reference(train_features, labels, valid_features, torch.zeros(400, 4))
+    inside, early_only = (_layers(100, labels[:100], seed=9, far_early=far) for far in (False, True))
+    scores = {k: ood_scores(reference, f, torch.zeros(100, 4)) for k, f in (("in", inside), ("out", early_only))}
+    assert detection_metrics(scores["in"]["mahalanobis"], scores["out"]["mahalanobis"])["auroc"] < 0.7  # blind to it
+    assert detection_metrics(scores["in"]["multilayer"], scores["out"]["multilayer"])["auroc"] > 0.99
+    # each stage: the squared Mahalanobis distance to the nearest class mean under scikit-learn's Ledoit-Wolf
+    # covariance of the class-centred Train features, in units of its distance that keeps 95% of Valid
+    def distance(x, gaussian, means):
+        return torch.from_numpy(np.stack([gaussian.mahalanobis((x - m).numpy()) for m in means])).amin(0)
+    direct = []
+    for name, features in train_features.items():
+        means = torch.stack([features[labels == c].mean(0) for c in range(4)])
+        gaussian = LedoitWolf(assume_centered=True).fit((features - means[labels]).numpy())
+        direct.append(distance(early_only[name], gaussian, means)
+                      / torch.quantile(distance(valid_features[name], gaussian, means), 0.95))
+    assert torch.allclose(scores["out"]["multilayer"].double(), torch.stack(direct).amax(0), rtol=1e-3)
 
 
 def test_detection_metrics_read_the_scores_the_right_way_round():
@@ -63,7 +92,8 @@ def test_detection_metrics_read_the_scores_the_right_way_round():
 def test_a_network_trained_on_the_synthetic_set_flags_noise_and_text_and_keeps_its_test_images(trained_resnet,
                                                                                                 tmp_path):
     trained = trained_resnet
-    assert "ood" in torch.load(trained / "best.pt", weights_only=True)  # stored when best.pt was written
+    stored = torch.load(trained / "best.pt", weights_only=True)["ood"]  # stored when best.pt was written
+    assert set(stored["layers"]) == {"head", "backbone.layer2", "backbone.layer3"}  # layer4's pooled map is the head's
     m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50)["softmax"].metrics["ood"]
     assert m["kinds"]["noise"]["knn"]["auroc"] > 0.95 and m["kinds"]["text"]["knn"]["auroc"] > 0.95, m["kinds"]
     assert m["sets"]["not_skin"]["knn"]["auroc"] > 0.8 and m["sets"]["not_skin"][GATE_SCORE]["auroc"] > 0.8
@@ -86,7 +116,8 @@ def test_best_pt_gets_its_reference_from_the_best_epochs_weights(synthetic, tmp_
                             for split in ("Train", "Valid"))
     direct = reference_from_images(model, train_set.images, train_set.targets, valid_set.images,
                                    stored["temperature"], rt)
-    assert torch.allclose(stored["ood"]["class_means"], direct["class_means"], atol=1e-5)
+    for name, layer in stored["ood"]["layers"].items():
+        assert torch.allclose(layer["class_means"], direct["layers"][name]["class_means"], atol=1e-5), name
     assert stored["ood"]["thresholds"] == pytest.approx(direct["thresholds"], rel=1e-4)
 
 
@@ -135,6 +166,11 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained
     assert "computed from fold 1's Train and Valid images" in capsys.readouterr().out
     stored = evaluate(trained / "best.pt", tmp_path / "t2", resamples=50)["softmax"].metrics
     assert m["ood"]["gate"] == stored["ood"]["gate"]  # the same reference, computed again
+    outdated = torch.load(trained / "best.pt", weights_only=True)
+    del outdated["ood"]["thresholds"]["multilayer"]  # as written before that score existed
+    torch.save(outdated, tmp_path / "outdated.pt")
+    m = evaluate(tmp_path / "outdated.pt", tmp_path / "t3", resamples=50)["softmax"].metrics
+    assert "computed from fold 1's" in capsys.readouterr().out and m["ood"]["gate"] == stored["ood"]["gate"]
     old["config"]["data_root"] = str(tmp_path / "gone")
     torch.save(old, tmp_path / "orphan.pt")
     import serve

@@ -76,6 +76,10 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "mean ± std" in summary and summary.count("\n| ") >= 6
     assert "95% CI of the 5-fold mean" in summary and "distinct images" in summary
+    folds = [json.loads((out / f"fold{k}" / "metrics.json").read_text()) for k in range(1, 6)]
+    noise = np.mean([m["ood"]["kinds"]["noise"]["knn"]["auroc"] for m in folds])
+    kinds_row = next(line for line in summary.splitlines() if line.startswith("| knn | ") and "±" not in line)
+    assert kinds_row.split(" | ")[1] == f"{noise:.2f}"  # by kind of non-skin picture: the mean over folds
     m = json.loads((out / "fold1" / "metrics.json").read_text())
     assert {"ece", "ece_raw", "temperature", "ci95", "risk_coverage", "mpox_operating_point"} <= set(m)
     low, high = m["ci95"]["accuracy"]
