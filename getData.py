@@ -882,9 +882,10 @@ WORDS = ("patient", "report", "invoice", "total", "date", "page", "lesion", "cli
 
 def not_skin_images(seed: int = 0, per_kind: int = 8, size: int = 160) -> list[tuple[str, Image.Image]]:
     """(kind, RGB image) pairs of what a lesion classifier should refuse: noise, flat colours,
-    gradients, checkerboards, stripes, rendered text pages, logo-like shapes, skies and stained
-    tissue slides, `per_kind` of each, drawn from `seed`. The far out-of-distribution set of
-    testing.py (with the fold's Test photos with their colour channels scrambled, made there)."""
+    gradients, checkerboards, stripes, rendered text pages, logo-like shapes, skies, stained tissue
+    slides, and skin's colours without skin (flat, and dithered pixel by pixel), `per_kind` of each,
+    drawn from `seed`. The far out-of-distribution set of testing.py (with the fold's Test photos
+    with their colour channels scrambled, made there)."""
     rng = np.random.default_rng(seed)
     return [(kind, paint(rng, size)) for kind, paint in NOT_SKIN.items() for _ in range(per_kind)]
 
@@ -963,8 +964,20 @@ def _tissue_slide(rng, size):  # haematoxylin and eosin: pink stroma, purple nuc
     return img.filter(ImageFilter.GaussianBlur(0.8))
 
 
+def _skin_flat(rng, size):  # skin's colour without skin: no texture, no lesion
+    tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] + rng.integers(-10, 11, 3)  # the synthetic set's tones
+    return Image.new("RGB", (size, size), tuple(int(v) for v in tone.clip(0, 255)))
+
+
+def _dithered_skin(rng, size):  # two neighbouring skin tones dithered pixel by pixel: skin's colours as noise
+    i = int(rng.integers(len(SKIN_TONES) - 1))
+    pick = rng.random((size, size, 1)) < rng.uniform(0.3, 0.7)
+    return Image.fromarray(np.where(pick, SKIN_TONES[i], SKIN_TONES[i + 1]).astype(np.uint8))
+
+
 NOT_SKIN = dict(noise=_noise, flat=_flat, gradient=_gradient, checkerboard=_checkerboard, stripes=_stripes,
-                text=_text_page, shapes=_shapes, sky=_sky, tissue=_tissue_slide)
+                text=_text_page, shapes=_shapes, sky=_sky, tissue=_tissue_slide, skin_flat=_skin_flat,
+                dithered_skin=_dithered_skin)
 
 
 # ----------------------------------------------------------------------------- download

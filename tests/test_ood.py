@@ -12,7 +12,7 @@ from sklearn.covariance import LedoitWolf
 
 import train
 from conftest import assert_one_line_error, run_cli, train_args
-from getData import MSLDDataset, index_split, list_classes, not_skin_images
+from getData import NOT_SKIN, MSLDDataset, index_split, list_classes, not_skin_images
 from models import (GATE_SCORE, detection_metrics, fit_reference, gate, load_classifier, ood_scores,
                     reference_from_images, resize_size, select_runtime)
 from models.ood import knn_distance, shrunk_covariance
@@ -155,7 +155,7 @@ def test_ood_dir_photos_are_scored(trained, tmp_path):
     for i, (kind, im) in enumerate(not_skin_images(seed=9, per_kind=1)):
         im.save(folder / f"{i}-{kind}.png")
     m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50, ood_dirs=[folder])["softmax"].metrics["ood"]
-    assert m["sets"]["ood_dir"]["knn"]["n_out"] == 9
+    assert m["sets"]["ood_dir"]["knn"]["n_out"] == len(NOT_SKIN)
 
 
 def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained, tmp_path, capsys):
