@@ -625,8 +625,9 @@ def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
     ops = TRAIN_AUGMENTS[augment]
     ds = MSLDDataset(folds_root, fold, "Train", transform=train_transform(size, ops))
     workers = workers or os.cpu_count() or 1
-    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers,
-                                         worker_init_fn=seed_worker, persistent_workers=True)
+    # workers spawned, as the writer's: forking a process that runs torch's threads may deadlock (3.12 warns)
+    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers, worker_init_fn=seed_worker,
+                                         persistent_workers=True, multiprocessing_context="spawn")
     rows = [("DataLoader + PIL decode + torchvision v2", _rate(lambda: [b for b in loader], len(ds)))]
     cache = decode_all(ds.paths, resize_size(size))
     aug, gen = BatchAugment(size, ops), torch.Generator().manual_seed(0)
