@@ -13,9 +13,10 @@ sweeps, and the Mpox threshold that reaches 95% sensitivity on Valid. Out of dis
 each score (models/ood.py) tells the Test images from generated non-skin pictures, from synthetic
 lesions (for a network trained on real photos), from --ood-dir photos and from the photos of the
 class a `train.py --exclude-class` run never saw; and what the gate does to the Test images.
-Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png and
-risk_coverage.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean ± std and
-the interval of the mean over folds, and the scores over the distinct Test images), pooled plots.
+Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png,
+risk_coverage.png and ood.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean
+± std and the interval of the mean over folds, and the scores over the distinct Test images), pooled
+plots.
 """
 import csv
 import hashlib
@@ -259,6 +260,25 @@ def plot_risk_coverage(y_true, probs, path, gate: float) -> None:
     save_figure(fig, path, dpi=110)
 
 
+def plot_ood(scores: dict[str, np.ndarray], threshold: float, score: str, path) -> None:
+    """Histograms of the gate's score for the Test photos and each out-of-distribution set, with the
+    threshold that keeps 95% of Valid: what lies right of the line gets no diagnosis."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in scores.values()])
+    low, high = (finite.min(), finite.max()) if finite.size else (0, 0)
+    log = low > 0 and high > 100 * low  # distances spanning decades (noise can lie 100x beyond the gate)
+    bins = np.geomspace(low, high, 50) if log else np.linspace(low, high, 50) if high > low else 10
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for name, v in scores.items():
+        v = v[np.isfinite(v)]
+        ax.hist(v, bins, weights=np.full(len(v), 1 / len(v)), histtype="step", lw=1.5, label=f"{name} ({len(v)})")
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="gate (keeps 95% of Valid)")
+    ax.set(xscale="log" if log else "linear", xlabel=f"{score} score (higher: less like the Train photos)",
+           ylabel="share of the set's images", title="out of distribution: the gate's score")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=110)
+
+
 # ----------------------------------------------------------------------------- evaluation
 @dataclass
 class Head:
@@ -412,8 +432,9 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
         # near-OOD: every photo of the class the network never saw, in all three splits of the fold
         near = torch.cat([images(s, size, [exclude]).images for s in SPLITS]) if exclude else None
         sets = ood_sets(ds.images, size, not is_synthetic(root), near, ood_dirs, seed)
-        ood, gate_columns = ood_evaluation(members[0][0], reference, ds, ds.targets.numpy(), heads["softmax"].probs,
-                                           rt, batch_size, sets)
+        ood, gate_columns, by_set = ood_evaluation(members[0][0], reference, ds, ds.targets.numpy(),
+                                                   heads["softmax"].probs, rt, batch_size, sets)
+        plot_ood(by_set, ood["threshold"], ood["score"], Path(out) / "ood.png")
     results = {}
     for name, head in heads.items():
         m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, int(fold)))
@@ -514,16 +535,19 @@ def ood_dir_images(folders) -> list[Path]:
 def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict]:
     """Every OOD score's AUROC and FPR at 95% TPR for each set against the Test images (and, for the
     gate's score, for each kind of non-skin picture); what the gate does to the Test images: the
-    share it turns away and the accuracy on those it keeps. Returns (metrics, per-image gate columns)."""
+    share it turns away and the accuracy on those it keeps. Returns (metrics, per-image gate columns,
+    the gate's score of the Test images and of each set's)."""
     def scores(images):
         logits, features = logits_and_features(model, images, rt, batch_size)
         return ood_scores(reference, features, logits[0])
     inside = scores(test.images)
     out = dict(score=reference["score"], threshold=reference["thresholds"][reference["score"]], sets={}, kinds={})
+    by_set = {"Test": inside[out["score"]].numpy()}
     for name, kinds in sets.items():
         per_kind = {kind: scores(images) for kind, images in kinds.items()}
         pooled = {s: torch.cat([v[s] for v in per_kind.values()]) for s in SCORES}
         out["sets"][name] = {s: detection_metrics(inside[s], pooled[s]) for s in SCORES}
+        by_set[name] = pooled[out["score"]].numpy()
         if name == "not_skin":
             out["kinds"] = {kind: {s: detection_metrics(inside[s], v[s]) for s in SCORES}
                             for kind, v in per_kind.items()}
@@ -532,7 +556,7 @@ def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, 
     if kept.any():
         m = classification_metrics(np.asarray(y)[kept], np.asarray(probs)[kept], test.classes)
         out["gate"].update(accuracy_kept=m["accuracy"], balanced_accuracy_kept=m["balanced_accuracy"])
-    return out, dict(ood_score=inside[out["score"]].numpy(), in_distribution=kept)
+    return out, dict(ood_score=by_set["Test"], in_distribution=kept), by_set
 
 
 def ood_markdown(ood: dict) -> str:

@@ -103,6 +103,7 @@ def test_a_network_trained_on_the_synthetic_set_flags_noise_and_text_and_keeps_i
         == m["gate"]["n_kept"]
     report = (tmp_path / "t" / "report.md").read_text()
     assert "Out of distribution" in report and "| not_skin |" in report
+    assert (tmp_path / "t" / "ood.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_best_pt_gets_its_reference_from_the_best_epochs_weights(synthetic, tmp_path, monkeypatch):
