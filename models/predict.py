@@ -75,7 +75,7 @@ def capture_features(model):
     seen, stages = [], {}
 
     def stage(name):
-        return lambda module, inputs, output: stages.update({name: output.detach().float().mean((-2, -1))})
+        return lambda module, inputs, output: stages.update({name: output.detach().mean((-2, -1), dtype=torch.float32)})
 
     def head(module, inputs, output):
         seen.append(dict(stages, head=inputs[0].detach().float()))
