@@ -166,9 +166,11 @@ def bootstrap(y_true, probs, groups, num_classes: int, positive: int | None, res
 
 
 def interval(samples: np.ndarray) -> dict:
-    """Percentile 95% intervals of bootstrap samples (resamples x len(CI_KEYS))."""
-    low, high = np.nanpercentile(samples, [2.5, 97.5], axis=0)
-    return {k: [float(a), float(b)] for k, a, b in zip(CI_KEYS, low, high)}
+    """Percentile 95% intervals of bootstrap samples (resamples x len(CI_KEYS)); none for a score that
+    no resample defines (Mpox sensitivity for a network trained without Mpox)."""
+    defined = ~np.isnan(samples).all(0)
+    low, high = np.nanpercentile(samples[:, defined], [2.5, 97.5], axis=0)
+    return {k: [float(a), float(b)] for k, a, b in zip(np.array(CI_KEYS)[defined], low, high)}
 
 
 # ----------------------------------------------------------------------------- SVM head

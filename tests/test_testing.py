@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -162,6 +163,10 @@ def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients(
         widths.append(ci["accuracy"][1] - ci["accuracy"][0])
         assert np.allclose(bootstrap(y, probs, groups, 6, 5, 50, seed=1), bootstrap(y, probs, groups, 6, 5, 50, seed=1))
     assert widths[1] < widths[0] / 2  # 20 times the patients: about 4.5 times narrower
+    with warnings.catch_warnings():  # a network trained without Mpox: its sensitivity has no interval, and no
+        warnings.simplefilter("error")  # "All-NaN slice" warning reaches the user's console
+        ci = interval(bootstrap(y, probs, groups, 6, None, 50, seed=0))
+    assert set(ci) == set(CI_KEYS) - {"mpox_sensitivity"}
 
 
 def test_batched_confusion_metrics_equal_one_at_a_time():
