@@ -635,6 +635,7 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     distinct["ci95"] = interval(bootstrap(y, probs, [patient_id(p) or p for p in paths], len(classes), positive,
                                           resamples, derived_seed(seed, 0)))
     entries = sum(len(r.y) for r in folds.values())
+    mpox = distinct.get("mpox_sensitivity", np.nan)  # none for a network trained without Mpox
     suffix = "" if head == "softmax" else f"_{head}"
     pooled_y = np.concatenate([r.y for r in folds.values()])
     pooled_p = np.concatenate([r.probs for r in folds.values()])
@@ -647,8 +648,8 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
              f"\nDistinct Test images: the {len(folds)} Test splits hold {entries} entries but only {len(y)} distinct "
              f"images; each is scored once, with the prediction of the first fold whose Test split holds it: "
              f"accuracy {distinct['accuracy']:.4f}, balanced accuracy {distinct['balanced_accuracy']:.4f}, "
-             f"macro F1 {distinct['f1_macro']:.4f}, "
-             f"Mpox sensitivity {distinct.get('mpox_sensitivity', float('nan')):.4f}, ECE {distinct['ece']:.4f}. "
+             f"macro F1 {distinct['f1_macro']:.4f}, " + (f"Mpox sensitivity {mpox:.4f}, " if np.isfinite(mpox) else "")
+             + f"ECE {distinct['ece']:.4f}. "
              f"{_ci_line(distinct['ci95'])}.\n",
              f"\nConfidence gate {threshold}:\n", mean_std_table(gated, gate_keys)]
     oods = {k: m["ood"] for k, m in metrics.items() if m.get("ood")}
