@@ -534,7 +534,7 @@ def ood_dir_images(folders) -> list[Path]:
     return found
 
 
-def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict]:
+def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict, dict]:
     """Every OOD score's AUROC and FPR at 95% TPR for each set against the Test images (and, for the
     gate's score, for each kind of non-skin picture); what the gate does to the Test images: the
     share it turns away and the accuracy on those it keeps. Returns (metrics, per-image gate columns,
