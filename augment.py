@@ -617,6 +617,17 @@ def _rate(fn, n_images, repeats=3):
     return n_images / best
 
 
+def _loader(ds, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """A shuffling DataLoader whose persistent workers start here, spawned and deaf to Ctrl-C as the
+    writer's are (_in_processes): not forked from a process that runs torch's threads, and no
+    traceback of theirs when Ctrl-C comes while they import torch."""
+    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers, worker_init_fn=seed_worker,
+                                         persistent_workers=True, multiprocessing_context="spawn")
+    with spawned_deaf_to_ctrl_c():
+        iter(loader)  # starts the workers; each later pass reuses them
+    return loader
+
+
 def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
               augment: str = "basic") -> list[tuple[str, float]]:
     """images/s of one training epoch's input pipeline, three ways, at `size` x `size`, for one of
@@ -624,10 +635,7 @@ def benchmark(data_root, fold: int, size: int, batch_size: int, workers: int,
     folds_root = usable_folds_root(data_root)
     ops = TRAIN_AUGMENTS[augment]
     ds = MSLDDataset(folds_root, fold, "Train", transform=train_transform(size, ops))
-    workers = workers or os.cpu_count() or 1
-    # workers spawned, as the writer's: forking a process that runs torch's threads may deadlock (3.12 warns)
-    loader = torch.utils.data.DataLoader(ds, batch_size, shuffle=True, num_workers=workers, worker_init_fn=seed_worker,
-                                         persistent_workers=True, multiprocessing_context="spawn")
+    loader = _loader(ds, batch_size, workers or os.cpu_count() or 1)
     rows = [("DataLoader + PIL decode + torchvision v2", _rate(lambda: [b for b in loader], len(ds)))]
     cache = decode_all(ds.paths, resize_size(size))
     aug, gen = BatchAugment(size, ops), torch.Generator().manual_seed(0)

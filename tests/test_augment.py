@@ -192,13 +192,24 @@ def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthet
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_writers_workers_are_born_deaf_to_ctrl_c():
+class _CtrlCProbe(torch.utils.data.Dataset):
+    """Whether the process that loads an item ignores Ctrl-C."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_the_writers_and_the_benchmarks_workers_are_born_deaf_to_ctrl_c():
     """Ctrl-C is the parent's to handle: a worker that took it while importing torch (its first
     seconds) printed a traceback, when the parent's stop of the pool did not kill it first (a race
     the test above cannot force). Ignored from birth, the workers report SIGINT ignored."""
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, not `nohup ... &`
     try:
         assert list(augment._in_processes(signal.getsignal, [signal.SIGINT] * 2, 2)) == [signal.SIG_IGN] * 2
+        assert [batch.tolist() for batch in augment._loader(_CtrlCProbe(), 2, 1)] == [[True, True]]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's is back
     finally:
         signal.signal(signal.SIGINT, before)
