@@ -32,6 +32,17 @@ def _history(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_balanced_accuracy_is_scikit_learns_to_the_bit():
+    from sklearn.metrics import balanced_accuracy_score
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 33, 500):  # classes missing from the labels or from the predictions included
+        y, pred = torch.randint(6, (n,), generator=g), torch.randint(6, (n,), generator=g)
+        pred[: n // 2] = y[: n // 2]
+        assert train.balanced_accuracy(y, pred) == balanced_accuracy_score(y.numpy(), pred.numpy())
+    assert train.balanced_accuracy(torch.tensor([0, 0, 0, 2]), torch.tensor([0, 1, 1, 2])) == (1 / 3 + 1) / 2
+
+
 def test_training_beats_chance_on_test(trained, tmp_path):
     m = evaluate(trained / "best.pt", tmp_path / "test")["softmax"].metrics
     majority = max(np.bincount([list(m["per_class"]).index(c) for c, v in m["per_class"].items()
