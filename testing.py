@@ -292,10 +292,11 @@ class Head:
 
 
 class FoldImages:
-    """A fold's splits, each decoded once per image size, with the checkpoint's classes."""
+    """A fold's splits, each decoded once per image size, with the checkpoint's classes (and the class
+    its run left out, if any)."""
 
-    def __init__(self, folds_root, fold: int, classes: list[str]):
-        self.folds_root, self.fold, self.classes, self._cache = folds_root, fold, classes, {}
+    def __init__(self, folds_root, fold: int, classes: list[str], exclude: str | None = None):
+        self.folds_root, self.fold, self.classes, self.exclude, self._cache = folds_root, fold, classes, exclude, {}
 
     def __call__(self, split: str, size: int, classes: list[str] | None = None) -> MSLDDataset:
         classes = classes or self.classes
@@ -398,6 +399,37 @@ class FoldResult:
     probs: np.ndarray
 
 
+def fold_images(checkpoints: list, ckpts: list[dict], data_root, fold) -> FoldImages:
+    """The images of the members' fold, once the members agree with each other (fold, classes) and
+    with the data root (its classes, less the one the run excluded)."""
+    ckpt = ckpts[0]
+    data_root = data_root or ckpt["config"].get("data_root")
+    fold = fold or ckpt.get("fold") or ckpt["config"].get("fold")
+    if data_root is None or fold is None:
+        raise DataError(f"{checkpoints[0]}: records no dataset or fold; pass --data-root and --fold")
+    for c, other in zip(checkpoints[1:], ckpts[1:]):
+        if other["classes"] != ckpt["classes"] or (other.get("fold") or fold) != fold:
+            raise ModelError(f"{c}: an ensemble's checkpoints must share the fold and the classes of {checkpoints[0]}")
+    root, exclude = usable_folds_root(data_root), ckpt["config"].get("exclude_class")
+    expected = [c for c in list_classes(root) if c != exclude]
+    if expected != ckpt["classes"]:
+        raise DataError(f"{data_root}: classes {expected} differ from the checkpoint's {ckpt['classes']}")
+    return FoldImages(root, int(fold), ckpt["classes"], exclude)
+
+
+def fold_ood(model, reference: dict, images: FoldImages, split: str, probs, rt, batch_size: int, ood_dirs, seed: int,
+             out) -> tuple[dict, dict]:
+    """ood_evaluation of the split's images against the built-in sets, the user's --ood-dir photos and
+    (near-OOD) every photo of the class the run excluded, in all three splits; ood.png."""
+    size = resize_size(model.input_size)
+    ds = images(split, size)
+    near = torch.cat([images(s, size, [images.exclude]).images for s in SPLITS]) if images.exclude else None
+    sets = ood_sets(ds.images, size, not is_synthetic(images.folds_root), near, ood_dirs, seed)
+    ood, gate_columns, by_set = ood_evaluation(model, reference, ds, ds.targets.numpy(), probs, rt, batch_size, sets)
+    plot_ood(by_set, ood["threshold"], ood["score"], Path(out) / "ood.png")
+    return ood, gate_columns
+
+
 def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None, split="Test", threshold=0.6,
                   batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_dirs=(),
                   ood_score=None) -> dict[str, FoldResult]:
@@ -406,41 +438,26 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     member) and "svm". Outputs go to `out` and `out/svm`."""
     rt = rt or select_runtime()
     members = [load_for_eval(c, svm, rt) for c in checkpoints]
-    ckpt = members[0][1]
-    data_root = data_root or ckpt["config"].get("data_root")
-    fold = fold or ckpt.get("fold") or ckpt["config"].get("fold")
-    if data_root is None or fold is None:
-        raise DataError(f"{checkpoints[0]}: records no dataset or fold; pass --data-root and --fold")
-    for c, (_, other, _) in zip(checkpoints[1:], members[1:]):
-        if other["classes"] != ckpt["classes"] or (other.get("fold") or fold) != fold:
-            raise ModelError(f"{c}: an ensemble's checkpoints must share the fold and the classes of {checkpoints[0]}")
-    root, exclude = usable_folds_root(data_root), ckpt["config"].get("exclude_class")
-    expected = [c for c in list_classes(root) if c != exclude]
-    if expected != ckpt["classes"]:
-        raise DataError(f"{data_root}: classes {expected} differ from the checkpoint's {ckpt['classes']}")
-    images = FoldImages(root, int(fold), ckpt["classes"])
-    size = resize_size(members[0][0].input_size)
+    model, ckpt = members[0][:2]
+    images = fold_images(checkpoints, [m[1] for m in members], data_root, fold)
+    fold, size = images.fold, resize_size(model.input_size)
     ds = images(split, size)
     heads = {}
     if all(has_head for *_, has_head in members):
         heads["softmax"] = softmax_head(members, images, split, rt, batch_size, tta)
     if svm:
-        heads["svm"] = svm_head(members[0][0], ds.classes, images, split, rt, batch_size)
+        heads["svm"] = svm_head(model, ds.classes, images, split, rt, batch_size)
     valid_y = images("Valid", size).targets.numpy()
     ood, gate_columns = {}, None
-    reference = reference_for(ckpt, members[0][0], rt, checkpoints[0], root, int(fold)) if "softmax" in heads else None
+    reference = reference_for(ckpt, model, rt, checkpoints[0], images.folds_root, fold) if "softmax" in heads else None
     reference = gate_by(reference, ood_score)
     if reference is not None:
-        # near-OOD: every photo of the class the network never saw, in all three splits of the fold
-        near = torch.cat([images(s, size, [exclude]).images for s in SPLITS]) if exclude else None
-        sets = ood_sets(ds.images, size, not is_synthetic(root), near, ood_dirs, seed)
-        ood, gate_columns, by_set = ood_evaluation(members[0][0], reference, ds, ds.targets.numpy(),
-                                                   heads["softmax"].probs, rt, batch_size, sets)
-        plot_ood(by_set, ood["threshold"], ood["score"], Path(out) / "ood.png")
+        ood, gate_columns = fold_ood(model, reference, images, split, heads["softmax"].probs, rt, batch_size,
+                                     ood_dirs, seed, out)
     results = {}
     for name, head in heads.items():
-        m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, int(fold)))
-        m.update(fold=int(fold), split=split, checkpoint=[str(c) for c in checkpoints] if len(checkpoints) > 1
+        m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, fold))
+        m.update(fold=fold, split=split, checkpoint=[str(c) for c in checkpoints] if len(checkpoints) > 1
                  else str(checkpoints[0]), checkpoint_id=file_id(checkpoints[0]), model=ckpt["model"], head=name,
                  **({"ood": ood} if name == "softmax" and ood else {}))
         write_outputs(Path(out) / ("svm" if name == "svm" else ""), m, ds, head.probs,
@@ -614,6 +631,27 @@ def distinct_images(folds: dict[int, FoldResult], classes: list) -> tuple[list, 
     return paths, np.array(ys), np.array(probs)
 
 
+def distinct_metrics(folds: dict[int, FoldResult], classes: list[str], positive, resamples: int, seed: int) -> dict:
+    """The metrics, ECE and patient-bootstrap interval over the distinct Test images of the folds (each
+    scored once, by the first fold whose Test split holds it); n, their number."""
+    paths, y, probs = distinct_images(folds, classes)
+    distinct = classification_metrics(y, probs, classes)
+    distinct["ece"] = calibration_bins(y, probs)[0]
+    distinct["ci95"] = interval(bootstrap(y, probs, [patient_id(p) or p for p in paths], len(classes), positive,
+                                          resamples, derived_seed(seed, 0)))
+    return dict(distinct, n=len(y))
+
+
+def pooled_plots(folds: dict[int, FoldResult], classes: list[str], head: str, path: str) -> dict:
+    """The confusion matrix and reliability diagram pooled over the folds (`path` with {} for the kind
+    of plot); their numbers for summary.json."""
+    y, probs = (np.concatenate([getattr(r, a) for r in folds.values()]) for a in ("y", "probs"))
+    confusion = np.sum([r.metrics["confusion"] for r in folds.values()], axis=0)
+    plot_confusion(confusion, classes, path.format("confusion"), title=f"{head}, pooled over folds")
+    plot_reliability(y, probs, path.format("reliability"), title=f"{head}, pooled")
+    return dict(pooled_confusion=confusion.tolist(), pooled_ece=calibration_bins(y, probs)[0])
+
+
 def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, threshold: float, resamples: int,
                  seed: int) -> tuple[list[str], dict]:
     """summary.md's section for one head: per-fold table with mean ± std and the interval of the mean,
@@ -629,24 +667,15 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
                                                               for key in ("accuracy", "balanced_accuracy")
                                                               if key in m["gated"]}) for k, m in metrics.items()]
     gate_keys = [k for k in gated[0] if k != "fold" and all(k in g for g in gated)]
-    paths, y, probs = distinct_images(folds, classes)
-    distinct = classification_metrics(y, probs, classes)
-    distinct["ece"] = calibration_bins(y, probs)[0]
-    distinct["ci95"] = interval(bootstrap(y, probs, [patient_id(p) or p for p in paths], len(classes), positive,
-                                          resamples, derived_seed(seed, 0)))
+    distinct = distinct_metrics(folds, classes, positive, resamples, seed)
     entries = sum(len(r.y) for r in folds.values())
     mpox = distinct.get("mpox_sensitivity", np.nan)  # none for a network trained without Mpox
     suffix = "" if head == "softmax" else f"_{head}"
-    pooled_y = np.concatenate([r.y for r in folds.values()])
-    pooled_p = np.concatenate([r.probs for r in folds.values()])
-    plot_confusion(np.sum([m["confusion"] for m in metrics.values()], axis=0), classes,
-                   out / f"confusion_pooled{suffix}.png", title=f"{head}, pooled over folds")
-    plot_reliability(pooled_y, pooled_p, out / f"reliability_pooled{suffix}.png", title=f"{head}, pooled")
     lines = [f"## {head} head\n", mean_std_table(rows, SUMMARY_KEYS),
              f"\n95% CI of the {len(folds)}-fold mean (bootstrap over patients within each fold, {resamples} "
              "resamples): " + ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ci_mean.items()) + "\n",
-             f"\nDistinct Test images: the {len(folds)} Test splits hold {entries} entries but only {len(y)} distinct "
-             f"images; each is scored once, with the prediction of the first fold whose Test split holds it: "
+             f"\nDistinct Test images: the {len(folds)} Test splits hold {entries} entries but only {distinct['n']} "
+             f"distinct images; each is scored once, with the prediction of the first fold whose Test split holds it: "
              f"accuracy {distinct['accuracy']:.4f}, balanced accuracy {distinct['balanced_accuracy']:.4f}, "
              f"macro F1 {distinct['f1_macro']:.4f}, " + (f"Mpox sensitivity {mpox:.4f}, " if np.isfinite(mpox) else "")
              + f"ECE {distinct['ece']:.4f}. "
@@ -657,9 +686,8 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
         lines += ["\nOut of distribution (AUROC and FPR at 95% TPR against each fold's Test images):\n",
                   ood_summary_table(oods)]
     numbers = dict(folds=rows, ci95_of_mean=ci_mean, gated=gated, distinct=dict(
-        n=len(y), entries=entries, **{k: distinct[k] for k in SUMMARY_KEYS + ["ci95"] if k in distinct}),
-        pooled_confusion=np.sum([m["confusion"] for m in metrics.values()], axis=0).tolist(),
-        pooled_ece=calibration_bins(pooled_y, pooled_p)[0], ood=oods)
+        n=distinct["n"], entries=entries, **{k: distinct[k] for k in SUMMARY_KEYS + ["ci95"] if k in distinct}),
+        **pooled_plots(folds, classes, head, str(out / f"{{}}_pooled{suffix}.png")), ood=oods)
     atomic_write(out / f"summary{suffix}.json", json.dumps(numbers, indent=2))
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
