@@ -260,7 +260,7 @@ class FoldRun:
         if self.rt.rank != 0 or not path.is_file():
             return
         best, ckpt = load_classifier(path, self.rt)
-        if not is_current(ckpt.get("ood")):
+        if not is_current(ckpt.get("ood"), best):
             ckpt["ood"] = reference_from_images(best, self.data.train_images, self.data.train_labels,
                                                 self.data.valid_images, ckpt["temperature"], self.rt)
             save_checkpoint(ckpt, path)

@@ -142,26 +142,31 @@ def reference_from_images(model, train_images, train_targets, valid_images, temp
 
 def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dict | None:
     """The OOD reference of a classifier checkpoint: the one stored in it, or, for a best.pt written
-    before its run finished (train.py adds the reference at the end) or older than the scores, one
-    computed now from its fold's Train and Valid images when they are at hand (a one-line note
-    either way). None: no gate (no data to compute one from)."""
-    if is_current(ckpt.get("ood")):
-        return send(ckpt["ood"], rt.device)  # placed once: the gate's matrices are not copied per request
+    before its run finished (train.py adds the reference at the end) or older than this version's
+    scores, one computed now from its fold's Train and Valid images when they are at hand (a
+    one-line note either way). Without them an older reference that still has every threshold
+    gates (it reads fewer stages); None: no gate."""
+    stored = ckpt.get("ood")
+    if is_current(stored, model):
+        return send(stored, rt.device)  # placed once: the gate's matrices are not copied per request
     data_root, fold = data_root or ckpt["config"].get("data_root"), fold or ckpt.get("fold")
-    missing = (f"note: {path} holds no out-of-distribution reference (its run did not finish, or it is older than "
-               "the scores)")
+    note = (f"note: {path} holds no out-of-distribution reference (its run did not finish)" if stored is None
+            else f"note: {path}'s out-of-distribution reference is older than this version's scores")
     try:
         root = usable_folds_root(data_root)
         train, valid = (MSLDDataset(root, fold, split, cache_size=resize_size(model.input_size),
                                     classes=ckpt["classes"]) for split in ("Train", "Valid"))
     except (DataError, TypeError):  # no data_root recorded, or its data is gone
-        print(f"{missing} and its data is not at hand: no OOD gate")
-        return None
-    print(f"{missing}: computed from fold {fold}'s Train and Valid images")
+        usable = stored is not None and set(SCORES) <= set(stored.get("thresholds", {}))
+        print(f"{note} and its data is not at hand: " + ("the stored one gates" if usable else "no OOD gate"))
+        return send(stored, rt.device) if usable else None
+    print(f"{note}: computed from fold {fold}'s Train and Valid images")
     return send(reference_from_images(model, train.images, train.targets, valid.images, ckpt.get("temperature") or 1.0,
                                       rt), rt.device)
 
 
-def is_current(reference: dict | None) -> bool:
-    """A stored reference that has a threshold for every score (one from before a score was added has not)."""
-    return reference is not None and set(SCORES) <= set(reference.get("thresholds", {}))
+def is_current(reference: dict | None, model) -> bool:
+    """A stored reference with a threshold for every score and the statistics of every stage the
+    network's score reads (one from before a score or a stage was added lacks them)."""
+    return (reference is not None and set(SCORES) <= set(reference.get("thresholds", {}))
+            and set(reference.get("layers", {})) == {"head", *model.ood_layers})

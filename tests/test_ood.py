@@ -170,7 +170,7 @@ def test_ood_dir_photos_are_scored(trained, tmp_path):
     assert m["sets"]["ood_dir"]["knn"]["n_out"] == len(NOT_SKIN)
 
 
-def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained, tmp_path, capsys):
+def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can(trained, tmp_path, capsys):
     old = torch.load(trained / "best.pt", weights_only=True)
     del old["ood"]
     torch.save(old, tmp_path / "old.pt")
@@ -183,11 +183,20 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_no_gate(trained
     torch.save(outdated, tmp_path / "outdated.pt")
     m = evaluate(tmp_path / "outdated.pt", tmp_path / "t3", resamples=50)["softmax"].metrics
     assert "computed from fold 1's" in capsys.readouterr().out and m["ood"]["gate"] == stored["ood"]["gate"]
-    old["config"]["data_root"] = str(tmp_path / "gone")
-    torch.save(old, tmp_path / "orphan.pt")
+    head_only = torch.load(trained / "best.pt", weights_only=True)
+    for stage in ("backbone.relu1", "backbone.relu2"):  # as written before LeNet's gate read its convolutions
+        del head_only["ood"]["layers"][stage]
+    torch.save(head_only, tmp_path / "head_only.pt")
+    m = evaluate(tmp_path / "head_only.pt", tmp_path / "t4", resamples=50)["softmax"].metrics
+    assert "older than this version's scores: computed from fold 1's" in capsys.readouterr().out
+    assert m["ood"]["gate"] == stored["ood"]["gate"]
     import serve
-    predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))
-    assert "its data is not at hand: no OOD gate" in capsys.readouterr().out and predictor.info["ood"] is None
+    for ckpt, gates in ((old, "no OOD gate"), (head_only, "the stored one gates")):
+        ckpt["config"]["data_root"] = str(tmp_path / "gone")
+        torch.save(ckpt, tmp_path / "orphan.pt")
+        predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))
+        assert f"its data is not at hand: {gates}" in capsys.readouterr().out
+        assert (predictor.info["ood"] is None) == (gates == "no OOD gate")
 
 
 def test_ood_score_chooses_the_gate_in_testing_and_serve(trained, tmp_path):
