@@ -157,7 +157,8 @@ def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dic
         train, valid = (MSLDDataset(root, fold, split, cache_size=resize_size(model.input_size),
                                     classes=ckpt["classes"]) for split in ("Train", "Valid"))
     except (DataError, TypeError):  # no data_root recorded, or its data is gone
-        usable = stored is not None and set(SCORES) <= set(stored.get("thresholds", {}))
+        usable = (stored is not None and set(SCORES) <= set(stored.get("thresholds", {}))
+                  and set(stored.get("layers", {})) <= {"head", *model.ood_layers})  # stages the network still reads
         print(f"{note} and its data is not at hand: " + ("the stored one gates" if usable else "no OOD gate"))
         return send(stored, rt.device) if usable else None
     print(f"{note}: computed from fold {fold}'s Train and Valid images")

@@ -190,8 +190,10 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can
     m = evaluate(tmp_path / "head_only.pt", tmp_path / "t4", resamples=50)["softmax"].metrics
     assert "older than this version's scores: computed from fold 1's" in capsys.readouterr().out
     assert m["ood"]["gate"] == stored["ood"]["gate"]
+    foreign = torch.load(trained / "best.pt", weights_only=True)
+    foreign["ood"]["layers"]["backbone.fc1"] = foreign["ood"]["layers"]["head"]  # a stage this network does not read
     import serve
-    for ckpt, gates in ((old, "no OOD gate"), (head_only, "the stored one gates")):
+    for ckpt, gates in ((old, "no OOD gate"), (head_only, "the stored one gates"), (foreign, "no OOD gate")):
         ckpt["config"]["data_root"] = str(tmp_path / "gone")
         torch.save(ckpt, tmp_path / "orphan.pt")
         predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))
