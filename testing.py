@@ -417,12 +417,11 @@ def fold_images(checkpoints: list, ckpts: list[dict], data_root, fold) -> FoldIm
     return FoldImages(root, int(fold), ckpt["classes"], exclude)
 
 
-def fold_ood(model, reference: dict, images: FoldImages, split: str, probs, rt, batch_size: int, ood_dirs, seed: int,
+def fold_ood(model, reference: dict, images: FoldImages, ds, probs, rt, batch_size: int, ood_dirs, seed: int,
              out) -> tuple[dict, dict]:
-    """ood_evaluation of the split's images against the built-in sets, the user's --ood-dir photos and
-    (near-OOD) every photo of the class the run excluded, in all three splits; ood.png."""
+    """ood_evaluation of the split's images `ds` against the built-in sets, the user's --ood-dir photos
+    and (near-OOD) every photo of the class the run excluded, in all three splits; ood.png."""
     size = resize_size(model.input_size)
-    ds = images(split, size)
     near = torch.cat([images(s, size, [images.exclude]).images for s in SPLITS]) if images.exclude else None
     sets = ood_sets(ds.images, size, not is_synthetic(images.folds_root), near, ood_dirs, seed)
     ood, gate_columns, by_set = ood_evaluation(model, reference, ds, ds.targets.numpy(), probs, rt, batch_size, sets)
@@ -452,7 +451,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     reference = reference_for(ckpt, model, rt, checkpoints[0], images.folds_root, fold) if "softmax" in heads else None
     reference = gate_by(reference, ood_score)
     if reference is not None:
-        ood, gate_columns = fold_ood(model, reference, images, split, heads["softmax"].probs, rt, batch_size,
+        ood, gate_columns = fold_ood(model, reference, images, ds, heads["softmax"].probs, rt, batch_size,
                                      ood_dirs, seed, out)
     results = {}
     for name, head in heads.items():

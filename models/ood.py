@@ -157,8 +157,7 @@ def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dic
         train, valid = (MSLDDataset(root, fold, split, cache_size=resize_size(model.input_size),
                                     classes=ckpt["classes"]) for split in ("Train", "Valid"))
     except (DataError, TypeError):  # no data_root recorded, or its data is gone
-        usable = (stored is not None and set(SCORES) <= set(stored.get("thresholds", {}))
-                  and set(stored.get("layers", {})) <= {"head", *model.ood_layers})  # stages the network still reads
+        usable = can_gate(stored, model)
         print(f"{note} and its data is not at hand: " + ("the stored one gates" if usable else "no OOD gate"))
         return send(stored, rt.device) if usable else None
     print(f"{note}: computed from fold {fold}'s Train and Valid images")
@@ -166,8 +165,14 @@ def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dic
                                       rt), rt.device)
 
 
-def is_current(reference: dict | None, model) -> bool:
-    """A stored reference with a threshold for every score and the statistics of every stage the
-    network's score reads (one from before a score or a stage was added lacks them)."""
+def can_gate(reference: dict | None, model) -> bool:
+    """A stored reference the network's scores can be computed with: a threshold for every score, and
+    statistics of no stage the network does not read."""
     return (reference is not None and set(SCORES) <= set(reference.get("thresholds", {}))
-            and set(reference.get("layers", {})) == {"head", *model.ood_layers})
+            and set(reference.get("layers", {})) <= {"head", *model.ood_layers})
+
+
+def is_current(reference: dict | None, model) -> bool:
+    """One that can gate and holds every stage the network reads (one from before a score or a stage
+    was added does not)."""
+    return can_gate(reference, model) and set(reference["layers"]) == {"head", *model.ood_layers}
