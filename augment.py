@@ -22,9 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder, decode_all,
@@ -63,6 +61,8 @@ TRAIN_AUGMENTS = dict(basic=TRAIN_OPS, trivial=TRIVIAL_TRAIN_OPS, none={})
 
 
 # ----------------------------------------------------------------------------- per-image (torchvision)
+# torchvision is imported where it is used: importing it costs 1.2 s (torchvision.ops pulls in
+# torch._dynamo), which the batched path below, and so train.py and simclr.py, never need.
 class TrivialAugment:
     """TRIVIAL_OPS on one float image in [0, 1] (C, H, W), with torchvision's functional ops."""
 
@@ -70,6 +70,7 @@ class TrivialAugment:
         self.ops = ops
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
         name = list(self.ops)[int(torch.randint(len(self.ops), ()))]
         s = float(torch.rand(())) * self.ops[name]
         if name not in UNSIGNED and torch.rand(()) < 0.5:
@@ -94,7 +95,9 @@ class TrivialAugment:
         return img
 
 
-def _v2_ops(size: int, ops: dict) -> list:
+def _v2_pipeline(size: int, ops: dict):
+    """PIL or uint8 tensor in, `ops` drawn per image, normalised float tensor out."""
+    from torchvision.transforms import v2
     crop = ops["crop"]
     out = [v2.RandomResizedCrop(size, scale=crop["scale"], ratio=crop["ratio"], antialias=True),
            v2.RandomHorizontalFlip(ops["hflip"]["p"]), v2.RandomVerticalFlip(ops["vflip"]["p"]),
@@ -110,12 +113,12 @@ def _v2_ops(size: int, ops: dict) -> list:
     if "blur" in ops:
         sigma = ops["blur"]["sigma"]
         out.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(sigma[1], size), sigma)], p=ops["blur"]["p"]))
-    return out
+    return v2.Compose([v2.ToImage(), *out, v2.Normalize(MEAN, STD)])
 
 
 def train_transform(size: int, ops: dict = TRAIN_OPS):
     """Per-image training augmentation (PIL or uint8 tensor in): the DataLoader counterpart of BatchAugment."""
-    return v2.Compose([v2.ToImage(), *_v2_ops(size, ops), v2.Normalize(MEAN, STD)])
+    return _v2_pipeline(size, ops)
 
 
 class TwoViews:
@@ -128,7 +131,7 @@ class TwoViews:
 
 def simclr_transform(size: int):
     """Per-image SimCLR: two independent views of each image."""
-    return TwoViews(v2.Compose([v2.ToImage(), *_v2_ops(size, SIMCLR_OPS), v2.Normalize(MEAN, STD)]))
+    return TwoViews(_v2_pipeline(size, SIMCLR_OPS))
 
 
 # ----------------------------------------------------------------------------- batched ops

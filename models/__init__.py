@@ -10,7 +10,7 @@
 
     from models import build_model, load_classifier, predict, select_runtime
 """
-from models.build import MODEL_NAMES, Classifier, build_model, load_classifier
+from models.build import Classifier, build_model, load_classifier, model_names
 from models.checkpoint import (ModelError, checkpoint_dict, find_checkpoint, find_checkpoints, load_checkpoint, resume,
                                save_checkpoint, training_state, unwrap)
 from models.lenet import LeNet
@@ -25,7 +25,7 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
                             distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
                             set_numerics, set_seed, shard)
 
-__all__ = ["MODEL_NAMES", "Classifier", "build_model", "load_classifier", "ModelError", "checkpoint_dict",
+__all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "checkpoint_dict",
            "find_checkpoint", "find_checkpoints", "load_checkpoint", "resume", "save_checkpoint", "training_state",
            "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine",
            "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores",

@@ -1,9 +1,9 @@
 """One factory for every network: LeNet or any torchvision classification backbone, with our head."""
+import functools
 import math
 import urllib.error
 
 import torch
-import torchvision
 from torch import nn
 
 from models.checkpoint import ModelError, load_checkpoint, load_weights
@@ -13,8 +13,16 @@ from models.lenet import LeNet
 # Backbones whose forward is not a plain image -> logits map, or that have no linear head to replace.
 UNSUPPORTED = {"googlenet": "returns auxiliary outputs", "inception_v3": "returns auxiliary outputs",
                "squeezenet1_0": "has a convolutional head", "squeezenet1_1": "has a convolutional head"}
-MODEL_NAMES = ["lenet"] + [n for n in torchvision.models.list_models(module=torchvision.models)
-                           if n not in UNSUPPORTED]
+
+
+# torchvision is imported only where a torchvision network is built or named: importing it costs
+# 1.2 s (torchvision.ops pulls in torch._dynamo), which a LeNet run or a script's --help need not pay.
+@functools.cache
+def model_names() -> tuple[str, ...]:
+    """Every name --model accepts: LeNet and torchvision's classification models we can re-head."""
+    import torchvision
+    return ("lenet", *(n for n in torchvision.models.list_models(module=torchvision.models) if n not in UNSUPPORTED))
+
 
 # Grad-CAM target by family (name prefix -> (module path, layout)): the last spatial feature map,
 # except for ResNets, whose layer2 explains the recipe's network best at 112 px (deletion and
@@ -85,6 +93,7 @@ class Classifier(nn.Module):
 
 def _torchvision_backbone(name: str, weights):
     """A torchvision classifier with its last Linear replaced by Identity: it now returns features."""
+    import torchvision
     try:
         model = torchvision.models.get_model(name, weights=weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
@@ -106,15 +115,15 @@ def build_model(name: str, num_classes: int, init: str = "none", input_size: int
     (our classifier or SimCLR encoder checkpoint, or a torchvision state_dict).
     `input_size` overrides the native size (convolutional networks pool globally: any size works)."""
     name = name.lower()
-    if name not in MODEL_NAMES:
-        why = f" ({UNSUPPORTED[name]})" if name in UNSUPPORTED else ""
-        raise ModelError(f"--model {name}: unknown or unsupported model{why}; choose lenet, resnext101_64x4d, "
-                         "resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, swin_t, ... "
-                         "(any torchvision classification model)")
     if name == "lenet":
         if init == "imagenet":
             raise ModelError("--init imagenet: LeNet has no ImageNet weights; use --init none")
         model = Classifier(name, LeNet(), LeNet.num_features, num_classes, LeNet.input_size)
+    elif name not in model_names():
+        why = f" ({UNSUPPORTED[name]})" if name in UNSUPPORTED else ""
+        raise ModelError(f"--model {name}: unknown or unsupported model{why}; choose lenet, resnext101_64x4d, "
+                         "resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16, swin_t, ... "
+                         "(any torchvision classification model)")
     else:
         backbone, features, size, head_name = _torchvision_backbone(name, "DEFAULT" if init == "imagenet" else None)
         model = Classifier(name, backbone, features, num_classes, size)
