@@ -357,6 +357,13 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return (first + (counts - 1) / 2)[inverse]
 
 
+def _agreement(rho: torch.Tensor) -> dict:
+    """Mean and std over images of their maps' rank correlations; constant maps (NaN) counted apart."""
+    ok = ~rho.isnan()
+    return dict(spearman=float(rho.nanmean()), spearman_std=float(rho[ok].std()) if ok.sum() > 1 else 0.0,
+                constant_maps=int((~ok).sum()))
+
+
 def randomisation(model, images, rt, layers, batch_size: int, seed: int = 0) -> dict:
     """For each layer: the Spearman correlation between the trained network's maps and those of the
     network re-initialised cumulatively from the head down (mean and std over images; the predicted
@@ -365,21 +372,21 @@ def randomisation(model, images, rt, layers, batch_size: int, seed: int = 0) -> 
     x, target = inputs_and_targets(model, images, rt, batch_size)
     trained = {layer: cam_maps(model, x, target, rt, layer, batch_size) for layer in layers}
     random_model = copy.deepcopy(model)
-    torch.manual_seed(seed)
     out = {layer.removeprefix("backbone."): [] for layer in layers}
     examples = {layer.removeprefix("backbone."): [trained[layer][:4].cpu()] for layer in layers}
-    for name, block in tqdm(cascade(random_model), desc="randomisation", leave=False):
-        for m in block.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        for layer in layers:
-            maps = cam_maps(random_model, x, target, rt, layer, batch_size)
-            rho = spearman(trained[layer], maps)
-            short = layer.removeprefix("backbone.")
-            out[short].append(dict(randomised=name, spearman=float(rho.nanmean()),
-                                   spearman_std=float(rho[~rho.isnan()].std()) if (~rho.isnan()).sum() > 1 else 0.0,
-                                   constant_maps=int(rho.isnan().sum())))
-            examples[short].append(maps[:4].cpu())
+    # reset_parameters draws from torch's global generator (the device's, on CUDA): seeded here, for
+    # the same new weights every run, inside a fork that gives the caller its streams back unchanged
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for name, block in tqdm(cascade(random_model), desc="randomisation", leave=False):
+            for m in block.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            for layer in layers:
+                maps = cam_maps(random_model, x, target, rt, layer, batch_size)
+                short = layer.removeprefix("backbone.")
+                out[short].append(dict(randomised=name, **_agreement(spearman(trained[layer], maps))))
+                examples[short].append(maps[:4].cpu())
     photos = (x[:4].cpu() * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)).clamp(0, 1)
     return dict(n=len(x), layers=out, examples={k: torch.stack(v, 1) for k, v in examples.items()},
                 photos=photos.permute(0, 2, 3, 1))

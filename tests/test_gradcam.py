@@ -249,7 +249,9 @@ def test_randomising_the_network_drops_the_maps_correlation(trained_resnet, synt
     from gradcam import randomisation
     model, _ = load_classifier(trained_resnet / "best.pt", select_runtime("cpu"))
     images = [load_image(p) for p in sorted(synthetic.glob("fold1/Test/*/*.jpg"))[:12]]
+    streams = torch.get_rng_state()
     result = randomisation(model, images, select_runtime("cpu"), ["backbone.layer3"], 12)
+    assert torch.equal(torch.get_rng_state(), streams)  # its seeded draws leave the caller's streams alone
     steps = result["layers"]["layer3"]
     assert [s["randomised"] for s in steps] == ["head", "layer4", "layer3", "layer2", "layer1", "bn1", "conv1"]
     assert steps[-1]["spearman"] < 0.3, steps  # measured: 0.36 without the head, -0.09 once every weight is new
