@@ -61,8 +61,8 @@ TRAIN_AUGMENTS = dict(basic=TRAIN_OPS, trivial=TRIVIAL_TRAIN_OPS, none={})
 
 
 # ----------------------------------------------------------------------------- per-image (torchvision)
-# torchvision is imported where it is used: importing it costs 1.2 s (torchvision.ops pulls in
-# torch._dynamo), which the batched path below, and so train.py and simclr.py, never need.
+# torchvision is imported where it is used: importing it adds nearly 2 s to a start (its ops pull in
+# torch._dynamo), which the batched path below (what train.py and simclr.py use) never needs.
 class TrivialAugment:
     """TRIVIAL_OPS on one float image in [0, 1] (C, H, W), with torchvision's functional ops."""
 

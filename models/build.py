@@ -15,8 +15,8 @@ UNSUPPORTED = {"googlenet": "returns auxiliary outputs", "inception_v3": "return
                "squeezenet1_0": "has a convolutional head", "squeezenet1_1": "has a convolutional head"}
 
 
-# torchvision is imported only where a torchvision network is built or named: importing it costs
-# 1.2 s (torchvision.ops pulls in torch._dynamo), which a LeNet run or a script's --help need not pay.
+# torchvision is imported only where a torchvision network is built or named: importing it adds
+# nearly 2 s to a start (its ops pull in torch._dynamo), which a LeNet run or a --help need not pay.
 @functools.cache
 def model_names() -> tuple[str, ...]:
     """Every name --model accepts: LeNet and torchvision's classification models we can re-head."""

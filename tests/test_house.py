@@ -1,4 +1,5 @@
-"""The house rules: which script may import which, and README's table of what each one brings along."""
+"""The house rules: which script may import which, README's table of what each one brings along, and
+what a script's start imports."""
 import ast
 import re
 import subprocess
@@ -76,7 +77,7 @@ def test_readme_script_table_says_what_each_script_brings():
 
 
 def test_scripts_start_without_torchvision():
-    """Importing torchvision costs about 2 s (torchvision.ops pulls in torch._dynamo), paid by every
+    """Importing torchvision adds nearly 2 s to a start (its ops pull in torch._dynamo), paid by every
     `--help`, LeNet run and test subprocess when it sat at the top: it is imported only where a
     torchvision network or per-image transform is made. A fresh interpreter proves it."""
     code = ("import sys, getData, augment, train, testing, gradcam, serve, simclr, models\n"
