@@ -424,7 +424,7 @@ def fold_ood(model, reference: dict, images: FoldImages, ds, probs, rt, batch_si
     size = resize_size(model.input_size)
     near = torch.cat([images(s, size, [images.exclude]).images for s in SPLITS]) if images.exclude else None
     sets = ood_sets(ds.images, size, not is_synthetic(images.folds_root), near, ood_dirs, seed)
-    ood, gate_columns, by_set = ood_evaluation(model, reference, ds, ds.targets.numpy(), probs, rt, batch_size, sets)
+    ood, gate_columns, by_set = ood_evaluation(model, reference, ds, probs, rt, batch_size, sets)
     plot_ood(by_set, ood["threshold"], ood["score"], Path(out) / "ood.png")
     return ood, gate_columns
 
@@ -550,7 +550,7 @@ def ood_dir_images(folders) -> list[Path]:
     return found
 
 
-def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict, dict]:
+def ood_evaluation(model, reference: dict, test, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict, dict]:
     """Every OOD score's AUROC and FPR at 95% TPR for each set against the Test images (and, for the
     gate's score, for each kind of non-skin picture); what the gate does to the Test images: the
     share it turns away and the accuracy on those it keeps. Returns (metrics, per-image gate columns,
@@ -572,7 +572,7 @@ def ood_evaluation(model, reference: dict, test, y, probs, rt, batch_size: int, 
     kept = (inside[out["score"]] <= out["threshold"]).numpy()
     out["gate"] = dict(rejected_share=float(1 - kept.mean()), n_kept=int(kept.sum()), n=len(kept))
     if kept.any():
-        m = classification_metrics(np.asarray(y)[kept], np.asarray(probs)[kept], test.classes)
+        m = classification_metrics(test.targets.numpy()[kept], np.asarray(probs)[kept], test.classes)
         out["gate"].update(accuracy_kept=m["accuracy"], balanced_accuracy_kept=m["balanced_accuracy"])
     return out, dict(ood_score=by_set["Test"], in_distribution=kept), by_set
 

@@ -57,6 +57,11 @@ OOD_LAYERS = [("lenet", ("relu1", "relu2")), ("resnet", ("layer2", "layer3")), (
               ("wide_resnet", ("layer2", "layer3"))]
 
 
+def _of_family(table: list, name: str) -> tuple:
+    """The layers a (name prefix, layers) table gives the network `name`; none if its family is absent."""
+    return next((layers for prefix, layers in table if name.startswith(prefix)), ())
+
+
 class Classifier(nn.Module):
     """backbone (image -> pooled features) + linear head, with the facts other scripts need:
     `name`, `input_size`, `num_features`, `cam_layer` (a submodule path), `cam_layout`,
@@ -71,10 +76,8 @@ class Classifier(nn.Module):
         layer, self.cam_layout = next(((p, lay) for prefix, p, lay in CAM_LAYERS if name.startswith(prefix)),
                                       (None, None))
         self.cam_layer = self._resolve(f"backbone.{layer}") if layer else None
-        others = next((names for prefix, names in CAM_CANDIDATES if name.startswith(prefix)), ())
-        self.cam_candidates = [f"backbone.{n}" for n in others] or [self.cam_layer]
-        self.ood_layers = [f"backbone.{n}" for n in next((names for prefix, names in OOD_LAYERS
-                                                          if name.startswith(prefix)), ())]
+        self.cam_candidates = [f"backbone.{n}" for n in _of_family(CAM_CANDIDATES, name)] or [self.cam_layer]
+        self.ood_layers = [f"backbone.{n}" for n in _of_family(OOD_LAYERS, name)]
 
     def _resolve(self, path: str) -> str:
         head, sep, tail = path.partition(".[-1]")
