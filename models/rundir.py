@@ -11,11 +11,14 @@ import io
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from getData import WriteError, atomic_write, make_folder
+
+if TYPE_CHECKING:  # matplotlib is imported where a run draws its curves: it adds a third of a second to
+    from matplotlib.figure import Figure  # every start (train.py, simclr.py, serve.py), --help included
 
 RUN_FILES = ("config.json", "best.pt", "last.pt", "encoder.pt", "history.csv", "curves.png", "loss.png", "files.txt",
              "summary.md")
@@ -61,13 +64,13 @@ class SaveClock:
         return False
 
 
-def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+def png_bytes(fig: "Figure", dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
-def save_figure(fig: Figure, path, dpi: int = 100) -> None:
+def save_figure(fig: "Figure", path, dpi: int = 100) -> None:
     atomic_write(path, png_bytes(fig, dpi))
 
 
@@ -79,6 +82,7 @@ def write_history(history: list[dict], fields: list[str], out: Path, panels: lis
     writer.writeheader()
     writer.writerows(history)
     atomic_write(Path(out) / "history.csv", buf.getvalue())
+    from matplotlib.figure import Figure
     fig = Figure(figsize=(5.5 * len(panels), 4))
     for ax, (title, keys) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
         for key in keys:
