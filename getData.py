@@ -173,22 +173,24 @@ class Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- writing files
 def check_folder(path) -> Path:
-    """Refuse now, creating nothing, a folder path that a file stands in the way of."""
+    """Refuse now, creating nothing, a folder path that a file stands in the way of, or whose nearest
+    existing folder cannot be written in (read-only, not ours): before the work, not after it."""
     path = Path(path)
-    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
-    if blocker:
-        raise WriteError(f"{path}: cannot make this folder, {blocker} is a file; choose another path")
+    nearest = next(q for q in [path, *path.parents] if q.exists())  # "." or "/" at the latest
+    if not nearest.is_dir():
+        raise WriteError(f"{path}: cannot make this folder, {nearest} is a file; choose another path")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(nearest).f_flag & os.ST_RDONLY else "permission denied"
+        where = "this folder" if nearest == path else nearest
+        raise WriteError(f"{path}: cannot write in {where} ({why}); choose another path")
     return path
 
 
 def make_folder(path) -> Path:
     """mkdir -p, or one line saying which part of the path is in the way."""
-    path = Path(path)
+    path = check_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        check_folder(path)  # names the file in the way
-        raise WriteError(f"{path}: cannot make this folder; choose another path") from None
     except OSError as e:
         raise WriteError(f"{path}: cannot make this folder ({e.strerror})") from None
     return path
@@ -206,7 +208,29 @@ def atomic_path(path, folder: bool = False):
     path = Path(path)
     if path.is_dir() and not folder:
         raise WriteError(f"{path}: is a folder; cannot write a file there")
-    make_folder(path.parent)
+    try:
+        make_folder(path.parent)
+    except WriteError as e:
+        raise WriteError(f"{path}: could not be written; {e}") from None
+    try:  # a folder that cannot be written in (read-only, /proc) refuses the temporary already
+        tmp = _temporary_beside(path, folder)
+    except OSError as e:
+        raise _not_written(path, e) from None
+    try:
+        yield tmp
+        if folder and path.exists():
+            path.rmdir()  # empty (callers refuse non-empty targets first)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _not_written(path, e) from None
+    finally:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def _temporary_beside(path: Path, folder: bool) -> Path:
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     else:
@@ -214,19 +238,12 @@ def atomic_path(path, folder: bool = False):
         os.close(handle)
         tmp = Path(name)
     tmp.chmod((0o777 if folder else 0o666) & ~UMASK)  # as open() and mkdir() would have made it, not private
-    try:
-        yield tmp
-        if folder and path.exists():
-            path.rmdir()  # empty (callers refuse non-empty targets first)
-        os.replace(tmp, path)
-    except OSError as e:
-        what = "previous one is unchanged" if path.exists() else "nothing was written"
-        raise WriteError(f"{path}: could not be written ({e.strerror or e}); the {what}") from None
-    finally:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def _not_written(path: Path, e: OSError) -> WriteError:
+    what = "the previous one is unchanged" if path.exists() else "nothing was written"
+    return WriteError(f"{path}: could not be written ({e.strerror or e}); {what}")
 
 
 def atomic_write(path, data: str | bytes) -> None:
@@ -852,9 +869,9 @@ def make_synthetic(path, seed: int = 0) -> Path:
     Patient-grouped 5-fold split: fold k tests group k, validates on group k+1, trains on the rest,
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise DataError(f"{path}: exists and is not empty; choose another folder or delete it")
+    path = check_folder(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DataError(f"{path}: exists and is not an empty folder; choose another folder or delete it")
     rng = np.random.default_rng(seed)
     images = []
     for cls, patient, n_images, group in _synthetic_patients(rng):

@@ -91,7 +91,7 @@ def test_synthetic_is_deterministic_per_seed(tmp_path):
 def test_synthetic_refuses_non_empty_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty"):
+    with pytest.raises(DataError, match="exists and is not an empty folder"):
         make_synthetic(tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 

@@ -102,6 +102,7 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
                           "a-file")
     for out in (blocker, blocker / "aug"):
         assert_one_line_error(run_cli("augment.py", "--data-root", synthetic, "--out", out), "a-file")
+        assert_one_line_error(run_cli("getData.py", "--synthetic", out), "a-file")
     assert blocker.read_text() == "not a folder"
 
 
@@ -328,3 +329,27 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_one(smal
     (small_disk / "best.pt").unlink()
     proc = run_cli("train.py", *train_args(synthetic, small_disk / "run", "--epochs", 1))
     assert_one_line_error(proc, "could not be written", "No space left on device")
+
+
+def test_a_read_only_folder_is_one_line_naming_the_output_before_any_work(small_disk, synthetic, trained,
+                                                                            monkeypatch):
+    """A folder that cannot be written in (a read-only mount here; not ours, for a user) is refused by
+    name before any work, by every script, as a file in the way is; and a write that fails there
+    anyway (EROFS on the temporary beside the output) is one line naming the output."""
+    def work(*a, **k):
+        raise AssertionError("the folder is refused only after the work")
+    for module, name in ((train, "fit_fold"), (simclr, "_pretrain"), (testing, "evaluate_fold"),
+                         (augment, "_write_one"), (getData, "synthetic_image")):
+        monkeypatch.setattr(module, name, work)
+    (small_disk / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(WriteError, match=r"x\.json: could not be written; .*disk: cannot write in this folder "
+                                         r"\(read-only file system\)"):
+        getData.atomic_write(small_disk / "x.json", "{}")
+    for script, args in (("train.py", train_args(synthetic, small_disk / "run", "--epochs", 1)),
+                         ("simclr.py", ["--data-root", synthetic, "--out", small_disk / "run", "--epochs", 1]),
+                         ("testing.py", ["--checkpoint", trained / "best.pt", "--out", small_disk / "run" / "t"]),
+                         ("augment.py", ["--data-root", synthetic, "--out", small_disk / "aug"]),
+                         ("getData.py", ["--synthetic", small_disk / "syn"])):
+        assert_one_line_error(run_cli(script, *args), "cannot write in", "read-only file system")
+    assert [p.name for p in small_disk.iterdir()] == ["run"] and not list((small_disk / "run").iterdir())
