@@ -210,7 +210,12 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
 def test_bad_arguments(synthetic, tmp_path):
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--temperature", "0"), "--temperature")
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--extra", tmp_path / "nope",
-                                     "--out", tmp_path / "o"), "--extra")
+                                     "--out", tmp_path / "o"), "--extra", "no such folder")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no photos here")
+    assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--extra", tmp_path / "notes",
+                                     "--out", tmp_path / "o"), "--extra", "no images there")
+    assert not [p.name for p in (tmp_path / "o").iterdir() if p.name != ".lock"]  # no run begun
 
 
 # ----------------------------------------------------------------------------- torchrun, shards, patients
