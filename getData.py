@@ -176,7 +176,8 @@ def check_folder(path) -> Path:
     """Refuse now, creating nothing, a folder path that a file stands in the way of, or whose nearest
     existing folder cannot be written in (read-only, not ours): before the work, not after it."""
     path = Path(path)
-    nearest = next(q for q in [path, *path.parents] if q.exists())  # "." or "/" at the latest
+    # os.path.exists: False below a folder we may not enter, where Python 3.11's Path.exists raises
+    nearest = next(q for q in [path, *path.parents] if os.path.exists(q))  # "." or "/" at the latest
     if not nearest.is_dir():
         raise WriteError(f"{path}: cannot make this folder, {nearest} is a file; choose another path")
     if not os.access(nearest, os.W_OK | os.X_OK):
