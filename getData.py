@@ -46,7 +46,7 @@ DEFAULTS = dict(
 
 FOLDS = (1, 2, 3, 4, 5)
 SPLITS = ("Train", "Valid", "Test")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}  # file names of IMAGE_FORMATS
 # The decoders a photo may reach, whatever its name says (JPEG's also opens a phone's multi-picture
 # MPO). Pillow would otherwise try every format it knows on an upload, EPS included: Ghostscript.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")

@@ -13,8 +13,8 @@ from PIL import Image
 
 import getData
 from conftest import assert_one_line_error, run_cli
-from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, index_split, list_classes,
-                     load_image, make_synthetic, origin_stem, patient_id)
+from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, images_under, index_split,
+                     list_classes, load_image, make_synthetic, origin_stem, patient_id)
 
 CLASSES = ["Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"]
 
@@ -272,6 +272,18 @@ def test_load_image_rejects_bad_files(tmp_path):
 def test_load_image_reads_the_formats_photos_come_in(fmt):
     im = load_image(_save(Image.new("RGB", (40, 30), (200, 100, 50)), fmt), name=f"p.{fmt.lower()}")
     assert im.size == (40, 30) and im.mode == "RGB"
+
+
+def test_a_folder_of_photos_yields_every_format_load_image_reads(tmp_path):
+    """gradcam.py, testing.py --ood-dir and simclr.py --extra list a folder's photos by name: every
+    format load_image reads is listed (a GIF was skipped without a word), hidden files and notes are not."""
+    names = ["a.jpg", "b.JPEG", "c.png", "d.webp", "e.bmp", "f.tif", "g.tiff", "h.gif"]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "._a.jpg").write_bytes(b"macOS metadata")
+    assert [p.name for p in images_under(tmp_path)] == names
+    assert all(load_image(p).size == (8, 8) for p in images_under(tmp_path))
 
 
 def test_load_image_hands_no_other_format_to_a_decoder(monkeypatch):
