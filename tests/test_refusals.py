@@ -353,3 +353,16 @@ def test_a_read_only_folder_is_one_line_naming_the_output_before_any_work(small_
                          ("getData.py", ["--synthetic", small_disk / "syn"])):
         assert_one_line_error(run_cli(script, *args), "cannot write in", "read-only file system")
     assert [p.name for p in small_disk.iterdir()] == ["run"] and not list((small_disk / "run").iterdir())
+
+
+def test_a_folder_that_is_not_ours_is_one_line_naming_the_nearest_folder(tmp_path, monkeypatch):
+    """As a user who is not root meets a folder of another's (root, who runs these tests, may write
+    anywhere): the nearest existing folder of the path is named, and why."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != theirs and real_access(p, mode))
+    with pytest.raises(WriteError, match=r"theirs/run/fold1: cannot write in .*theirs \(permission denied\)"):
+        getData.make_folder(theirs / "run" / "fold1")
+    assert list(theirs.iterdir()) == []
+    assert getData.check_folder(tmp_path / "elsewhere") == tmp_path / "elsewhere"
