@@ -342,6 +342,21 @@ def images_under(folder) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if _is_image_file(p))
 
 
+def images_in(folders, flag: str = "") -> list[Path]:
+    """Every image file below each of `folders` (given with `flag`, named in the message): one line for
+    a folder that is missing or holds no image, rather than a run on fewer photos than asked for."""
+    found = []
+    for d in map(Path, folders):
+        where = f"{flag} {d}".strip()
+        if not d.is_dir():
+            raise DataError(f"{where}: {'a file, not a folder' if d.exists() else 'no such folder'}")
+        images = images_under(d)
+        if not images:
+            raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        found += images
+    return found
+
+
 def is_class_folder(d: Path) -> bool:
     """A folder that can hold a class: not hidden, not an archiver's leftover such as __MACOSX/."""
     return d.is_dir() and not d.name.startswith((".", "__"))
@@ -870,8 +885,8 @@ def make_synthetic(path, seed: int = 0) -> Path:
     Patient-grouped 5-fold split: fold k tests group k, validates on group k+1, trains on the rest,
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
-    path = check_folder(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    path = check_folder(path)  # a file there, or a folder we cannot write in
+    if path.exists() and any(path.iterdir()):
         raise DataError(f"{path}: exists and is not an empty folder; choose another folder or delete it")
     rng = np.random.default_rng(seed)
     images = []

@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, check_folder, images_under,
-                     index_split, load_image, prepare, run_main, usable_folds_root)
+from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_folder, images_in, index_split, load_image,
+                     prepare, run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop,
                     find_checkpoint, find_checkpoints, gate, gate_by, load_classifier, mean_std, reference_for,
                     resize_size, save_figure, select_runtime, to_input)
@@ -480,12 +480,7 @@ def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
     if args.images:
-        paths = []
-        for p in map(Path, args.images):
-            paths += images_under(p) if p.is_dir() else [p]
-        if not paths:
-            raise DataError(f"{', '.join(args.images)}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        return paths
+        return [q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p])]
     fold = args.fold or ckpt.get("fold")
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")

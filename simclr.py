@@ -28,8 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (IMAGE_EXTENSIONS, DataError, Number, Parser, atomic_write, decode_all, images_under, index_split,
-                     list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main)
+from getData import (DataError, Number, Parser, atomic_write, decode_all, images_in, index_split, list_classes,
+                     origin_stem, patient_id, resolve_data_root, resumable, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
                     per_rank_batch, resize_size, resume, save_checkpoint, send, set_seed, shard, training_state,
@@ -112,17 +112,11 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
     test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]
     test_names, test_hashes = {p.stem for p in test}, {_sha1(p) for p in test}
     excluded = 0
-    for d in map(Path, extra or ()):
-        if not d.is_dir():
-            raise DataError(f"--extra {d}: no such folder")
-        found = images_under(d)
-        if not found:  # a mistyped folder would otherwise pre-train on the fold alone without a word
-            raise DataError(f"--extra {d}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        for p in found:
-            if not include_test and (origin_stem(p) in test_names or _sha1(p) in test_hashes):
-                excluded += 1
-            else:
-                files.append((p, "extra"))
+    for p in images_in(extra or (), "--extra"):
+        if not include_test and (origin_stem(p) in test_names or _sha1(p) in test_hashes):
+            excluded += 1
+        else:
+            files.append((p, "extra"))
     seen, unique = set(), []
     for p, s in files:  # the same file reached twice (an --extra that contains the dataset) counts once
         if p.resolve() not in seen:

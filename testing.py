@@ -34,9 +34,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from getData import (FOLDS, IMAGE_EXTENSIONS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset,
-                     Number, Parser, atomic_write, check_folder, images_under, is_synthetic, list_classes, load_image,
-                     not_skin_images, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
+from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
+                     atomic_write, check_folder, images_in, is_synthetic, list_classes, load_image, not_skin_images,
+                     patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
                     load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, predict_logits,
@@ -531,23 +531,10 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
         sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
                                                          for c in SYNTHETIC_PATIENTS for _ in range(8)])}
     if ood_dirs:
-        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in ood_dir_images(ood_dirs)])}
+        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in images_in(ood_dirs, "--ood-dir")])}
     if exclude_images is not None:
         sets["near"] = {"all": exclude_images}
     return sets
-
-
-def ood_dir_images(folders) -> list[Path]:
-    """Every image file below the --ood-dir folders; one line if there is none."""
-    found = []
-    for d in map(Path, folders):
-        if not d.is_dir():
-            raise DataError(f"--ood-dir {d}: {'a file, not a folder' if d.exists() else 'no such folder'}")
-        found += images_under(d)
-    if not found:
-        raise DataError(f"--ood-dir {', '.join(map(str, folders))}: no images there "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return found
 
 
 def ood_evaluation(model, reference: dict, test, probs, rt, batch_size: int, sets: dict) -> tuple[dict, dict, dict]:
@@ -751,7 +738,7 @@ def parse_args(argv=None):
 def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.ood_dir:
-        ood_dir_images(args.ood_dir)  # one line now, not after the evaluation, if there is nothing there
+        images_in(args.ood_dir, "--ood-dir")  # one line now, not after the evaluation, if there is nothing there
     result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
                       threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
                       resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir, ood_score=args.ood_score)
