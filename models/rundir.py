@@ -27,7 +27,10 @@ RUN_FILES = ("config.json", "best.pt", "last.pt", "encoder.pt", "history.csv", "
 def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str) -> None:
     """Make `path` this process's run directory until `stack` closes: an exclusive lock (a second run
     writing there is refused, not left to overwrite this one's files), and no finished run replaced
-    unless asked: --resume continues it, --overwrite deletes its files first."""
+    unless asked: --resume continues it, --overwrite deletes its files first. A run that stops before
+    writing anything (refused data, a missing --init) leaves no folder behind."""
+    path = Path(path)
+    made = [q for q in [path, *path.parents] if not os.path.lexists(q)]  # deepest first
     path = make_folder(path)
     handle = stack.enter_context(open(path / ".lock", "a+"))
     try:
@@ -36,6 +39,7 @@ def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitSta
         handle.seek(0)
         raise WriteError(f"{path}: in use by another run (process {handle.read().strip() or '?'}); wait for it to "
                          "end or choose another --out") from None
+    stack.callback(_remove_if_unused, path, made)  # runs before the lock is released
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -47,6 +51,18 @@ def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitSta
     if found and overwrite:
         for name in found:
             (path / name).unlink()
+
+
+def _remove_if_unused(path: Path, made: list[Path]) -> None:
+    """Undo claim_run_dir when the run wrote nothing: its lock file, and the folders it made."""
+    try:
+        if [p.name for p in path.iterdir()] != [".lock"]:
+            return
+        (path / ".lock").unlink()
+        for folder in made:
+            folder.rmdir()
+    except OSError:  # a folder another process has written into since: it stays
+        pass
 
 
 class SaveClock:

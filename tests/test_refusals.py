@@ -280,6 +280,16 @@ def test_a_finished_run_is_replaced_only_when_asked(synthetic, trained, tmp_path
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--out", out, "--epochs", 1), "holds a run")
 
 
+def test_a_run_refused_before_it_writes_leaves_no_folder(synthetic, tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert train.main(train_args(synthetic, tmp_path / "new" / "run", "--init", missing)) == 2
+    assert not (tmp_path / "new").exists()  # neither the run's folder nor the one made for it
+    (tmp_path / "mine").mkdir()
+    assert train.main(train_args(synthetic, tmp_path / "mine", "--fold", "all", "--init", missing)) == 2
+    assert list((tmp_path / "mine").iterdir()) == []  # the user's folder stays, as empty as it was
+    assert capsys.readouterr().err.count("no such checkpoint") == 2
+
+
 def test_a_diverging_run_stops_with_one_line_naming_the_epoch(synthetic, tmp_path):
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--epochs", 3, "--lr", 1e3))
     assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
