@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import errno
+import functools
 import hashlib
 import http.client
 import http.server
@@ -266,11 +267,10 @@ class DeadlineReader(io.RawIOBase):
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mpox-lesion"
     protocol_version = "HTTP/1.1"
-    predictor: Predictor = None
-    limits: "Limits" = None
 
     def setup(self):
         super().setup()
+        self.predictor, self.limits = self.server.predictor, self.server.limits
         self.rfile.close()  # the socket stays open: our reader takes the place of the plain one
         self.reader = DeadlineReader(self.connection, self.limits.timeout)
         self.rfile = io.BufferedReader(self.reader)
@@ -464,11 +464,10 @@ class Limits:
                                               "timeout")}
 
 
-def make_server(predictor: Predictor, host="127.0.0.1", port=0, limits: Limits | None = None) -> "Server":
-    limits = limits or Limits()
+def make_server(predictor: Predictor | None, host="127.0.0.1", port=0, limits: Limits | None = None) -> "Server":
+    """Listening at once; it answers once serve_forever runs, with `server.predictor` set by then."""
     return_freed_memory()
-    handler = type("BoundHandler", (Handler,), dict(predictor=predictor, limits=limits))
-    return Server((host, port), handler, limits.max_connections)
+    return Server((host, port), predictor, limits or Limits())
 
 
 def return_freed_memory() -> None:
@@ -492,9 +491,10 @@ class Server(http.server.ThreadingHTTPServer):
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
-    def __init__(self, address, handler, max_connections: int):
-        super().__init__(address, handler)
-        self.slots = threading.BoundedSemaphore(max_connections)
+    def __init__(self, address, predictor: Predictor | None, limits: Limits):
+        super().__init__(address, Handler)
+        self.predictor, self.limits = predictor, limits
+        self.slots = threading.BoundedSemaphore(limits.max_connections)
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -621,24 +621,23 @@ def parse_args(argv=None):
 def run(args) -> None:
     checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
-    predictor = Predictor(checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta, args.ood_score)
+    load = functools.partial(Predictor, checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta,
+                             args.ood_score)
     if args.benchmark:
-        benchmark(args, predictor)
+        benchmark(args, load())
         return
     limits = Limits(**{k: getattr(args, k) for k in Limits().describe()})
-    try:
-        server = make_server(predictor, args.host, args.port, limits)
+    try:  # before the model loads: a port in use is refused at once, not after a large network is read
+        server = make_server(None, args.host, args.port, limits)
     except OSError as e:  # port taken, address not ours
         hint = "choose another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); {hint}") from None
-    print(f"serving {checkpoint} ({predictor.info['model']}) on http://{args.host}:{server.server_address[1]}/",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    with server:  # closes the socket however this ends
+        server.predictor = load()  # connections made meanwhile wait in the listen queue
+        print(f"serving {checkpoint} ({server.predictor.info['model']}) on "
+              f"http://{args.host}:{server.server_address[1]}/", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped
+            server.serve_forever()
 
 
 def main(argv=None) -> int:

@@ -60,7 +60,7 @@ def test_page_health_info(server):
     assert request(server, "GET", "/health") == (200, {"status": "ready", "model_loaded": True})
     status, info = request(server, "GET", "/info")
     assert status == 200 and info["model"] == "lenet" and info["input_size"] == 32 and len(info["classes"]) == 6
-    best = torch.load(server.RequestHandlerClass.predictor.info["checkpoint"], weights_only=True)
+    best = torch.load(server.predictor.info["checkpoint"], weights_only=True)
     assert info["fold"] == 1 and info["epoch"] == best["epoch"] and info["calibrated"]
     assert info["valid"]["balanced_accuracy"] == best["metric"]["valid_bal_acc"]
     assert info["temperature"] == pytest.approx(best["temperature"])
@@ -87,7 +87,7 @@ def test_info_shows_test_scores_of_this_very_checkpoint(trained, tmp_path):
 
 
 def test_one_pass_gives_label_probabilities_and_the_map_of_that_label(server, synthetic):
-    predictor = server.RequestHandlerClass.predictor
+    predictor = server.predictor
     images = [load_image(p) for p in sorted(synthetic.rglob("*.jpg"))[:4]]
     futures = [predictor.submit(im, explain_it=i % 2 == 0) for i, im in enumerate(images)]
     explained = [f.result() for f in futures]
@@ -344,7 +344,7 @@ def test_a_large_jpeg_is_decoded_small(server):
     """A 24-megapixel JPEG is decoded at 1/8 scale (DCT scaling), well inside any budget."""
     buf = io.BytesIO()
     Image.new("RGB", (6000, 4000), (150, 100, 80)).save(buf, "JPEG")
-    budget = server.RequestHandlerClass.limits.budget
+    budget = server.limits.budget
     seen, real = [], budget.reserve
     budget.reserve = lambda nbytes: (seen.append(nbytes), real(nbytes))[1]
     try:
@@ -533,15 +533,31 @@ def test_the_gradcam_switch_takes_yes_or_no_and_refuses_the_rest(server, synthet
     assert status == 400 and "gradcam=maybe" in answer["error"]
 
 
-def test_an_address_the_server_cannot_listen_on_is_one_line_naming_the_flag_to_change(trained):
+def test_an_address_the_server_cannot_listen_on_is_one_line_before_the_model_loads(trained, monkeypatch, capsys):
+    monkeypatch.setattr(serve, "Predictor", lambda *a, **k: pytest.fail("the model was loaded before listening"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--port", port),
-                              f"127.0.0.1:{port}", "choose another --port")
-    assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--host", "10.255.255.1"),
-                          "10.255.255.1", "check --host")  # an address that is not this machine's
+        assert serve.main(["--checkpoint", str(trained / "best.pt"), "--port", str(port)]) == 2
+    assert serve.main(["--checkpoint", str(trained / "best.pt"), "--host", "10.255.255.1"]) == 2  # not this machine's
+    taken_port, not_ours = capsys.readouterr().err.splitlines()
+    assert f"127.0.0.1:{port}" in taken_port and "choose another --port" in taken_port
+    assert "10.255.255.1" in not_ours and "check --host" in not_ours
+
+
+def test_a_client_that_connects_while_the_model_loads_is_answered_once_it_is_ready(trained):
+    with serve.make_server(None) as srv:  # listening, as serve.py is while it loads the model
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            early = pool.submit(request, srv, "GET", "/health")
+            time.sleep(0.3)
+            assert not early.done()  # waits in the listen queue: neither refused nor answered yet
+            srv.predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            try:
+                assert early.result(timeout=30) == (200, {"status": "ready", "model_loaded": True})
+            finally:
+                srv.shutdown()
 
 
 def test_a_client_that_asks_before_sending_is_refused_before_it_sends(server, synthetic):
