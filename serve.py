@@ -267,6 +267,9 @@ class DeadlineReader(io.RawIOBase):
 class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "mpox-lesion"
     protocol_version = "HTTP/1.1"
+    # The standard library's default, HTTP/0.9, answers a request line it cannot accept (HTTP/2.0, HTTP/x)
+    # with a bare body and no status line, which clients (curl) reject as garbage; nobody speaks 0.9
+    default_request_version = "HTTP/1.1"
 
     def setup(self):
         super().setup()
@@ -299,12 +302,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for k, v in {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store",
                      **(headers or {})}.items():
             self.send_header(k, v)
-        if status >= 400:
+        if status >= 400 or self._unread_body():
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _unread_body(self) -> bool:
+        """GET, HEAD and OPTIONS read no body; the bytes of one sent anyway would be read as the
+        connection's next request (request smuggling, RFC 9112 6.3), so such a connection is closed."""
+        return self.command != "POST" and ("Transfer-Encoding" in self.headers
+                                           or self.headers.get("Content-Length", "0").strip() != "0")
 
     def _json(self, status: int, obj: dict, headers: dict | None = None):
         # allow_nan=False: never the invalid JSON token NaN (answer() refuses non-finite scores first)

@@ -442,10 +442,11 @@ def test_head_options_and_what_the_standard_library_refuses_are_json(server):
     for method, path, code in (("BREW", "/", 501), ("GET", "/" + "x" * 70_000, 414)):
         status, answer = request(server, method, path)
         assert status == code and isinstance(answer, dict) and answer["error"], (method, answer)
-    with socket.create_connection(server.server_address[:2], timeout=10) as s:
-        s.sendall(b"GET / and more HTTP/1.1\r\n\r\n")  # a malformed request line
-        reply = s.recv(4096)
-    assert reply.startswith(b"HTTP/1.1 400") and b"application/json" in reply
+    many_headers = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101))
+    for line, code in ((b"GET / and more HTTP/1.1", 400), (b"GET /health HTTP/2.0", 505), (b"GET / HTTP/x", 400),
+                       (many_headers, 431)):
+        reply = raw_reply(server, line + b"\r\n\r\n")  # a request line that cannot be parsed: a status line still
+        assert reply.startswith(b"HTTP/1.1 %d" % code) and b"application/json" in reply, reply[:200]
 
 
 def test_a_client_that_leaves_before_its_error_reply_leaves_no_traceback(server, synthetic, monkeypatch, capsys):
@@ -523,6 +524,18 @@ def test_a_body_framed_two_ways_is_refused_and_smuggles_nothing(server, syntheti
     assert reply.startswith(b"HTTP/1.1 %d" % status) and reply.count(b"HTTP/1.1") == 1, reply[:300]
     assert b"application/json" in reply and b'"error"' in reply
     assert predict(server, image)[0] == 200
+
+
+@pytest.mark.parametrize("method,framing", [(b"GET", b"Content-Length: %d"), (b"HEAD", b"Content-Length: %d"),
+                                           (b"OPTIONS", b"Content-Length: %d"),
+                                           (b"GET", b"Transfer-Encoding: chunked")])
+def test_a_body_sent_where_none_is_taken_is_not_answered_as_a_second_request(server, method, framing):
+    """GET, HEAD and OPTIONS read no body: one sent anyway must not pass for the connection's next request."""
+    smuggled = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = method + b" /health HTTP/1.1\r\nHost: x\r\n" + framing.replace(b"%d", b"%d" % len(smuggled)) + b"\r\n\r\n"
+    reply = raw_reply(server, head + smuggled)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1, reply[:300]
+    assert b"Connection: close" in reply
 
 
 def test_the_gradcam_switch_takes_yes_or_no_and_refuses_the_rest(server, synthetic):
