@@ -390,7 +390,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (request smuggling, RFC 9112 6.3): refused, and the connection closed with the error."""
         if "Transfer-Encoding" in self.headers:
             raise RequestError(411, "Transfer-Encoding is not supported: send the body with a Content-Length")
-        lengths = set(self.headers.get_all("Content-Length") or [])
+        lengths = {v.strip(" \t") for v in self.headers.get_all("Content-Length") or []}  # around it: RFC 9110 5.5
         if not lengths:
             raise RequestError(411, "Content-Length is required")
         text = lengths.pop()

@@ -526,6 +526,14 @@ def test_a_body_framed_two_ways_is_refused_and_smuggles_nothing(server, syntheti
     assert predict(server, image)[0] == 200
 
 
+def test_one_length_repeated_or_padded_with_spaces_is_one_length(server, synthetic):
+    image = photo(synthetic)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d \r\n" \
+           b"Content-Length: %d\r\n\r\n" % (len(image), len(image))
+    reply = raw_reply(server, head + image + b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and b'"probabilities"' in reply and b'"limits"' in reply, reply[:300]
+
+
 @pytest.mark.parametrize("method,framing", [(b"GET", b"Content-Length: %d"), (b"HEAD", b"Content-Length: %d"),
                                            (b"OPTIONS", b"Content-Length: %d"),
                                            (b"GET", b"Transfer-Encoding: chunked")])
