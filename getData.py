@@ -279,8 +279,8 @@ def find_folds_root(data_root) -> Path:
     if root.is_file() and (hint := _zip_hint(root)):
         raise DataError(f"{root}: a zip archive, not a folder{hint}")
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; pass --data-root with your MSLD v2.0 download "
-                        "or run `python getData.py --synthetic`")
+        raise DataError(f"{root}: {'a file, not a folder' if root.exists() else 'no such folder'}; pass --data-root "
+                        "with your MSLD v2.0 download or run `python getData.py --synthetic`")
     bases = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     found = [p for b in bases for p in _layouts(b) if _has_folds(p)]
     if not found:

@@ -43,6 +43,9 @@ def test_missing_fold_and_unknown_layout_are_clear_errors(tmp_path, synthetic):
     shutil.rmtree(tmp_path / "FOLDS" / "fold5")
     with pytest.raises(DataError, match="missing fold5"):
         find_folds_root(tmp_path)
+    (tmp_path / "photo.jpg").write_bytes(b"not a folder")
+    with pytest.raises(DataError, match="photo.jpg: a file, not a folder"):
+        find_folds_root(tmp_path / "photo.jpg")
 
 
 def test_cli_errors_are_one_line(tmp_path, synthetic):
