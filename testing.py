@@ -592,7 +592,7 @@ def ood_summary_table(folds: dict[int, dict]) -> str:
     rejected, kept = ([g.get(k, np.nan) for g in gates] for k in ("rejected_share", "accuracy_kept"))
     kinds = list(first["kinds"])
     lines += ["", f"The gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test images; accuracy on "
-              f"those it keeps {mean_std(kept, 3)} ({len(folds)} folds, mean ± std).", "",
+              f"those it keeps {mean_std(kept, 3)} ({len(folds)} fold{'s' * (len(folds) > 1)}, mean ± std).", "",
               "AUROC by kind of non-skin picture (mean over folds):", "",
               "| score | " + " | ".join(kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{np.mean([f['kinds'][k][s]['auroc'] for f in folds.values()]):.2f}"
@@ -678,6 +678,20 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
 
+def common_folds(checkpoints: list, found: list[dict]) -> list[int]:
+    """The folds every --fold all run has a best.pt for; a note names those left out (a run that
+    stopped, or is still training), so a mean over fewer than five folds is never taken for all five."""
+    folds = sorted(set.intersection(*(set(f) for f in found)))
+    if not folds:
+        raise ModelError(f"--checkpoint {' '.join(map(str, checkpoints))}: no fold has a best.pt in every run; "
+                         "an ensemble needs the same folds trained")
+    for path, f in zip(checkpoints, found):
+        if missing := [k for k in FOLDS if k not in f]:
+            print(f"note: {path} has no best.pt for {', '.join(f'fold{k}' for k in missing)} (stopped or still "
+                  f"training); the summary is over {', '.join(f'fold{k}' for k in folds)}")
+    return folds
+
+
 def evaluate(checkpoints, out=None, **kw) -> dict:
     """One checkpoint or several (an ensemble), each a best.pt, a run directory holding one, or a
     --fold all directory of foldK/ runs. Returns {head: FoldResult} or {fold: {head: FoldResult}}."""
@@ -692,10 +706,12 @@ def evaluate(checkpoints, out=None, **kw) -> dict:
         raise ModelError("--svm fits one network's features: give one checkpoint or run directory")
     out = check_folder(out or Path(checkpoints[0]) / tag)
     kw.pop("fold", None)  # each fold's checkpoints know their fold
-    folds = sorted(set.intersection(*(set(f) for f in found)))
+    folds = common_folds(checkpoints, found)
     per_fold = {k: evaluate_fold([f[k] for f in found], out / f"fold{k}", fold=k, **kw) for k in folds}
     what = Path(checkpoints[0]).name + (f" + {len(found) - 1} more (ensemble)" if len(found) > 1 else "")
-    summary, means = [f"# {what}: {len(per_fold)} folds, {kw.get('split', 'Test')} split\n"], {}
+    which = f"{len(folds)} folds" if len(folds) == len(FOLDS) else \
+        f"{len(folds)} fold{'s' * (len(folds) > 1)} ({', '.join(f'fold{k}' for k in folds)} only)"
+    summary, means = [f"# {what}: {which}, {kw.get('split', 'Test')} split\n"], {}
     for head in next(iter(per_fold.values())):
         lines, means[head] = fold_summary(what, head, {k: r[head] for k, r in per_fold.items()}, out,
                                           kw.get("threshold", 0.6), kw.get("resamples", 1000), kw.get("seed", 0))

@@ -1,4 +1,5 @@
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -7,7 +8,7 @@ from sklearn import metrics as skm
 
 from conftest import assert_one_line_error, run_cli
 from getData import MSLDDataset
-from models import mean_std_table, resize_size
+from models import ModelError, mean_std_table, resize_size
 from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
                      confusion_metrics, evaluate, gated_metrics, interval, mpox_operating_point, risk_coverage)
 
@@ -119,6 +120,18 @@ def test_an_ensemble_averages_its_members(trained_all, tmp_path):
     assert "ensemble" in (tmp_path / "two" / "summary.md").read_text()
     with pytest.raises(Exception, match="not both"):
         evaluate([trained_all, trained_all / "fold1" / "best.pt"], tmp_path / "mixed")
+
+
+def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over(trained_all, tmp_path, capsys):
+    partial, other = tmp_path / "partial", tmp_path / "other"
+    shutil.copytree(trained_all / "fold2", partial / "fold2")
+    shutil.copytree(trained_all / "fold3", other / "fold3")
+    (partial / "fold4").mkdir()  # a fold that had begun: no best.pt yet
+    assert set(evaluate(partial, tmp_path / "t", resamples=20)) == {2}
+    assert "no best.pt for fold1, fold3, fold4, fold5" in capsys.readouterr().out
+    assert (tmp_path / "t" / "summary.md").read_text().startswith("# partial: 1 fold (fold2 only)")
+    with pytest.raises(ModelError, match="no fold has a best.pt in every run"):
+        evaluate([partial, other], tmp_path / "u")
 
 
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
