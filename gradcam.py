@@ -10,7 +10,8 @@ Per image: a PNG with the photo, the heat-map overlay and the predicted class wi
 plus grid.png for the whole set (photos the out-of-distribution gate turns away framed in red).
 --faithfulness: deletion and insertion curves (Petsiuk et al. 2018) of Grad-CAM at each layer against
 a random map and a centred blob; --sanity: cascading randomisation (Adebayo et al. 2018). Written to
-runs/NAME/gradcam/ (or --out). The photos are only read.
+runs/NAME/gradcam/ (or --out, never a training run's own folder) with config.json, the command's
+resolved arguments. The photos are only read.
 """
 import copy
 import io
@@ -27,11 +28,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_folder, images_in, index_split, load_image,
+from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image,
                      prepare, run_main, usable_folds_root)
-from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, capture_features, crop,
-                    find_checkpoint, find_checkpoints, gate, gate_by, load_classifier, mean_std, reference_for,
-                    resize_size, save_figure, select_runtime, to_input)
+from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
+                    find_checkpoint, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
+                    reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -492,7 +493,8 @@ def run_studies(args, rt) -> dict:
     """--faithfulness and --sanity for one checkpoint, or for every fold of a --fold all run (each on
     its own fold's --split, unless images are given), with a summary over the folds."""
     runs, results = find_checkpoints(args.checkpoint), {}
-    root = check_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam")
+    root = output_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam",
+                         "gradcam")
     for fold, path in runs.items():
         model, ckpt = load_classifier(path, rt)
         layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
@@ -505,6 +507,7 @@ def run_studies(args, rt) -> dict:
     if len(runs) > 1:
         atomic_write(root / "summary.md", studies_summary(results))
         print(studies_summary(results))
+    save_config(root, args, rt)
     print(f"wrote the faithfulness and sanity results to {root}/")
     return results
 
@@ -545,6 +548,12 @@ def studies_summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_config(out: Path, args, rt: Runtime) -> None:
+    """The command's resolved arguments beside its outputs, so a figure can be traced to what made it."""
+    runtime = dict(device=str(rt.device), bf16=rt.bf16, channels_last=rt.channels_last)
+    atomic_write(out / "config.json", json.dumps(dict(vars(args), out=str(out), runtime=runtime), indent=2))
+
+
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:
@@ -560,7 +569,7 @@ def run(args) -> list:
     if args.layer and len(args.layer) > 1:
         raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
-    out = check_folder(args.out or checkpoint.parent / "gradcam")  # and an --out in the way
+    out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam")  # and an --out in the way
     paths = _image_paths(args, ckpt)
     images = [load_image(p) for p in paths]  # every file checked before anything is written
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
@@ -568,6 +577,7 @@ def run(args) -> list:
     write_figures(results, [str(p) for p in paths], classes, out, target)
     for e, p in zip(results, paths):
         print(f"{p}: {_caption(e, classes)}")
+    save_config(out, args, rt)
     print(f"wrote {len(results)} overlays and grid.png to {out}/")
     return results
 

@@ -14,9 +14,9 @@ each score (models/ood.py) tells the Test images from generated non-skin picture
 lesions (for a network trained on real photos), from --ood-dir photos and from the photos of the
 class a `train.py --exclude-class` run never saw; and what the gate does to the Test images.
 Writes metrics.json, predictions.csv, report.md, confusion.png, roc.png, reliability.png,
-risk_coverage.png and ood.png to runs/NAME/test/ (or --out); for a 5-fold run also summary.md (mean
-± std and the interval of the mean over folds, and the scores over the distinct Test images), pooled
-plots.
+risk_coverage.png and ood.png to runs/NAME/test/ (or --out, never a training run's own folder); for a
+5-fold run also summary.md (mean ± std and the interval of the mean over folds, and the scores over
+the distinct Test images), pooled plots; and config.json, the command's resolved arguments.
 """
 import csv
 import hashlib
@@ -35,12 +35,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, check_folder, images_in, is_synthetic, list_classes, load_image, not_skin_images,
+                     atomic_write, images_in, is_synthetic, list_classes, load_image, not_skin_images,
                      patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
-                    load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, predict_logits,
-                    probabilities, reference_for, resize_size, save_figure, select_runtime)
+                    load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
+                    predict_logits, probabilities, reference_for, resize_size, save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -692,19 +692,29 @@ def common_folds(checkpoints: list, found: list[dict]) -> list[int]:
     return folds
 
 
-def evaluate(checkpoints, out=None, **kw) -> dict:
+def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     """One checkpoint or several (an ensemble), each a best.pt, a run directory holding one, or a
-    --fold all directory of foldK/ runs. Returns {head: FoldResult} or {fold: {head: FoldResult}}."""
+    --fold all directory of foldK/ runs. Returns {head: FoldResult} or {fold: {head: FoldResult}}.
+    `config` (the command's resolved arguments) is saved beside the outputs as config.json."""
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     found = [find_checkpoints(c) for c in checkpoints]
-    tag = "test" if len(found) == 1 else f"test-ensemble{len(found)}"
-    if all(None in f for f in found):
-        return evaluate_fold([f[None] for f in found], check_folder(out or found[0][None].parent / tag), **kw)
-    if any(None in f for f in found):
+    tag, single = "test" if len(found) == 1 else f"test-ensemble{len(found)}", all(None in f for f in found)
+    if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
+    out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag)
+    if single:
+        result = evaluate_fold([f[None] for f in found], out, **kw)
+    else:
+        result = evaluate_folds(checkpoints, found, out, **kw)
+    if config is not None:
+        atomic_write(out / "config.json", json.dumps(dict(config, out=str(out)), indent=2, default=str))
+    return result
+
+
+def evaluate_folds(checkpoints: list, found: list[dict], out: Path, **kw) -> dict:
+    """Every fold of --fold all runs (several: an ensemble per fold), and their summary over folds."""
     if kw.get("svm") and len(found) > 1:
         raise ModelError("--svm fits one network's features: give one checkpoint or run directory")
-    out = check_folder(out or Path(checkpoints[0]) / tag)
     kw.pop("fold", None)  # each fold's checkpoints know their fold
     folds = common_folds(checkpoints, found)
     per_fold = {k: evaluate_fold([f[k] for f in found], out / f"fold{k}", fold=k, **kw) for k in folds}
@@ -755,9 +765,11 @@ def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.ood_dir:
         images_in(args.ood_dir, "--ood-dir")  # one line now, not after the evaluation, if there is nothing there
-    result = evaluate(args.checkpoint, args.out, data_root=args.data_root, fold=args.fold, split=args.split,
-                      threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
-                      resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir, ood_score=args.ood_score)
+    config = dict(vars(args), runtime=dict(device=str(rt.device), bf16=rt.bf16, channels_last=rt.channels_last))
+    result = evaluate(args.checkpoint, args.out, config, data_root=args.data_root, fold=args.fold,
+                      split=args.split, threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm,
+                      tta=args.tta, resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir,
+                      ood_score=args.ood_score)
     if all(isinstance(v, FoldResult) for v in result.values()):  # one fold
         print("\n".join(report_markdown(r.metrics) for r in result.values()))
         if len(result) > 1:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from getData import WriteError, atomic_write, make_folder
+from getData import FOLDS, WriteError, atomic_write, check_folder, make_folder
 
 if TYPE_CHECKING:  # matplotlib is imported where a run draws its curves: it adds a third of a second to
     from matplotlib.figure import Figure  # every start (train.py, simclr.py, serve.py), --help included
@@ -51,6 +51,17 @@ def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitSta
     if found and overwrite:
         for name in found:
             (path / name).unlink()
+
+
+def output_folder(path, default_name: str) -> Path:
+    """Where testing.py or gradcam.py writes (--out): a folder that can be written, and not a training
+    run's own directory (or one of its folds), whose config.json and summary.md it would replace."""
+    path = check_folder(path)
+    if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
+           for name in ("history.csv", "best.pt", "last.pt", "encoder.pt")):
+        raise WriteError(f"--out {path}: a training run's folder, whose files these outputs would replace; choose "
+                         f"another, e.g. {path / default_name} (the default)")
+    return path
 
 
 def _remove_if_unused(path: Path, made: list[Path]) -> None:

@@ -158,7 +158,11 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos, "--out", tmp_path / "a",
                       "--target-class", "Cowpox")
     assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in (tmp_path / "a").iterdir()} == {f"{p.stem}_gradcam.png" for p in photos} | {"grid.png"}
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {f"{p.stem}_gradcam.png" for p in photos} | {"grid.png",
+                                                                                                "config.json"}
+    config = json.loads((tmp_path / "a" / "config.json").read_text())  # what made these figures
+    assert config["target_class"] == "Cowpox" and config["images"] == [str(p) for p in photos]
+    assert config["out"] == str(tmp_path / "a") and config["runtime"]["device"] == str(select_runtime().device)
     figure = Image.open(tmp_path / "a" / f"{photos[0].stem}_gradcam.png").convert("RGB")
     left, right = (figure.crop(box) for box in ((0, 0, figure.width // 2, figure.height),
                                                 (figure.width // 2, 0, figure.width, figure.height)))
@@ -265,7 +269,8 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
                    "--out", tmp_path / "one")
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in (tmp_path / "one").iterdir()} == {"faithfulness.json", "faithfulness.png", "sanity.json",
-                                                              "sanity_relu2.png", "explains.md"}
+                                                              "sanity_relu2.png", "explains.md", "config.json"}
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["limit"] == 6
     faith = json.loads((tmp_path / "one" / "faithfulness.json").read_text())
     assert faith["n"] == 6 and set(faith["maps"]) == {"gradcam relu2", "random", "centre"}
     assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1

@@ -106,6 +106,25 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
     assert blocker.read_text() == "not a folder"
 
 
+def test_outputs_never_go_into_a_training_runs_own_folder(synthetic, trained, trained_all, monkeypatch):
+    """testing.py and gradcam.py write config.json and summary.md: into a run's folder they would replace
+    the run's own (and --resume would no longer match). Refused before any work."""
+    def work(*a, **k):
+        raise AssertionError("the output folder is refused only after the work")
+    for module, name in ((testing, "evaluate_fold"), (gradcam, "run_gradcam"), (gradcam, "faithfulness")):
+        monkeypatch.setattr(module, name, work)
+    before = {p: p.read_bytes() for p in (trained / "config.json", trained_all / "summary.md")}
+    for checkpoint, out in ((trained / "best.pt", trained), (trained_all, trained_all),
+                            (trained_all, trained_all / "fold2")):
+        assert_one_line_error(run_cli("testing.py", "--checkpoint", checkpoint, "--out", out),
+                              f"--out {out}: a training run's folder", str(out / "test"))
+    photo = next(synthetic.rglob("*.jpg"))
+    for extra in ((photo,), (photo, "--faithfulness")):
+        assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained, *extra, "--out", trained),
+                              "a training run's folder", str(trained / "gradcam"))
+    assert all(p.read_bytes() == content for p, content in before.items())
+
+
 def test_a_layer_without_a_spatial_map_is_one_line(trained, synthetic):
     photo = next(synthetic.rglob("*.jpg"))
     assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained / "best.pt", photo, "--layer", "head",

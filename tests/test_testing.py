@@ -75,6 +75,8 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
         rows = (d / "predictions.csv").read_text().strip().splitlines()
         assert len(rows) == m["n"] + 1 and rows[0].startswith("file,true,predicted,p_Chickenpox")
         assert m["split"] == "Test" and m["fold"] == k and m["gated"]["threshold"] == 0.3
+    config = json.loads((out / "config.json").read_text())  # what made these outputs
+    assert config["threshold"] == 0.3 and config["checkpoint"] == [str(trained_all)] and config["out"] == str(out)
     summary = (out / "summary.md").read_text()
     assert "mean ± std" in summary and summary.count("\n| ") >= 6
     assert "95% CI of the 5-fold mean" in summary and "distinct images" in summary
