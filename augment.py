@@ -12,6 +12,7 @@ Colour changes stay mild and never rotate hue: lesion colour is diagnostic. The 
 evaluation view (centre crop, normalisation) belongs to the networks: models/predict.py.
 """
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -581,7 +582,8 @@ def _in_processes(fn, tasks, workers: int):
 
 def write_augmented(data_root, fold: int, out, factor: int | None = None, balance: bool = False,
                     ops: str = "all", seed: int = 0, workers: int = 0) -> dict:
-    """Write augmented copies of fold `fold`'s Train images to `out/<Class>/NAME__augNN.jpg`."""
+    """Write augmented copies of fold `fold`'s Train images to `out/<Class>/NAME__augNN.jpg`, and
+    `out/config.json`: what made them (the same arguments write the same files, whatever --workers)."""
     folds_root = usable_folds_root(data_root)
     out = check_folder(Path(out).resolve())
     if out.is_relative_to(folds_root.resolve()) or out.is_relative_to(Path(data_root).resolve()):
@@ -603,7 +605,9 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
         for _ in tqdm(_in_processes(_write_one, tasks, workers or os.cpu_count() or 1), total=len(tasks),
                       desc="augment", disable=None):
             pass
-    counts = {c: sum(1 for _, cc, _ in plan if cc == c) for c in classes}
+        counts = {c: sum(1 for _, cc, _ in plan if cc == c) for c in classes}
+        (tmp / "config.json").write_text(json.dumps(dict(data_root=str(folds_root), fold=fold, factor=factor,
+                                                         balance=balance, ops=ops, seed=seed, counts=counts), indent=2))
     print(f"wrote {len(plan)} augmented Train images of fold {fold} to {out}: "
           + ", ".join(f"{c} {n}" for c, n in counts.items()))
     return counts

@@ -1,3 +1,4 @@
+import json
 import signal
 
 import pytest
@@ -170,6 +171,9 @@ def test_writer_factor_counts_names_and_never_valid_test(tmp_path, synthetic):
         assert origin_stem(p) in origins and origins[origin_stem(p)] == p.parent.name
         assert origin_stem(p) not in held_out
     assert load_image(written[0]).size == load_image(next(synthetic.rglob(f"{origin_stem(written[0])}.jpg"))).size
+    config = json.loads((out / "config.json").read_text())  # what made them
+    assert (config["fold"], config["factor"], config["ops"], config["seed"]) == (1, 2, "hflip,noise", 0)
+    assert config["counts"] == counts
 
 
 def test_writer_is_deterministic(tmp_path, synthetic):
