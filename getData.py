@@ -15,6 +15,7 @@ import argparse
 import base64
 import concurrent.futures
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -154,6 +155,27 @@ class Number:
         return f"{what} {' and '.join(b for b in (low, high) if b)}".strip()
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """--help names each flag's default where it has one worth saying (not None, off, or empty), also
+    for a flag without a help text (argparse would print nothing after it)."""
+
+    def _format_action(self, action):
+        if not action.help and self._worth_saying(action.default):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not self._worth_saying(action.default) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    @staticmethod
+    def _worth_saying(default) -> bool:
+        return not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+
+
 class Parser(argparse.ArgumentParser):
     """Every script's argument parser: a mistake is one 'error:' line (argparse's usage line is left
     to --help), prefixes of long flags are not guessed, and a bare `type=int` or `type=float` means
@@ -161,7 +183,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, doc: str, script: str):
         """`doc`: the script's docstring (its first paragraph describes it); `script`: its __file__."""
-        super().__init__(prog=Path(script).name, description=doc.split("\n\n")[0], allow_abbrev=False)
+        super().__init__(prog=Path(script).name, description=doc.split("\n\n")[0], allow_abbrev=False,
+                         formatter_class=_ShowDefaults)
         self.register("type", int, Number(int))
         self.register("type", float, Number(float))
 

@@ -625,8 +625,8 @@ def parse_args(argv=None):
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
                    help="auto: channels_last on CUDA, contiguous on CPU")
     r.add_argument("--compile", nargs="?", const="default", default=d["compile"], choices=COMPILE_MODES,
-                   metavar="MODE", help="torch.compile the model; MODE reduce-overhead or max-autotune: with CUDA "
-                   "graphs, one launch per step on a GPU (default: default)")
+                   metavar="MODE", help="torch.compile the model (off unless given); MODE default (if omitted), "
+                   "reduce-overhead or max-autotune: with CUDA graphs, one launch per step on a GPU")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels on CUDA: a run repeats (and --resume continues) bit for bit; slower")
     r.add_argument("--jobs", type=at_least_1, default=d["jobs"], help="with --fold all: train this many folds at "

@@ -54,6 +54,20 @@ def test_every_number_of_every_script_is_checked_by_one_type(script, monkeypatch
                 checker("nan")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_names_every_default_worth_saying(script, monkeypatch):
+    """--help shows what a flag does when it is left out: its default, unless that is nothing (None,
+    off, empty) or the help text already says it in words."""
+    parser = _parser(SCRIPTS[script], monkeypatch)
+    text = " ".join(parser.format_help().split()) + " "  # as one line: argparse wraps the help column
+    assert "default: False" not in text and "default: None" not in text and "default: []" not in text
+    shown = [a for a in parser._actions if not (a.default is None or a.default is False or a.default == []
+                                                or a.default == "==SUPPRESS==" or "default" in (a.help or ""))]
+    assert shown
+    for action in shown:
+        assert f"default: {action.default})" in text or f"default: {action.default} " in text, action.dest
+
+
 BAD_VALUES = [  # (script, arguments, what the line must name)
     ("train.py", ["--lr", "nan"], "--lr nan"), ("train.py", ["--lr", "inf"], "--lr inf"),
     ("train.py", ["--weight-decay", "nan"], "--weight-decay nan"), ("train.py", ["--clip-grad", "nan"], "--clip-grad"),
