@@ -668,7 +668,8 @@ PAGE = """<!doctype html>
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
  #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
  #ood{background:#fde2e1;border:1px solid #d9827d;padding:.6rem;border-radius:8px}
- small{color:#666} #model{font-size:.85rem;color:#444;background:#f6f6f6;border-radius:8px;padding:.5rem .7rem}
+ small{color:#666}
+ #model{font-size:.85rem;color:#444;background:#f6f6f6;border-radius:8px;padding:.5rem .7rem;margin-bottom:1rem}
 </style></head><body>
 <h1>Skin lesion check</h1>
 <p><small>A research model, not a diagnosis. See a clinician about any lesion that worries you.</small></p>
