@@ -666,7 +666,9 @@ PAGE = """<!doctype html>
  .name{width:7.5rem;font-size:.9rem} .bar{flex:1;background:#eee;border-radius:4px;height:1rem}
  .fill{display:block;background:#3a7;height:100%;border-radius:4px} .pct{width:3.5rem;text-align:right;font-size:.9rem}
  #warn{background:#fff3cd;border:1px solid #e0c060;padding:.6rem;border-radius:8px;display:none}
- #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem}
+ #error{color:#b00} .pics{display:grid;grid-template-columns:1fr 1fr;gap:.5rem;margin-top:1rem}
+ figure{margin:0} figure img{width:100%;aspect-ratio:1;object-fit:cover}
+ figcaption{font-size:.8rem;color:#555;text-align:center}
  #ood{background:#fde2e1;border:1px solid #d9827d;padding:.6rem;border-radius:8px}
  small{color:#666}
  #model{font-size:.85rem;color:#444;background:#f6f6f6;border-radius:8px;padding:.5rem .7rem;margin-bottom:1rem}
@@ -684,7 +686,11 @@ PAGE = """<!doctype html>
  <p id="warn">Low confidence: the model is unsure about this photo.</p>
  <details id="more"><summary>The model's probabilities, for the curious (not a diagnosis)</summary></details>
  <div id="bars"></div>
- <div class="pics"><img id="photo" alt="your photo"><img id="cam" alt="Grad-CAM: where the model looked"></div>
+ <div class="pics">
+  <figure><img id="photo" alt="your photo"><figcaption>Your photo</figcaption></figure>
+  <figure id="camfig"><img id="cam" alt="Grad-CAM: where the model looked">
+   <figcaption>Where the model looked (Grad-CAM, over the square it saw)</figcaption></figure>
+ </div>
 </div>
 <script>
 const $ = id => document.getElementById(id);
@@ -729,7 +735,7 @@ async function send(file) {
                     + '<span class="pct"></span>';
       row.children[0].textContent = c; row.querySelector(".fill").style.width = (100 * p) + "%";
       row.children[2].textContent = (100 * p).toFixed(1) + "%"; return row; }));
-    $("cam").hidden = !a.gradcam_png;
+    $("camfig").hidden = !a.gradcam_png;
     if (a.gradcam_png) $("cam").src = "data:image/png;base64," + a.gradcam_png;
     $("result").hidden = false;
   } catch (e) { $("error").textContent = "request failed: " + e; }

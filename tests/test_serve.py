@@ -269,7 +269,7 @@ def upload_in_browser(srv, photo_path, profile) -> dict:
                 "({shown: !document.getElementById('result').hidden,"
                 " label: document.getElementById('label').textContent,"
                 " bars: document.querySelectorAll('#bars .row').length, cam: document.getElementById('cam').src.length,"
-                " camShown: !document.getElementById('cam').hidden,"
+                " camShown: document.getElementById('cam').offsetParent !== null,"
                 " fill: (document.querySelector('#bars .fill') || {getBoundingClientRect: () => ({width: 0})})"
                 ".getBoundingClientRect().width, facts: document.getElementById('model').textContent,"
                 " ood: !document.getElementById('ood').hidden, barsFolded: !!document.querySelector('#more #bars'),"
@@ -287,7 +287,7 @@ def upload_in_browser(srv, photo_path, profile) -> dict:
 def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_path):
     state = upload_in_browser(server, sorted(synthetic.rglob("MKP_*.jpg"))[0], tmp_path / "profile")
     assert state["shown"] and not state["error"], state
-    assert state["bars"] == 6 and state["cam"] > 1000 and state["fill"] > 0  # the top bar is drawn
+    assert state["bars"] == 6 and state["cam"] > 1000 and state["camShown"] and state["fill"] > 0  # top bar drawn
     facts = state["facts"]
     assert "Answered by lenet, trained on fold 1" in facts and "Validation: accuracy" in facts
     assert "calibrated (temperature" in facts and "Test: not evaluated yet" in facts
