@@ -702,8 +702,7 @@ def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> 
         if cfg["resume"] and cfg["fold"] != "all" and not (root / "last.pt").is_file() \
                 and (root / f"fold{cfg['fold']}" / "last.pt").is_file():
             raise DataError(f"{root}: holds a --fold all run; resume it with --fold all")
-        for out in dict.fromkeys([root, *outs.values()]):
-            claim_run_dir(out, cfg["resume"], cfg["overwrite"], held, "train.py")
+        claim_run_dir(root, cfg["resume"], cfg["overwrite"], held, "train.py", folds=outs.values())
     except (OSError, ValueError) as e:  # an unreadable config.json, --out at a file: one line too
         raise DataError(str(e)) from None
 

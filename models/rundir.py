@@ -9,6 +9,8 @@ import csv
 import fcntl
 import io
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,16 +22,32 @@ from getData import FOLDS, WriteError, atomic_write, check_folder, make_folder
 if TYPE_CHECKING:  # matplotlib is imported where a run draws its curves: it adds a third of a second to
     from matplotlib.figure import Figure  # every start (train.py, simclr.py, serve.py), --help included
 
+ASIDE = ".replaced-by-"  # a run under --overwrite keeps the old run's files here until it writes its own
 RUN_FILES = ("config.json", "best.pt", "last.pt", "encoder.pt", "history.csv", "curves.png", "loss.png", "files.txt",
              "summary.md")
 
 
-def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str) -> None:
-    """Make `path` this process's run directory until `stack` closes: an exclusive lock (a second run
-    writing there is refused, not left to overwrite this one's files), and no finished run replaced
-    unless asked: --resume continues it, --overwrite deletes its files first. A run that stops before
-    writing anything (refused data, a missing --init) leaves no folder behind."""
-    path = Path(path)
+def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str,
+                  folds=()) -> None:
+    """Make `path` (and its `folds`' folders, for --fold all) this process's run directory until
+    `stack` closes: an exclusive lock (a second run writing there is refused, not left to overwrite
+    this one's files), and no finished run replaced unless asked: --resume continues it, --overwrite
+    replaces it. A run that stops before writing anything (a refused --model or --init) leaves
+    everything as it found it: no new folder, and under --overwrite the old run whole."""
+    asides = []
+    try:
+        for folder in dict.fromkeys(map(Path, [path, *folds])):
+            if aside := _claim_one(folder, resume, overwrite, stack, script):
+                asides.append(aside)
+    except BaseException:  # a fold's folder refused after another's files were set aside: put them back
+        _replace_or_restore(Path(path), asides, None)
+        raise
+    if asides:  # runs before the folders' own clean-up (ExitStack unwinds in reverse)
+        stack.callback(_replace_or_restore, Path(path), asides, _listing(Path(path)))
+
+
+def _claim_one(path: Path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str) -> Path | None:
+    """Lock one folder; under --overwrite move its run's files aside (the folder they went to)."""
     made = [q for q in [path, *path.parents] if not os.path.lexists(q)]  # deepest first
     path = make_folder(path)
     handle = stack.enter_context(open(path / ".lock", "a+"))
@@ -48,9 +66,35 @@ def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitSta
     if found and not resume and not overwrite:
         raise WriteError(f"{path}: holds a run already ({', '.join(found)}); continue it with `python {script} "
                          "--resume` and the same arguments, or replace it with --overwrite")
-    if found and overwrite:
-        for name in found:
-            (path / name).unlink()
+    if not (found and overwrite):
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f"{ASIDE}{os.getpid()}-", dir=path))
+    for name in found:
+        (path / name).rename(aside / name)
+    return aside
+
+
+
+def _listing(top: Path) -> set:
+    """Every file under `top` with its size and time, but lock files and the old run's files set aside."""
+    files = set()
+    for p in top.rglob("*"):
+        if p.is_file() and p.name != ".lock" and not any(part.startswith(ASIDE) for part in p.relative_to(top).parts):
+            stat = p.stat()
+            files.add((str(p), stat.st_size, stat.st_mtime_ns))
+    return files
+
+
+def _replace_or_restore(top: Path, asides: list[Path], before: set | None) -> None:
+    """--overwrite, when the run ends: once it has written anything under `top` (the listing differs
+    from `before`), the old run's files go; if it stopped before (refused, interrupted at once), they
+    are put back where they were."""
+    wrote = before is not None and _listing(top) != before
+    for aside in asides:
+        if not wrote:
+            for f in aside.iterdir():
+                f.rename(aside.parent / f.name)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def output_folder(path, default_name: str) -> Path:

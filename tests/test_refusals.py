@@ -313,6 +313,27 @@ def test_a_finished_run_is_replaced_only_when_asked(synthetic, trained, tmp_path
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--out", out, "--epochs", 1), "holds a run")
 
 
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_an_overwrite_refused_before_it_writes_keeps_the_old_run_whole(synthetic, trained, trained_all, tmp_path):
+    """--overwrite replaces the old run once the new one writes: a typo caught after the run directory
+    was claimed (--model, --init) or a fold's folder in use loses none of the old run's files."""
+    for src, extra in ((trained, []), (trained_all, ["--fold", "all"])):
+        out = tmp_path / src.name
+        shutil.copytree(src, out)
+        before = _files(out)
+        assert_one_line_error(run_cli("train.py", *train_args(synthetic, out, "--overwrite", "--model", "resnet1",
+                                                              *extra)), "--model resnet1")
+        assert _files(out) == before
+    with contextlib.ExitStack() as held:
+        claim_run_dir(tmp_path / trained_all.name / "fold3", True, False, held, "train.py")  # a run going on there
+        proc = run_cli("train.py", *train_args(synthetic, tmp_path / trained_all.name, "--overwrite", "--fold", "all"))
+        assert_one_line_error(proc, "fold3: in use by another run")
+    assert _files(tmp_path / trained_all.name) == before
+
+
 def test_a_run_refused_before_it_writes_leaves_no_folder(synthetic, tmp_path, capsys):
     missing = tmp_path / "missing.pt"
     assert train.main(train_args(synthetic, tmp_path / "new" / "run", "--init", missing)) == 2
