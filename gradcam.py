@@ -31,8 +31,8 @@ from tqdm import tqdm
 from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image,
                      prepare, run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
-                    find_checkpoint, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
-                    reference_for, resize_size, save_figure, select_runtime, to_input)
+                    find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, reference_for,
+                    resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -452,7 +452,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a classifier best.pt or a run directory holding one (with "
                    "--faithfulness or --sanity also a --fold all run directory: every fold on its own split)")
     p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,
-                   help="explain this fold's --split instead of files (default: the checkpoint's fold)")
+                   help="explain this fold's --split instead of files (default: the checkpoint's fold); with "
+                   "a --fold all run, that fold's network alone")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--data-root", default=None, help="default: the dataset the checkpoint trained on")
     p.add_argument("--limit", type=Number(int, 1), default=d["limit"], help="at most this many images of the split")
@@ -489,10 +490,22 @@ def _image_paths(args, ckpt) -> list[Path]:
     return [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
 
 
+def networks(args) -> dict:
+    """--checkpoint's networks, {None: path} or {fold: path} for a --fold all run: with --fold K,
+    fold K's alone (explaining its own fold's split, never one it trained on)."""
+    runs = find_checkpoints(args.checkpoint)
+    if args.fold and None not in runs:
+        if args.fold not in runs:
+            raise DataError(f"--fold {args.fold}: no best.pt for it in {args.checkpoint}")
+        runs = {args.fold: runs[args.fold]}
+    return runs
+
+
 def run_studies(args, rt) -> dict:
     """--faithfulness and --sanity for one checkpoint, or for every fold of a --fold all run (each on
-    its own fold's --split, unless images are given), with a summary over the folds."""
-    runs, results = find_checkpoints(args.checkpoint), {}
+    its own fold's --split, unless images are given; --fold K: fold K's alone), with a summary over
+    the folds."""
+    runs, results = networks(args), {}
     root = output_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam",
                          "gradcam")
     for fold, path in runs.items():
@@ -558,7 +571,11 @@ def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:
         return run_studies(args, rt)
-    checkpoint = find_checkpoint(args.checkpoint)
+    runs = networks(args)
+    if len(runs) > 1:
+        raise DataError(f"{args.checkpoint}: a --fold all run, and overlays are drawn by one network: choose it with "
+                        f"--fold K, or give one fold's, e.g. --checkpoint {runs[min(runs)].parent}")
+    checkpoint = next(iter(runs.values()))
     model, ckpt = load_classifier(checkpoint, rt)
     classes = ckpt["classes"]
     if args.target_class is not None and args.target_class not in classes:

@@ -678,10 +678,16 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
 
-def common_folds(checkpoints: list, found: list[dict]) -> list[int]:
-    """The folds every --fold all run has a best.pt for; a note names those left out (a run that
-    stopped, or is still training), so a mean over fewer than five folds is never taken for all five."""
+def common_folds(checkpoints: list, found: list[dict], only: int | None = None) -> list[int]:
+    """The folds every --fold all run has a best.pt for (fold `only` alone, when asked); a note names
+    those left out (a run that stopped, or is still training), so a mean over fewer than five folds
+    is never taken for all five."""
     folds = sorted(set.intersection(*(set(f) for f in found)))
+    if only is not None:
+        if only not in folds:
+            raise ModelError(f"--fold {only}: no best.pt for it in {' '.join(map(str, checkpoints))}; choose "
+                             f"{', '.join(map(str, folds)) or 'a fold that finished'}")
+        return [only]
     if not folds:
         raise ModelError(f"--checkpoint {' '.join(map(str, checkpoints))}: no fold has a best.pt in every run; "
                          "an ensemble needs the same folds trained")
@@ -715,8 +721,7 @@ def evaluate_folds(checkpoints: list, found: list[dict], out: Path, **kw) -> dic
     """Every fold of --fold all runs (several: an ensemble per fold), and their summary over folds."""
     if kw.get("svm") and len(found) > 1:
         raise ModelError("--svm fits one network's features: give one checkpoint or run directory")
-    kw.pop("fold", None)  # each fold's checkpoints know their fold
-    folds = common_folds(checkpoints, found)
+    folds = common_folds(checkpoints, found, kw.pop("fold", None))  # each fold's checkpoints know their fold
     per_fold = {k: evaluate_fold([f[k] for f in found], out / f"fold{k}", fold=k, **kw) for k in folds}
     what = Path(checkpoints[0]).name + (f" + {len(found) - 1} more (ensemble)" if len(found) > 1 else "")
     which = f"{len(folds)} folds" if len(folds) == len(FOLDS) else \
@@ -740,7 +745,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="best.pt or a run directory (--fold all runs too); several: an ensemble")
     p.add_argument("--data-root", default=d["data_root"], help="default: the one the run trained on")
-    p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS, help="default: the checkpoint's fold")
+    p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,
+                   help="the fold whose --split to use (default: the checkpoint's); for a --fold all run, that "
+                   "fold alone (default: every fold)")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"], help="confidence gate")
     p.add_argument("--tta", action="store_true",

@@ -278,6 +278,11 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     assert proc.returncode == 0, proc.stderr
     assert all((tmp_path / "all" / f"fold{k}" / "faithfulness.json").is_file() for k in range(1, 6))
     assert "mean ± std" in (tmp_path / "all" / "summary.md").read_text()
+    proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--fold", 4,
+                   "--out", tmp_path / "four")  # one fold's network, on its own fold's split
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in (tmp_path / "four").iterdir() if p.is_dir()] == ["fold4"]
+    assert json.loads((tmp_path / "four" / "fold4" / "faithfulness.json").read_text())["n"] == 3
 
 
 def test_bad_layers_and_empty_image_lists_are_one_line(trained, tmp_path):

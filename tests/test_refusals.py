@@ -256,6 +256,8 @@ def test_every_script_takes_a_run_directory_for_its_checkpoint(synthetic, traine
     for script, extra in (("gradcam.py", [photo]), ("serve.py", [])):
         assert_one_line_error(run_cli(script, "--checkpoint", trained_all, *extra), "a --fold all run",
                               f"--checkpoint {trained_all / 'fold1'}")
+    done = run_cli("gradcam.py", "--checkpoint", trained_all, "--fold", 2, "--limit", 2, "--out", tmp_path / "g2")
+    assert done.returncode == 0 and json.loads((tmp_path / "g2" / "config.json").read_text())["fold"] == 2
     assert_one_line_error(run_cli("serve.py", "--checkpoint", tmp_path / "nowhere"), "no such checkpoint")
 
 

@@ -124,7 +124,7 @@ def test_an_ensemble_averages_its_members(trained_all, tmp_path):
         evaluate([trained_all, trained_all / "fold1" / "best.pt"], tmp_path / "mixed")
 
 
-def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over(trained_all, tmp_path, capsys):
+def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over_and_fold_picks_one(trained_all, tmp_path, capsys):
     partial, other = tmp_path / "partial", tmp_path / "other"
     shutil.copytree(trained_all / "fold2", partial / "fold2")
     shutil.copytree(trained_all / "fold3", other / "fold3")
@@ -134,6 +134,9 @@ def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over(trained_all
     assert (tmp_path / "t" / "summary.md").read_text().startswith("# partial: 1 fold (fold2 only)")
     with pytest.raises(ModelError, match="no fold has a best.pt in every run"):
         evaluate([partial, other], tmp_path / "u")
+    assert set(evaluate(trained_all, tmp_path / "v", resamples=20, fold=3)) == {3}  # --fold K: that fold alone
+    with pytest.raises(ModelError, match="--fold 1: no best.pt for it"):
+        evaluate(partial, tmp_path / "w", fold=1)
 
 
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
