@@ -35,8 +35,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, images_in, is_synthetic, list_classes, load_image, not_skin_images,
-                     patient_id, prepare, run_main, synthetic_image, usable_folds_root)
+                     atomic_write, images_in, index_split, is_synthetic, list_classes, load_image, not_skin_images,
+                     origin_stem, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
                     load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
@@ -306,6 +306,16 @@ class FoldImages:
         return self._cache[split, size, *classes]
 
 
+def seen_in_training(images: FoldImages, ckpt: dict, split: str) -> int:
+    """How many photos of the split evaluated are in the Train split the network learned from. MSLD's
+    five folds are five partitions of one set of photos: fold 2's Test holds photos of fold 1's Train."""
+    if ckpt.get("fold") is None:
+        return 0
+    trained = {origin_stem(p) for p, _ in index_split(images.folds_root, ckpt["fold"], "Train", images.classes)}
+    return sum(origin_stem(p) in trained for p, _ in index_split(images.folds_root, images.fold, split,
+                                                                   images.classes))
+
+
 def load_for_eval(checkpoint, svm: bool, rt):
     """(model in eval mode, placed by the runtime `rt`; checkpoint; has_head): a classifier, or (for
     --svm only) a SimCLR encoder."""
@@ -441,6 +451,9 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     images = fold_images(checkpoints, [m[1] for m in members], data_root, fold)
     fold, size = images.fold, resize_size(model.input_size)
     ds = images(split, size)
+    if seen := seen_in_training(images, ckpt, split):
+        print(f"note: {seen} of the {len(ds)} photos of fold {fold}'s {split} split are in fold {ckpt['fold']}'s Train "
+              f"split, which {checkpoints[0]} trained on: its scores here are optimistic")
     heads = {}
     if all(has_head for *_, has_head in members):
         heads["softmax"] = softmax_head(members, images, split, rt, batch_size, tta)
@@ -458,6 +471,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
         m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, fold))
         m.update(fold=fold, split=split, checkpoint=[str(c) for c in checkpoints] if len(checkpoints) > 1
                  else str(checkpoints[0]), checkpoint_id=file_id(checkpoints[0]), model=ckpt["model"], head=name,
+                 seen_in_training=seen,
                  **({"ood": ood} if name == "softmax" and ood else {}))
         write_outputs(Path(out) / ("svm" if name == "svm" else ""), m, ds, head.probs,
                       gate_columns if name == "softmax" else None)

@@ -7,7 +7,7 @@ import pytest
 from sklearn import metrics as skm
 
 from conftest import assert_one_line_error, run_cli
-from getData import MSLDDataset
+from getData import MSLDDataset, index_split
 from models import ModelError, mean_std_table, resize_size
 from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
                      confusion_metrics, evaluate, gated_metrics, interval, mpox_operating_point, risk_coverage)
@@ -137,6 +137,19 @@ def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over_and_fold_pi
     assert set(evaluate(trained_all, tmp_path / "v", resamples=20, fold=3)) == {3}  # --fold K: that fold alone
     with pytest.raises(ModelError, match="--fold 1: no best.pt for it"):
         evaluate(partial, tmp_path / "w", fold=1)
+
+
+def test_photos_the_network_trained_on_are_counted_and_noted(synthetic, trained, tmp_path, capsys):
+    """MSLD's folds are partitions of one set of photos: another fold's Test split holds photos of
+    this network's Train split. Evaluated there, it says how many."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    for p, _ in index_split(data, 1, "Train")[:3]:  # three of fold 1's Train photos, also in fold 2's Test
+        shutil.copy(p, data / "fold2" / "Test" / p.parent.name / p.name)
+    own = evaluate(trained / "best.pt", tmp_path / "own", resamples=20, data_root=data)["softmax"]
+    other = evaluate(trained / "best.pt", tmp_path / "other", resamples=20, data_root=data, fold=2)["softmax"]
+    assert own.metrics["seen_in_training"] == 0 and other.metrics["seen_in_training"] == 3
+    assert "note: 3 of the" in capsys.readouterr().out
 
 
 def test_testing_bad_input_is_one_line(tmp_path, trained_all):
