@@ -18,6 +18,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -1069,10 +1070,12 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
                     f"again to resume from {part}")
 
 
-def safe_extract(archive: Path, target: Path) -> Path:
+def safe_extract(archive: Path, target: Path, msld: bool = False) -> Path:
     """Extract a zip into `target` atomically: into a temp folder first, then renamed into place.
 
-    Refuses members that would land outside the target (absolute paths, '..', symlinks).
+    Refused before a byte is written: members that would land outside the target (absolute paths,
+    '..', symlinks), an archive larger than the free disk space, and with `msld` one without the
+    five folds' splits (whatever else it holds would be extracted for nothing).
     """
     if target.exists():
         raise DataError(f"{target}: already exists; remove it or choose another --data-root")
@@ -1080,18 +1083,42 @@ def safe_extract(archive: Path, target: Path) -> Path:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
         raise DataError(f"{archive}: not a zip file; delete it and download again") from None
-    with zf, atomic_path(target, folder=True) as tmp:
-        for m in zf.infolist():
-            dest = (tmp / m.filename).resolve()
-            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
-            if is_link or os.path.isabs(m.filename) or not dest.is_relative_to(tmp.resolve()):
-                raise DataError(f"{archive}: member {m.filename!r} would escape the target folder; "
-                                "refusing to extract this archive")
+    with zf:
+        members = zf.infolist()
+        _check_members(archive, members, target)
+        if msld and (missing := _folds_missing([m.filename for m in members])):
+            raise DataError(f"{archive}: not MSLD v2.0, no Train, Valid or Test folder under {', '.join(missing)} in "
+                            "it; check that it is the dataset's zip")
+        _check_space(archive, sum(m.file_size for m in members), target)
         bad = zf.testzip()
         if bad:
             raise DataError(f"{archive}: member {bad} is corrupt; delete the file and download again")
-        zf.extractall(tmp)
+        with atomic_path(target, folder=True) as tmp:
+            zf.extractall(tmp)
     return target
+
+
+def _check_members(archive: Path, members: list, target: Path) -> None:
+    root = target.resolve()
+    for m in members:
+        is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+        if is_link or os.path.isabs(m.filename) or not (root / m.filename).resolve().is_relative_to(root):
+            raise DataError(f"{archive}: member {m.filename!r} would escape the target folder; "
+                            "refusing to extract this archive")
+
+
+def _folds_missing(names: list[str]) -> list[str]:
+    """The folds of which no member lies under foldK/<split>/ (any layout above it)."""
+    found = {a for name in names for a, b in itertools.pairwise(PurePosixPath(name).parts) if b in SPLITS}
+    return [f"fold{k}" for k in FOLDS if f"fold{k}" not in found]
+
+
+def _check_space(archive: Path, size: int, target: Path) -> None:
+    nearest = next(q for q in [target, *target.parents] if os.path.exists(q))
+    free = shutil.disk_usage(nearest).free
+    if size > free:
+        raise DataError(f"{archive}: extracting it takes {size / 1e9:.1f} GB and {nearest} has {free / 1e9:.1f} GB "
+                        "free; free some space or choose another --data-root")
 
 
 def kaggle_credentials() -> tuple[str, str]:
@@ -1168,7 +1195,7 @@ def run(args) -> None:
         archive = Path(args.extract)
         if not archive.is_file():
             raise DataError(f"--extract {archive}: no such file")
-        target = safe_extract(archive, Path(data_root) / archive.stem)
+        target = safe_extract(archive, Path(data_root) / archive.stem, msld=True)
         print(f"extracted to {target}; its folds are in {find_folds_root(target)}")
         return
     report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))

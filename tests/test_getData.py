@@ -477,3 +477,18 @@ def test_a_zip_downloaded_by_hand_is_named_and_extracted(synthetic, tmp_path):
     assert find_folds_root(tmp_path / "data") == folds and list_classes(folds) == CLASSES
     assert_one_line_error(run_cli("getData.py", "--extract", archive, "--data-root", tmp_path / "data"),
                           "already exists")
+
+
+def test_an_archive_that_is_not_msld_or_does_not_fit_is_refused_before_a_byte_is_written(synthetic, tmp_path,
+                                                                                         monkeypatch):
+    other = tmp_path / "photos.zip"  # a zip of something else: 300 MB of zeros, say
+    other.write_bytes(_zip_bytes({"holiday/IMG_0001.jpg": b"x", "fold1/notes.txt": b"y"}))
+    assert_one_line_error(run_cli("getData.py", "--extract", other, "--data-root", tmp_path / "data"),
+                          "not MSLD v2.0", "fold2, fold3, fold4, fold5")
+    archive = tmp_path / "msld.zip"
+    archive.write_bytes(_zip_bytes({f"FOLDS/{p.relative_to(synthetic)}": p.read_bytes()
+                                    for p in synthetic.rglob("*.jpg")}))
+    monkeypatch.setattr(getData.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    assert_one_line_error(run_cli("getData.py", "--extract", archive, "--data-root", tmp_path / "data"),
+                          "msld.zip: extracting it takes", "free some space")
+    assert not (tmp_path / "data").exists()
