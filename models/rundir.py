@@ -74,7 +74,6 @@ def _claim_one(path: Path, resume: bool, overwrite: bool, stack: contextlib.Exit
     return aside
 
 
-
 def _listing(top: Path) -> set:
     """Every file under `top` with its size and time, but lock files and the old run's files set aside."""
     files = set()
