@@ -431,7 +431,8 @@ def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) 
 
 # ----------------------------------------------------------------------------- decoding
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha composited on white, CMYK/palette/grey converted, 16-bit rescaled."""
+    """Any PIL mode -> RGB: alpha composited on white, CMYK/palette/grey converted, 16-bit (and 32-bit
+    integer or float) grey scaled from its full range to 8 bits."""
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa"):
@@ -440,9 +441,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, im).convert("RGB")
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(im, dtype=np.float32)
-        a = np.clip(a / max(float(a.max()), 1.0) * 255.0, 0, 255).astype(np.uint8)
+        a = np.clip(a * 255.0 / _full_scale(im.mode, float(a.max(initial=0))), 0, 255).round().astype(np.uint8)
         return Image.fromarray(a).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _full_scale(mode: str, peak: float) -> float:
+    """White for a grey image of more than 8 bits: 65535 for 16-bit files; for 32-bit integer or float
+    pixels the smallest usual range holding the brightest one (1.0, 255, 65535). Not the image's own
+    maximum: stretching each photo to white would change its brightness, and lesion colour is diagnostic."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    for top in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if peak <= top:
+            return top
+    return peak
 
 
 def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, shrink_to: int | None = None,

@@ -252,6 +252,17 @@ def test_load_image_converts_modes_to_rgb(mode):
     assert out.mode == "RGB" and out.size == (16, 16)
 
 
+@pytest.mark.parametrize("dtype,scale,fmt", [(np.uint16, 257, "PNG"), (np.uint16, 257, "TIFF"), (np.int32, 1, "TIFF"),
+                                             (np.float32, 1 / 255, "TIFF"), (np.float32, 1, "TIFF")],
+                         ids=["16-bit PNG", "16-bit TIFF", "32-bit integer 0-255", "float 0-1", "float 0-255"])
+def test_grey_of_more_than_8_bits_keeps_its_brightness(dtype, scale, fmt):
+    """Lesion colour is diagnostic: a dark grey photo saved with more bits stays as dark, not stretched
+    so that its brightest pixel turns white."""
+    grey = np.array([[40, 90], [120, 160]] * 4, np.float64).repeat(4, 1)
+    out = np.asarray(load_image(_save(Image.fromarray((grey * scale).astype(dtype)), fmt)), np.float64)
+    assert np.abs(out - grey[..., None]).max() <= 1
+
+
 def test_transparent_pixels_become_white():
     im = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     assert load_image(_save(im)).getpixel((0, 0)) == (255, 255, 255)
