@@ -569,6 +569,11 @@ class MSLDDataset(torch.utils.data.Dataset):
         samples = index_split(self.folds_root, fold, split, self.classes, extra_dirs)
         if not samples:
             raise DataError(f"{self.folds_root}/fold{fold}/{split}: no images found")
+        if extra_dirs and (leaks := leaked_copies([p for p, _ in samples], [
+                (p, s) for s in ("Valid", "Test") for p, _ in index_split(self.folds_root, fold, s, self.classes)])):
+            raise DataError(f"{', '.join(map(str, extra_dirs))}: {len(leaks)} augmented copies of fold {fold}'s Valid "
+                            f"and Test photos ({leaks[0]}); add only fold {fold}'s copies, made by "
+                            f"`python augment.py --fold {fold}`")
         self.paths = [p for p, _ in samples]
         self.targets = torch.tensor([y for _, y in samples], dtype=torch.long)
         self.fold, self.split, self.transform, self.return_path = fold, split, transform, return_path
@@ -761,16 +766,21 @@ def _check_prefixes(records):
     return _check("file-name prefix vs class folder", not items, f"{len(items)} mismatch(es)", items)
 
 
+def leaked_copies(train: list[Path], held_out: list[tuple[Path, str]]) -> list[str]:
+    """The augmented copies among a fold's Train files that augment.py made from one of the fold's
+    Valid or Test photos (a copy is named after its origin, NAME__augNN): the network would train on
+    the photos it is scored on. `held_out`: (path, split) of the fold's Valid and Test photos."""
+    origins = {origin_stem(p): split for p, split in held_out if AUG_TAG not in p.stem}
+    return [f"{p.name} in Train is a copy of {origins[origin_stem(p)]} image {origin_stem(p)}" for p in train
+            if AUG_TAG in p.stem and origin_stem(p) in origins]
+
+
 def _check_augmented(records):
     items = []
     for k in FOLDS:
-        held_out = {origin_stem(r["path"]): r["split"] for r in records
-                    if r["fold"] == k and r["split"] != "Train" and AUG_TAG not in r["path"].stem}
-        for r in records:
-            if r["fold"] == k and r["split"] == "Train" and AUG_TAG in r["path"].stem:
-                origin = origin_stem(r["path"])
-                if origin in held_out:
-                    items.append(f"fold{k}: {r['path'].name} in Train is a copy of {held_out[origin]} image {origin}")
+        held_out = [(r["path"], r["split"]) for r in records if r["fold"] == k and r["split"] != "Train"]
+        train = [r["path"] for r in records if r["fold"] == k and r["split"] == "Train"]
+        items += [f"fold{k}: {leak}" for leak in leaked_copies(train, held_out)]
     return _check("augmented copies of held-out images", not items,
                   f"{len(items)} augmented Train file(s) derive from Valid/Test images", items, fail_verdict="FAIL")
 

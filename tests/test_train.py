@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pty
+import shutil
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import train
 from augment import write_augmented
 from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, run_script,
                       start_as_from_a_terminal, train_args)
-from getData import index_split, list_classes
+from getData import audit, index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
 
@@ -182,6 +183,20 @@ def test_aug_dir_copies_join_training(synthetic, tmp_path):
     assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--aug-dir", tmp_path / "aug")) == 0
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["train_images"] == 2 * len(index_split(synthetic, 1, "Train"))
+
+
+def test_aug_dir_copies_of_the_folds_held_out_photos_are_refused_as_the_audit_fails_them(synthetic, tmp_path):
+    """Copies made from another fold's Train hold this fold's Test photos (MSLD's folds share photos):
+    the network would be scored on photos it trained on. The audit's verdict, the same count."""
+    aug = tmp_path / "aug"
+    write_augmented(synthetic, 2, aug, factor=1, ops="hflip", workers=1)
+    test_photo = index_split(synthetic, 2, "Test")[0][0]  # one of them planted, as another fold's copy would be
+    shutil.copy(test_photo, aug / test_photo.parent.name / f"{test_photo.stem}__aug07.jpg")
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--fold", 2, "--epochs", 1, "--aug-dir", aug))
+    assert_one_line_error(proc, str(aug), "1 augmented copies", f"Test image {test_photo.stem}", "augment.py --fold 2")
+    assert not (tmp_path / "r").exists()
+    fails = next(c for c in audit(synthetic, {2: aug})["checks"] if c["check"] == "augmented copies of held-out images")
+    assert fails["verdict"] == "FAIL" and len(fails["items"]) == 1
 
 
 def _screen(raw: bytes) -> list[str]:
