@@ -40,7 +40,7 @@ from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataErro
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
                     load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
-                    predict_logits, probabilities, reference_for, resize_size, save_figure, select_runtime)
+                    photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -307,11 +307,9 @@ class FoldImages:
 
 
 def seen_in_training(images: FoldImages, ckpt: dict, split: str) -> int:
-    """How many photos of the split evaluated are in the Train split the network learned from. MSLD's
-    five folds are five partitions of one set of photos: fold 2's Test holds photos of fold 1's Train."""
-    if ckpt.get("fold") is None:
-        return 0
-    trained = {origin_stem(p) for p, _ in index_split(images.folds_root, ckpt["fold"], "Train", images.classes)}
+    """How many photos of the split evaluated the network learned from (models.photos_seen): fold 2's
+    Test holds photos of fold 1's Train."""
+    trained = photos_seen(ckpt, images.folds_root, images.classes)
     return sum(origin_stem(p) in trained for p, _ in index_split(images.folds_root, images.fold, split,
                                                                    images.classes))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from getData import FOLDS, UserError, atomic_path
+from getData import FOLDS, UserError, atomic_path, index_split, origin_stem
 
 
 class ModelError(UserError):
@@ -70,6 +70,16 @@ def find_checkpoint(path) -> Path:
     if None not in found:
         raise ModelError(f"{path}: a --fold all run; give one fold's, e.g. --checkpoint {found[min(found)].parent}")
     return found[None]
+
+
+def photos_seen(ckpt: dict, folds_root, classes) -> set[str]:
+    """The photos of `folds_root` (their origin names) a checkpoint of this project learned from: its
+    fold's Train split, and a SimCLR encoder's Valid split too (simclr.py pretrains on both). MSLD's
+    five folds are partitions of one set of photos: another fold's Valid and Test splits hold many."""
+    if ckpt.get("fold") is None:
+        return set()
+    splits = ("Train", "Valid") if ckpt.get("kind") == "encoder" else ("Train",)
+    return {origin_stem(p) for s in splits for p, _ in index_split(folds_root, int(ckpt["fold"]), s, classes)}
 
 
 def load_checkpoint(path) -> dict:

@@ -199,6 +199,17 @@ def test_aug_dir_copies_of_the_folds_held_out_photos_are_refused_as_the_audit_fa
     assert fails["verdict"] == "FAIL" and len(fails["items"]) == 1
 
 
+def test_init_from_a_network_that_saw_the_folds_held_out_photos_is_refused(synthetic, trained, tmp_path):
+    """The synthetic folds share photos as MSLD's do: a network of fold 1 has seen some of fold 2's
+    Valid and Test photos, and would start fold 2 knowing them."""
+    seen = {p.name for p, _ in index_split(synthetic, 1, "Train")}
+    n = sum(p.name in seen for s in ("Valid", "Test") for p, _ in index_split(synthetic, 2, s))
+    assert n > 0
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--fold", 2, "--init", trained / "best.pt"))
+    assert_one_line_error(proc, f"learned from fold 1's photos, {n} of fold 2's", "simclr.py --fold 2")
+    assert train.main(train_args(synthetic, tmp_path / "ok", "--epochs", 1, "--init", trained / "best.pt")) == 0
+
+
 def _screen(raw: bytes) -> list[str]:
     """What a terminal shows: each carriage return rewrites its line from the first column."""
     lines = []
