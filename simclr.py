@@ -32,8 +32,8 @@ from getData import (DataError, Number, Parser, atomic_write, decode_all, images
                      origin_stem, patient_id, resolve_data_root, resumable, run_main)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
-                    per_rank_batch, resize_size, resume, save_checkpoint, send, set_seed, shard, training_state,
-                    warmup_cosine, write_history)
+                    per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send, set_seed, shard,
+                    training_state, warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -231,6 +231,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     out, batch = Path(cfg["out"]), per_rank_batch(cfg["batch_size"], rt.world) * rt.world
     set_seed(cfg["seed"])
     classes = list_classes(folds_root)
+    refuse_init_that_saw(cfg["init"], folds_root, cfg["fold"], classes)
     encoder = build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"])
     model = rt.module(SimCLR(encoder.backbone, encoder.num_features, cfg["proj_dim"]))
     files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])

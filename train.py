@@ -35,12 +35,12 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
-from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, index_split, list_classes,
-                     origin_stem, patient_id, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c)
+from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
+                     resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
-                    fit_temperature, is_current, load_checkpoint, load_classifier, make_optimizer, mean_std_table,
-                    param_groups, per_rank_batch, photos_seen, predict_logits, probabilities, reference_from_images,
+                    fit_temperature, is_current, load_classifier, make_optimizer, mean_std_table, param_groups,
+                    per_rank_batch, predict_logits, probabilities, reference_from_images, refuse_init_that_saw,
                     resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed, shard,
                     training_state, unwrap, warmup_cosine, write_history)
 
@@ -307,21 +307,6 @@ def setup_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime, u
     data = FoldData(folds_root, fold, classes, model.input_size, rt, aug_device, cfg["aug_dir"] or ())
     config = dict(cfg, fold=fold, data_root=str(folds_root), classes=data.classes, train_images=len(data))
     return model, data, FoldRun(out, config, data, rt, unit)
-
-
-def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[str]) -> None:
-    """--init from a network of this project that learned from another fold's photos: MSLD's folds
-    share photos, so it has seen many of this fold's Valid and Test photos and the fold's scores would
-    be optimistic (fold 1's SimCLR encoder saw 223 of fold 2's 246). Refused, with the count."""
-    if not init.endswith(".pt"):
-        return
-    ckpt = load_checkpoint(init)
-    seen = photos_seen(ckpt, folds_root, classes) if ckpt.get("fold") not in (None, fold) else set()
-    held_out = [p for s in ("Valid", "Test") for p, _ in index_split(folds_root, fold, s, classes)]
-    if n := sum(origin_stem(p) in seen for p in held_out):
-        raise DataError(f"--init {init}: learned from fold {ckpt['fold']}'s photos, {n} of fold {fold}'s "
-                        f"{len(held_out)} Valid and Test photos among them; start fold {fold} from a network trained "
-                        f"on fold {fold} (e.g. `python simclr.py --fold {fold}`), or from outside weights")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; the last two use CUDA graphs

@@ -82,6 +82,21 @@ def photos_seen(ckpt: dict, folds_root, classes) -> set[str]:
     return {origin_stem(p) for s in splits for p, _ in index_split(folds_root, int(ckpt["fold"]), s, classes)}
 
 
+def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[str]) -> None:
+    """--init from a network of this project that learned from another fold's photos: MSLD's folds
+    share photos, so it has seen many of this fold's Valid and Test photos and the fold's scores would
+    be optimistic (fold 1's SimCLR encoder saw 223 of fold 2's 246). Refused, with the count."""
+    if not init.endswith(".pt"):
+        return
+    ckpt = load_checkpoint(init)
+    seen = photos_seen(ckpt, folds_root, classes) if ckpt.get("fold") not in (None, fold) else set()
+    held_out = [p for s in ("Valid", "Test") for p, _ in index_split(folds_root, fold, s, classes)]
+    if n := sum(origin_stem(p) in seen for p in held_out):
+        raise ModelError(f"--init {init}: learned from fold {ckpt['fold']}'s photos, {n} of fold {fold}'s "
+                         f"{len(held_out)} Valid and Test photos among them; start fold {fold} from a network trained "
+                         f"on fold {fold} (e.g. `python simclr.py --fold {fold}`), or from outside weights")
+
+
 def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
