@@ -29,10 +29,10 @@ from torch import nn
 from tqdm import tqdm
 
 from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image,
-                     prepare, run_main, usable_folds_root)
+                     origin_stem, prepare, run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
-                    find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, reference_for,
-                    resize_size, save_figure, select_runtime, to_input)
+                    find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, photos_seen,
+                    reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -487,7 +487,12 @@ def _image_paths(args, ckpt) -> list[Path]:
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
-    return [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
+    paths = [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
+    learned = photos_seen(ckpt, root, ckpt["classes"])
+    if seen := sum(origin_stem(p) in learned for p in paths):
+        print(f"note: {seen} of these {len(paths)} photos of fold {fold}'s {args.split} split are photos the network "
+              f"learned from (fold {ckpt['fold']}): maps of them say little about photos it has not seen")
+    return paths
 
 
 def networks(args) -> dict:

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from conftest import assert_one_line_error, run_cli
-from getData import load_image
+from getData import index_split, load_image
 from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
 from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 
@@ -172,6 +172,12 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
                       "--limit", "5", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 5
+    assert "note:" not in proc.stdout  # its own fold's Test: photos it never learned from
+    learned = {p.name for p, _ in index_split(synthetic, 1, "Train")}
+    shown = [p for p, _ in index_split(synthetic, 2, "Valid")][:20]
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "2", "--split", "Valid",
+                   "--limit", "20", "--out", tmp_path / "c")
+    assert f"note: {sum(p.name in learned for p in shown)} of these 20 photos" in proc.stdout  # the folds share photos
 
 
 def test_cli_bad_input_is_one_line(trained, synthetic, tmp_path):
