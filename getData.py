@@ -200,8 +200,7 @@ def check_folder(path) -> Path:
     """Refuse now, creating nothing, a folder path that a file stands in the way of, or whose nearest
     existing folder cannot be written in (read-only, not ours): before the work, not after it."""
     path = Path(path)
-    # os.path.exists: False below a folder we may not enter, where Python 3.11's Path.exists raises
-    nearest = next(q for q in [path, *path.parents] if os.path.exists(q))  # "." or "/" at the latest
+    nearest = _nearest_existing(path)
     if not nearest.is_dir():
         raise WriteError(f"{path}: cannot make this folder, {nearest} is a file; choose another path")
     if not os.access(nearest, os.W_OK | os.X_OK):
@@ -209,6 +208,17 @@ def check_folder(path) -> Path:
         where = "this folder" if nearest == path else nearest
         raise WriteError(f"{path}: cannot write in {where} ({why}); choose another path")
     return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists ("." or "/" at the latest). os.path.exists: False
+    below a folder we may not enter, where Python 3.11's Path.exists raises."""
+    return next(q for q in [path, *path.parents] if os.path.exists(q))
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why `path` cannot be read as a folder."""
+    return "a file, not a folder" if path.exists() else "no such folder"
 
 
 def make_folder(path) -> Path:
@@ -303,8 +313,8 @@ def find_folds_root(data_root) -> Path:
     if root.is_file() and (hint := _zip_hint(root)):
         raise DataError(f"{root}: a zip archive, not a folder{hint}")
     if not root.is_dir():
-        raise DataError(f"{root}: {'a file, not a folder' if root.exists() else 'no such folder'}; pass --data-root "
-                        "with your MSLD v2.0 download or run `python getData.py --synthetic`")
+        raise DataError(f"{root}: {_not_a_folder(root)}; pass --data-root with your MSLD v2.0 download or run "
+                        "`python getData.py --synthetic`")
     bases = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     found = [p for b in bases for p in _layouts(b) if _has_folds(p)]
     if not found:
@@ -373,7 +383,7 @@ def images_in(folders, flag: str = "") -> list[Path]:
     for d in map(Path, folders):
         where = f"{flag} {d}".strip()
         if not d.is_dir():
-            raise DataError(f"{where}: {'a file, not a folder' if d.exists() else 'no such folder'}")
+            raise DataError(f"{where}: {_not_a_folder(d)}")
         images = images_under(d)
         if not images:
             raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -1137,7 +1147,7 @@ def _folds_missing(names: list[str]) -> list[str]:
 
 
 def _check_space(archive: Path, size: int, target: Path) -> None:
-    nearest = next(q for q in [target, *target.parents] if os.path.exists(q))
+    nearest = _nearest_existing(target)
     free = shutil.disk_usage(nearest).free
     if size > free:
         raise DataError(f"{archive}: extracting it takes {size / 1e9:.1f} GB and {nearest} has {free / 1e9:.1f} GB "

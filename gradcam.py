@@ -28,8 +28,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image,
-                     origin_stem, prepare, run_main, usable_folds_root)
+from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image, prepare,
+                     run_main, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
                     find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, photos_seen,
                     reference_for, resize_size, save_figure, select_runtime, to_input)
@@ -488,8 +488,7 @@ def _image_paths(args, ckpt) -> list[Path]:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
     paths = [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
-    learned = photos_seen(ckpt, root, ckpt["classes"])
-    if seen := sum(origin_stem(p) in learned for p in paths):
+    if seen := photos_seen(ckpt, root, ckpt["classes"], paths):
         print(f"note: {seen} of these {len(paths)} photos of fold {fold}'s {args.split} split are photos the network "
               f"learned from (fold {ckpt['fold']}): maps of them say little about photos it has not seen")
     return paths
@@ -568,8 +567,7 @@ def studies_summary(results: dict) -> str:
 
 def save_config(out: Path, args, rt: Runtime) -> None:
     """The command's resolved arguments beside its outputs, so a figure can be traced to what made it."""
-    runtime = dict(device=str(rt.device), bf16=rt.bf16, channels_last=rt.channels_last)
-    atomic_write(out / "config.json", json.dumps(dict(vars(args), out=str(out), runtime=runtime), indent=2))
+    atomic_write(out / "config.json", json.dumps(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
 
 
 def run(args) -> list:

@@ -35,8 +35,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, images_in, index_split, is_synthetic, list_classes, load_image, not_skin_images,
-                     origin_stem, patient_id, prepare, run_main, synthetic_image, usable_folds_root)
+                     atomic_write, images_in, is_synthetic, list_classes, load_image, not_skin_images, patient_id,
+                     prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
                     load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
@@ -306,14 +306,6 @@ class FoldImages:
         return self._cache[split, size, *classes]
 
 
-def seen_in_training(images: FoldImages, ckpt: dict, split: str) -> int:
-    """How many photos of the split evaluated the network learned from (models.photos_seen): fold 2's
-    Test holds photos of fold 1's Train."""
-    trained = photos_seen(ckpt, images.folds_root, images.classes)
-    return sum(origin_stem(p) in trained for p, _ in index_split(images.folds_root, images.fold, split,
-                                                                   images.classes))
-
-
 def load_for_eval(checkpoint, svm: bool, rt):
     """(model in eval mode, placed by the runtime `rt`; checkpoint; has_head): a classifier, or (for
     --svm only) a SimCLR encoder."""
@@ -449,9 +441,9 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     images = fold_images(checkpoints, [m[1] for m in members], data_root, fold)
     fold, size = images.fold, resize_size(model.input_size)
     ds = images(split, size)
-    if seen := seen_in_training(images, ckpt, split):
-        print(f"note: {seen} of the {len(ds)} photos of fold {fold}'s {split} split are in fold {ckpt['fold']}'s Train "
-              f"split, which {checkpoints[0]} trained on: its scores here are optimistic")
+    if seen := photos_seen(ckpt, images.folds_root, images.classes, ds.paths):  # fold 2's Test holds fold 1's Train
+        print(f"note: {seen} of the {len(ds)} photos of fold {fold}'s {split} split are photos {checkpoints[0]} "
+              f"learned from (fold {ckpt['fold']}): its scores here are optimistic")
     heads = {}
     if all(has_head for *_, has_head in members):
         heads["softmax"] = softmax_head(members, images, split, rt, batch_size, tta)
@@ -784,7 +776,7 @@ def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.ood_dir:
         images_in(args.ood_dir, "--ood-dir")  # one line now, not after the evaluation, if there is nothing there
-    config = dict(vars(args), runtime=dict(device=str(rt.device), bf16=rt.bf16, channels_last=rt.channels_last))
+    config = dict(vars(args), runtime=rt.describe())
     result = evaluate(args.checkpoint, args.out, config, data_root=args.data_root, fold=args.fold,
                       split=args.split, threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm,
                       tta=args.tta, resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir,

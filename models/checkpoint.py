@@ -72,14 +72,15 @@ def find_checkpoint(path) -> Path:
     return found[None]
 
 
-def photos_seen(ckpt: dict, folds_root, classes) -> set[str]:
-    """The photos of `folds_root` (their origin names) a checkpoint of this project learned from: its
-    fold's Train split, and a SimCLR encoder's Valid split too (simclr.py pretrains on both). MSLD's
-    five folds are partitions of one set of photos: another fold's Valid and Test splits hold many."""
+def photos_seen(ckpt: dict, folds_root, classes, paths) -> int:
+    """How many of `paths` (photos of `folds_root`) a checkpoint of this project learned from: its fold's
+    Train split, and a SimCLR encoder's Valid split too (simclr.py pretrains on both). MSLD's five
+    folds are partitions of one set of photos: another fold's Valid and Test splits hold many."""
     if ckpt.get("fold") is None:
-        return set()
+        return 0
     splits = ("Train", "Valid") if ckpt.get("kind") == "encoder" else ("Train",)
-    return {origin_stem(p) for s in splits for p, _ in index_split(folds_root, int(ckpt["fold"]), s, classes)}
+    learned = {origin_stem(p) for s in splits for p, _ in index_split(folds_root, int(ckpt["fold"]), s, classes)}
+    return sum(origin_stem(p) in learned for p in paths)
 
 
 def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[str]) -> None:
@@ -89,9 +90,8 @@ def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[s
     if not init.endswith(".pt"):
         return
     ckpt = load_checkpoint(init)
-    seen = photos_seen(ckpt, folds_root, classes) if ckpt.get("fold") not in (None, fold) else set()
     held_out = [p for s in ("Valid", "Test") for p, _ in index_split(folds_root, fold, s, classes)]
-    if n := sum(origin_stem(p) in seen for p in held_out):
+    if ckpt.get("fold") != fold and (n := photos_seen(ckpt, folds_root, classes, held_out)):
         raise ModelError(f"--init {init}: learned from fold {ckpt['fold']}'s photos, {n} of fold {fold}'s "
                          f"{len(held_out)} Valid and Test photos among them; start fold {fold} from a network trained "
                          f"on fold {fold} (e.g. `python simclr.py --fold {fold}`), or from outside weights")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # matplotlib is imported where a run draws its curves: it add
 ASIDE = ".replaced-by-"  # a run under --overwrite keeps the old run's files here until it writes its own
 RUN_FILES = ("config.json", "best.pt", "last.pt", "encoder.pt", "history.csv", "curves.png", "loss.png", "files.txt",
              "summary.md")
+TRAINING_ONLY = ("history.csv", "best.pt", "last.pt", "encoder.pt")  # of RUN_FILES, those testing.py never writes
 
 
 def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitStack, script: str,
@@ -101,7 +102,7 @@ def output_folder(path, default_name: str) -> Path:
     run's own directory (or one of its folds), whose config.json and summary.md it would replace."""
     path = check_folder(path)
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
-           for name in ("history.csv", "best.pt", "last.pt", "encoder.pt")):
+           for name in TRAINING_ONLY):
         raise WriteError(f"--out {path}: a training run's folder, whose files these outputs would replace; choose "
                          f"another, e.g. {path / default_name} (the default)")
     return path

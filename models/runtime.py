@@ -37,6 +37,10 @@ class Runtime:
     rank: int = 0
     world: int = 1
 
+    def describe(self) -> dict:
+        """What ran, for the config.json beside a script's outputs."""
+        return dict(device=str(self.device), bf16=self.bf16, channels_last=self.channels_last)
+
     def autocast(self):
         """bf16 keeps fp32's exponent range, so no loss scaling is needed (and no GradScaler)."""
         if self.bf16:
