@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, images_in, is_synthetic, list_classes, load_image, not_skin_images, patient_id,
+                     atomic_write, decode_all, images_in, is_synthetic, list_classes, not_skin_images, patient_id,
                      prepare, run_main, synthetic_image, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
@@ -535,7 +535,7 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
         sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
                                                          for c in SYNTHETIC_PATIENTS for _ in range(8)])}
     if ood_dirs:
-        sets["ood_dir"] = {"all": torch.stack([prepare(load_image(p), size) for p in images_in(ood_dirs, "--ood-dir")])}
+        sets["ood_dir"] = {"all": decode_all(images_in(ood_dirs, "--ood-dir"), size, desc="--ood-dir")}
     if exclude_images is not None:
         sets["near"] = {"all": exclude_images}
     return sets
