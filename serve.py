@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import queue
 import socket
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlparse, urlsplit
 
 import numpy as np
 import torch
@@ -299,7 +300,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None):
         self.connection.settimeout(self.limits.timeout)  # writing: the per-operation timeout again
         self.send_response(status)
-        for k, v in {"Content-Type": content_type, "Content-Length": str(len(body)), "Cache-Control": "no-store",
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(body)), **SAFE_HEADERS,
                      **(headers or {})}.items():
             self.send_header(k, v)
         if status >= 400 or self._unread_body():
@@ -330,6 +331,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _guard(self, fn):
         try:
             try:
+                self._check_host()
                 fn()
             except RequestError as e:
                 self._json(e.status, {"error": str(e)}, e.headers)
@@ -340,6 +342,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise
         except OSError:  # the client went away before (or while) it was answered: nothing left to tell it
             self.close_connection = True
+
+    def _check_host(self):
+        """DNS rebinding: a web page whose name its owner makes resolve to 127.0.0.1 could read a
+        loopback server as its own origin, but the browser still sends that name as Host. A server
+        listening on loopback answers only to loopback names (a client without Host is no browser)."""
+        host = self.headers.get("Host")
+        if host is None or not self.server.loopback:
+            return
+        name = urlsplit("//" + host).hostname or ""
+        try:
+            ours = ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            ours = name == "localhost" or name.endswith(".localhost")  # RFC 6761: always loopback
+        if not ours:
+            raise RequestError(400, f"Host {host[:100]!r}: this server listens on loopback and answers only to "
+                                    "localhost or 127.0.0.1 (serve.py --host 0.0.0.0 serves other names)")
 
     def do_GET(self):
         self._guard(self._get)
@@ -376,7 +394,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _get(self):
         path = urlparse(self.path).path
         if path == "/":
-            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8", {"Content-Security-Policy": PAGE_POLICY})
         elif path == "/health":
             self._json(200, {"status": "ready", "model_loaded": self.predictor.worker.is_alive()})
         elif path == "/info":
@@ -503,6 +521,7 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, predictor: Predictor | None, limits: Limits):
         super().__init__(address, Handler)
         self.predictor, self.limits = predictor, limits
+        self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
         self.slots = threading.BoundedSemaphore(limits.max_connections)
 
     def process_request(self, request, client_address):
@@ -748,6 +767,21 @@ drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("
   if (e.dataTransfer.files[0]) send(e.dataTransfer.files[0]); });
 </script></body></html>
 """
+
+
+def _sha256(tag: str) -> str:
+    """The CSP source of the page's one inline <tag> block: its SHA-256 (CSP Level 2)."""
+    block = PAGE.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+    return "'sha256-" + base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() + "'"
+
+
+# The page runs its own script and style and nothing else (an injected one would not run), fetches
+# only this server, shows only the chosen photo (blob:) and the map (data:), and may not be framed.
+PAGE_POLICY = (f"default-src 'none'; script-src {_sha256('script')}; style-src {_sha256('style')}; "
+               "img-src blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# Every answer: never cached (a photo's diagnosis is private), never sniffed as another type, no referrer.
+SAFE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

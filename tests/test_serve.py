@@ -1,5 +1,6 @@
 import base64
 import concurrent.futures
+import hashlib
 import http.client
 import io
 import json
@@ -43,6 +44,9 @@ def request(srv, method, path, body=None, headers=None):
     conn.close()
     ctype = resp.getheader("Content-Type", "")
     return resp.status, (json.loads(data) if ctype.startswith("application/json") else data)
+
+
+POST_HEAD = b"POST /predict HTTP/1.1\r\nHost: localhost\r\n"  # raw requests: a name the server answers to
 
 
 def photo(synthetic, i=0):
@@ -165,7 +169,7 @@ def test_413_comes_from_the_pixel_limit_error_type_not_its_wording(server, synth
 
 def test_oversized_body_refused_before_reading(server, synthetic):
     with socket.create_connection(server.server_address[:2], timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n")
+        s.sendall(POST_HEAD + b"Content-Type: image/jpeg\r\nContent-Length: 50000000\r\n\r\n")
         reply = b""
         while chunk := s.recv(4096):  # answered (and closed) without a single byte of the body sent
             reply += chunk
@@ -175,7 +179,7 @@ def test_oversized_body_refused_before_reading(server, synthetic):
 
 def test_stalled_client_times_out_without_blocking_others(server, synthetic):
     s = socket.create_connection(server.server_address[:2], timeout=10)
-    s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nabc")
+    s.sendall(POST_HEAD + b"Content-Type: image/jpeg\r\nContent-Length: 1000\r\n\r\nabc")
     assert predict(server, photo(synthetic))[0] == 200  # served while the other client stalls
     start = time.perf_counter()
     reply = b""
@@ -278,6 +282,11 @@ def upload_in_browser(srv, photo_path, profile) -> dict:
             if state["shown"] or state["error"]:
                 break
             time.sleep(0.1)
+        # markup injected into the page (say, through a class name) must not run: the policy's business
+        browser.call("Runtime.evaluate", sid, expression="document.body.insertAdjacentHTML('beforeend', "
+                     "'<img src=\"data:,\" onerror=\"window.injected = 1\">')")
+        time.sleep(0.3)
+        state["injected"] = browser.call("Runtime.evaluate", sid, expression="window.injected === 1")["result"]["value"]
     finally:
         browser.close()
     return state
@@ -293,6 +302,7 @@ def test_browser_uploads_a_photo_and_shows_the_result(server, synthetic, tmp_pat
     assert "calibrated (temperature" in facts and "Test: not evaluated yet" in facts
     assert any(c in state["label"] for c in ("Chickenpox", "Cowpox", "HFMD", "Healthy", "Measles", "Monkeypox"))
     assert not state["ood"] and not state["barsFolded"]
+    assert state["injected"] is False  # the page ran its own script (above) and no injected one
 
 
 # ----------------------------------------------------------------------------- what a client may cost
@@ -387,7 +397,7 @@ def test_a_slow_client_is_cut_off_at_the_deadline_while_others_are_served(server
     that pace) does not within the 3 s deadline: the server hangs up at 3 s (with a 408 once the
     headers are in; still in its headers, as here, the client gets nothing more)."""
     s = socket.create_connection(server.server_address[:2], timeout=10)
-    request_bytes = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\n"
+    request_bytes = (POST_HEAD + b"Content-Type: image/jpeg\r\nContent-Length: 100\r\n\r\n"
                      + b"x" * 100)
     sent = []
 
@@ -458,7 +468,7 @@ def test_a_client_that_leaves_before_its_error_reply_leaves_no_traceback(server,
         return real(self, status, *a, **k)
     monkeypatch.setattr(serve.Handler, "_send", gone)
     with socket.create_connection(server.server_address[:2], timeout=10) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
+        s.sendall(POST_HEAD + b"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi")
         assert s.recv(4096) == b""  # closed, answered nothing
     monkeypatch.setattr(serve.Handler, "_send", real)
     assert predict(server, photo(synthetic))[0] == 200
@@ -517,9 +527,9 @@ def raw_reply(srv, data: bytes) -> bytes:
 def test_a_body_framed_two_ways_is_refused_and_smuggles_nothing(server, synthetic, headers, status):
     """Whatever follows the body we would have read must not be answered as a second request."""
     image = photo(synthetic)
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n" + headers.replace(
+    head = POST_HEAD + b"Content-Type: image/jpeg\r\n" + headers.replace(
         b"%d", str(len(image)).encode()) + b"\r\n"
-    smuggled = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
+    smuggled = b"GET /info HTTP/1.1\r\nHost: localhost\r\n\r\n"
     reply = raw_reply(server, head + image + smuggled)
     assert reply.startswith(b"HTTP/1.1 %d" % status) and reply.count(b"HTTP/1.1") == 1, reply[:300]
     assert b"application/json" in reply and b'"error"' in reply
@@ -528,7 +538,7 @@ def test_a_body_framed_two_ways_is_refused_and_smuggles_nothing(server, syntheti
 
 def test_one_length_repeated_or_padded_with_spaces_is_one_length(server, synthetic):
     image = photo(synthetic)
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d \r\n" \
+    head = POST_HEAD + b"Content-Type: image/jpeg\r\nContent-Length: %d \r\n" \
            b"Content-Length: %d\r\n\r\n" % (len(image), len(image))
     reply = raw_reply(server, head + image + b"GET /info HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200") and b'"probabilities"' in reply and b'"limits"' in reply, reply[:300]
@@ -539,8 +549,9 @@ def test_one_length_repeated_or_padded_with_spaces_is_one_length(server, synthet
                                            (b"GET", b"Transfer-Encoding: chunked")])
 def test_a_body_sent_where_none_is_taken_is_not_answered_as_a_second_request(server, method, framing):
     """GET, HEAD and OPTIONS read no body: one sent anyway must not pass for the connection's next request."""
-    smuggled = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
-    head = method + b" /health HTTP/1.1\r\nHost: x\r\n" + framing.replace(b"%d", b"%d" % len(smuggled)) + b"\r\n\r\n"
+    smuggled = b"GET /info HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    head = method + b" /health HTTP/1.1\r\nHost: localhost\r\n" + framing.replace(b"%d", b"%d" % len(smuggled))
+    head += b"\r\n\r\n"
     reply = raw_reply(server, head + smuggled)
     assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1, reply[:300]
     assert b"Connection: close" in reply
@@ -584,7 +595,7 @@ def test_a_client_that_connects_while_the_model_loads_is_answered_once_it_is_rea
 def test_a_client_that_asks_before_sending_is_refused_before_it_sends(server, synthetic):
     """`Expect: 100-continue`: a body the server would refuse is refused at once (413), not invited
     with 100 Continue; one it takes is invited, and answered."""
-    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nExpect: 100-continue\r\n"
+    head = POST_HEAD + b"Content-Type: image/jpeg\r\nExpect: 100-continue\r\n"
     with socket.create_connection(server.server_address[:2], timeout=10) as s:
         s.sendall(head + b"Content-Length: 50000000\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 413")
@@ -597,3 +608,50 @@ def test_a_client_that_asks_before_sending_is_refused_before_it_sends(server, sy
         while chunk := s.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200") and b'"probabilities"' in reply
+
+
+def _answer_headers(srv, path, headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn.request("GET", path, None, headers or {})
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+
+
+def test_the_page_may_run_only_its_own_script_and_no_answer_is_cached_or_sniffed(server):
+    """The page's policy names the SHA-256 of its own script and style, computed here independently,
+    so an injected script cannot run (the browser test checks that it does not); JSON answers too are
+    never cached or sniffed."""
+    status, headers = _answer_headers(server, "/")
+    policy = dict(part.strip().split(" ", 1) for part in headers["content-security-policy"].split(";"))
+    for tag in ("script", "style"):
+        block = re.search(rf"<{tag}>(.*?)</{tag}>", serve.PAGE, re.S).group(1)
+        assert policy[f"{tag}-src"] == f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    for path in ("/", "/info", "/no-such-path"):
+        status, headers = _answer_headers(server, path)
+        assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-store", path
+
+
+@pytest.mark.parametrize("host,status", [("localhost", 200), ("localhost:8000", 200), ("127.0.0.1:1", 200),
+                                         ("[::1]:8000", 200), ("app.localhost", 200), ("evil.example", 400),
+                                         ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400), ("", 400)])
+def test_a_loopback_server_answers_only_to_loopback_names(server, host, status):
+    """DNS rebinding: a page at evil.example whose name is made to resolve to 127.0.0.1 would read
+    the server as its own origin; the browser still sends Host: evil.example."""
+    code, body = request(server, "GET", "/info", headers={"Host": host})
+    assert code == status
+    if status == 400:
+        assert "answers only to localhost" in body["error"]
+
+
+def test_a_server_on_every_address_answers_to_any_name(trained):
+    predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
+    with serve.make_server(predictor, host="0.0.0.0") as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            address = type("Address", (), {"server_address": ("127.0.0.1", srv.server_address[1])})
+            assert request(address, "GET", "/health", headers={"Host": "lab-machine.example:8000"})[0] == 200
+        finally:
+            srv.shutdown()
