@@ -503,9 +503,10 @@ def report_markdown(m: dict) -> str:
             f"p(Mpox) >= {op['threshold']:.3f}; on {m['split']}: sensitivity {op['test_sensitivity']:.3f}, "
             f"specificity {op['test_specificity']:.3f}\n"
             if op else "")
+    temperature = ", ".join(f"{t:.4f}" for t in np.atleast_1d(m["temperature"]))  # an ensemble's: one per member
     return (f"# {m['model']} fold {m['fold']} {m['split']}, {m['head']} head (n={m['n']})\n\n{head}\n\n"
             f"{_ci_line(m['ci95'])}\n\nCalibration: ECE {m['ece']:.4f} (before temperature scaling "
-            f"{m['ece_raw']:.4f}; temperature {m['temperature']})\n\n{per_class_table(m)}\n{gate}\n\n"
+            f"{m['ece_raw']:.4f}; temperature {temperature})\n\n{per_class_table(m)}\n{gate}\n\n"
             + "\n".join(rc) + "\n\n" + mpox + ("\n" + ood_markdown(m["ood"]) if m.get("ood") else ""))
 
 
@@ -746,7 +747,7 @@ def evaluate_folds(checkpoints: list, found: list[dict], out: Path, **kw) -> dic
 def parse_args(argv=None):
     d = DEFAULTS
     p = Parser(__doc__, __file__)
-    p.add_argument("--checkpoint", nargs="+", required=True,
+    p.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                    help="best.pt or a run directory (--fold all runs too); several: an ensemble")
     p.add_argument("--data-root", default=d["data_root"], help="default: the one the run trained on")
     p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS,

@@ -50,12 +50,18 @@ def save_checkpoint(ckpt: dict, path) -> None:
             raise
 
 
+RUN_CHECKPOINTS = ("best.pt", "encoder.pt")  # what a run directory of train.py, of simclr.py, stands for
+
+
 def find_checkpoints(path) -> dict:
-    """What a user passes as --checkpoint: a .pt, or a run directory holding best.pt -> {None: path};
-    a --fold all run directory -> {K: foldK/best.pt}."""
+    """What a user passes as --checkpoint: a .pt, or a run directory holding best.pt (train.py) or
+    encoder.pt (simclr.py) -> {None: path}; a --fold all run directory -> {K: foldK/best.pt}."""
     path = Path(path)
-    if path.is_file() or (path / "best.pt").is_file():
-        return {None: path if path.is_file() else path / "best.pt"}
+    if path.is_file():
+        return {None: path}
+    for name in RUN_CHECKPOINTS:
+        if (path / name).is_file():
+            return {None: path / name}
     if not path.is_dir():
         raise ModelError(f"{path}: no such checkpoint or run directory")
     found = {k: path / f"fold{k}" / "best.pt" for k in FOLDS if (path / f"fold{k}" / "best.pt").is_file()}
@@ -99,6 +105,9 @@ def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[s
 
 def load_checkpoint(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        inside = [path / name for name in RUN_CHECKPOINTS if (path / name).is_file()]
+        raise ModelError(f"{path}: a folder, not a checkpoint file" + (f"; give {inside[0]}" if inside else ""))
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:

@@ -179,6 +179,10 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "bad", "--epochs", 1, "--model", "resnet18",
                                               "--init", out / "encoder.pt"))
     assert_one_line_error(proc, "checkpoint is for lenet, not resnet18")
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--init", out))
+    assert_one_line_error(proc, f"{out}: a folder, not a checkpoint file; give {out / 'encoder.pt'}")
+    proc = run_cli("testing.py", "--checkpoint", out, "--out", tmp_path / "t")  # the run stands for its encoder
+    assert_one_line_error(proc, f"{out / 'encoder.pt'}: a SimCLR encoder has no classifier head; evaluate it with")
 
 
 def test_last_pt_is_written_at_most_every_save_every_seconds_and_at_the_end(synthetic, tmp_path, monkeypatch):

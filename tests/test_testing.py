@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 from conftest import assert_one_line_error, run_cli
 from getData import MSLDDataset, index_split
 from models import ModelError, mean_std_table, resize_size
+import testing
 from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
                      confusion_metrics, evaluate, gated_metrics, interval, mpox_operating_point, risk_coverage)
 
@@ -120,6 +121,10 @@ def test_an_ensemble_averages_its_members(trained_all, tmp_path):
     m = twice[2]["softmax"].metrics
     assert m["members"] == 2 and len(m["checkpoint"]) == 2
     assert "ensemble" in (tmp_path / "two" / "summary.md").read_text()
+    temperatures = m["temperature"]  # one per member, each in the report (not the list's repr)
+    assert len(temperatures) == 2 and f"temperature {temperatures[0]:.4f}, {temperatures[1]:.4f})" in \
+        (tmp_path / "two" / "fold2" / "report.md").read_text()
+    assert testing.parse_args(["--checkpoint", "a", "b", "--checkpoint", "c"]).checkpoint == ["a", "b", "c"]
     with pytest.raises(Exception, match="not both"):
         evaluate([trained_all, trained_all / "fold1" / "best.pt"], tmp_path / "mixed")
 
