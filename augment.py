@@ -12,7 +12,6 @@ Colour changes stay mild and never rotate hue: lesion colour is diagnostic. The 
 evaluation view (centre crop, normalisation) belongs to the networks: models/predict.py.
 """
 import functools
-import json
 import math
 import multiprocessing
 import os
@@ -27,7 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder, decode_all,
-                     index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, usable_folds_root)
+                     index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, to_json,
+                     usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -606,7 +606,7 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
                       desc="augment", disable=None):
             pass
         counts = {c: sum(1 for _, cc, _ in plan if cc == c) for c in classes}
-        (tmp / "config.json").write_text(json.dumps(dict(data_root=str(folds_root), fold=fold, factor=factor,
+        (tmp / "config.json").write_text(to_json(dict(data_root=str(folds_root), fold=fold, factor=factor,
                                                          balance=balance, ops=ops, seed=seed, counts=counts), indent=2))
     print(f"wrote {len(plan)} augmented Train images of fold {fold} to {out}: "
           + ", ".join(f"{c} {n}" for c, n in counts.items()))

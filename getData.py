@@ -9,7 +9,7 @@
 Everything else in the repository imports its data from here: the class list, `load_image`
 (EXIF, odd modes, pixel limit), the fold/split index, `MSLDDataset` and its in-memory uint8 cache.
 And what every script needs for files and mistakes: `atomic_path`/`atomic_write` (a whole output or
-none), `UserError` and `run_main` (a user's mistake is one line and exit status 2).
+none), `to_json` (strict JSON), `UserError` and `run_main` (a user's mistake is one line and exit status 2).
 """
 import argparse
 import base64
@@ -279,6 +279,22 @@ def _temporary_beside(path: Path, folder: bool) -> Path:
 def _not_written(path: Path, e: OSError) -> WriteError:
     what = "the previous one is unchanged" if path.exists() else "nothing was written"
     return WriteError(f"{path}: could not be written ({e.strerror or e}); {what}")
+
+
+def to_json(obj, **kwargs) -> str:
+    """JSON that strict readers (jq, JavaScript's JSON.parse) take: a number that is not finite, such
+    as the Mpox sensitivity of a network trained without Mpox, is null, never the token NaN."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj):
+    if isinstance(obj, float):  # numpy's float64 too
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def atomic_write(path, data: str | bytes) -> None:
@@ -1234,7 +1250,7 @@ def run(args) -> None:
     report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))
     print(format_report(report))
     if args.report:
-        atomic_write(args.report, json.dumps(report, indent=2, default=str))
+        atomic_write(args.report, to_json(report, indent=2, default=str))
     if not report["usable"]:
         raise DataError(f"dataset not usable: {report['problems'][0]}")
 

@@ -15,7 +15,7 @@ resolved arguments. The photos are only read.
 """
 import copy
 import io
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image, prepare,
-                     run_main, usable_folds_root)
+                     run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
                     find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, photos_seen,
                     reference_for, resize_size, save_figure, select_runtime, to_input)
@@ -211,9 +211,23 @@ def _caption(e: Explained, classes) -> str:
            f"{classes[pred]} {e.probs[pred]:.2f}"
 
 
+def overlay_names(paths) -> list[str]:
+    """A file name per image, never one twice: photos of one name in different folders (a/x.jpg,
+    b/x.png) get x_gradcam.png and x-2_gradcam.png rather than one overwriting the other."""
+    used, names = set(), []
+    for path in map(Path, paths):
+        name, k = f"{path.stem}_gradcam.png", 1
+        while name in used:
+            k += 1
+            name = f"{path.stem}-{k}_gradcam.png"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def write_figures(results: list[Explained], names, classes, out: Path, target=None) -> None:
-    for e, name in zip(results, names):
-        save_figure(_figure(e, classes, target, Path(name).name), out / f"{Path(name).stem}_gradcam.png")
+    for e, name, file in zip(results, names, overlay_names(names)):
+        save_figure(_figure(e, classes, target, Path(name).name), out / file)
     cols = min(6, len(results))
     rows = -(-len(results) // cols)
     fig = Figure(figsize=(2.2 * cols, 2.7 * rows))
@@ -361,7 +375,7 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def _agreement(rho: torch.Tensor) -> dict:
     """Mean and std over images of their maps' rank correlations; constant maps (NaN) counted apart."""
     ok = ~rho.isnan()
-    return dict(spearman=float(rho.nanmean()), spearman_std=float(rho[ok].std()) if ok.sum() > 1 else 0.0,
+    return dict(spearman=float(rho.nanmean()), spearman_std=float(rho[ok].std()) if ok.sum() > 1 else math.nan,
                 constant_maps=int((~ok).sum()))
 
 
@@ -427,6 +441,11 @@ def sanity_figure(photos: torch.Tensor, examples: torch.Tensor, steps: list[str]
     return fig
 
 
+def _rho(step: dict) -> str:
+    text = f"{step['spearman']:.3f}" if math.isfinite(step["spearman"]) else "—"
+    return text + (f" ({step['constant_maps']} flat)" if step["constant_maps"] else "")
+
+
 def studies_markdown(name: str, faith: dict | None, sanity: dict | None) -> str:
     lines = [f"# Does Grad-CAM explain {name}?\n"]
     if faith:
@@ -439,8 +458,11 @@ def studies_markdown(name: str, faith: dict | None, sanity: dict | None) -> str:
         lines += ["", f"Cascading randomisation (Adebayo et al. 2018) over {sanity['n']} images: Spearman rank "
                   "correlation with the trained network's maps, weights re-initialised from the head down.\n",
                   "| layer | " + " | ".join(f"-{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-        lines += [f"| {layer} | " + " | ".join(f"{s['spearman']:.3f}" for s in rows) + " |"
-                  for layer, rows in sanity["layers"].items()]
+        lines += [f"| {layer} | " + " | ".join(map(_rho, rows)) + " |" for layer, rows in sanity["layers"].items()]
+        if any(s["constant_maps"] for rows in sanity["layers"].values() for s in rows):
+            lines += ["", "(k flat): k of the images had a map of one value (Grad-CAM's ReLU zeroes a map whose "
+                      "gradients all point against the class), which ranks nothing: the mean is over the others, "
+                      "and — where every map was flat."]
     return "\n".join(lines) + "\n"
 
 
@@ -481,8 +503,12 @@ def parse_args(argv=None):
 def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
-    if args.images:
-        return [q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p])]
+    if args.images:  # each image once, however often it was named (a file, and the folder holding it)
+        found = [q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p])]
+        once = {}
+        for q in found:
+            once.setdefault(q.resolve(), q)
+        return list(once.values())
     fold = args.fold or ckpt.get("fold")
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
@@ -531,10 +557,10 @@ def run_studies(args, rt) -> dict:
 
 def write_studies(out: Path, name: str, faith: dict | None, sanity: dict | None) -> None:
     if faith:
-        atomic_write(out / "faithfulness.json", json.dumps(faith, indent=2))
+        atomic_write(out / "faithfulness.json", to_json(faith, indent=2))
         save_figure(faithfulness_figure(faith), out / "faithfulness.png")
     if sanity:
-        atomic_write(out / "sanity.json", json.dumps(tables(sanity), indent=2))
+        atomic_write(out / "sanity.json", to_json(tables(sanity), indent=2))
         steps = [s["randomised"] for s in next(iter(sanity["layers"].values()))]
         for layer, examples in sanity["examples"].items():
             save_figure(sanity_figure(sanity["photos"], examples, steps, layer), out / f"sanity_{layer}.png")
@@ -567,7 +593,7 @@ def studies_summary(results: dict) -> str:
 
 def save_config(out: Path, args, rt: Runtime) -> None:
     """The command's resolved arguments beside its outputs, so a figure can be traced to what made it."""
-    atomic_write(out / "config.json", json.dumps(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
+    atomic_write(out / "config.json", to_json(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
 
 
 def run(args) -> list:

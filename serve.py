@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlparse, urlsplit
 import numpy as np
 import torch
 
-from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main
+from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main, to_json
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, capture_features,
                     device_logits, find_checkpoint, gate, gate_by, load_classifier, probabilities, reference_for,
@@ -318,7 +318,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _json(self, status: int, obj: dict, headers: dict | None = None):
         # allow_nan=False: never the invalid JSON token NaN (answer() refuses non-finite scores first)
-        self._send(status, json.dumps(obj, allow_nan=False).encode(), "application/json", headers)
+        self._send(status, to_json(obj).encode(), "application/json", headers)
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (malformed request line, unknown method, header too
@@ -718,7 +718,7 @@ function scores(s) {
   const ci = s.ci95 && s.ci95.accuracy ? " (95% CI " + s.ci95.accuracy.map(pct).join("-") + ")" : "";
   return "accuracy " + pct(s.accuracy) + ci
     + ", balanced accuracy " + pct(s.balanced_accuracy)
-    + (s.mpox_sensitivity !== undefined ? ", Mpox sensitivity " + pct(s.mpox_sensitivity) : "");
+    + (s.mpox_sensitivity != null ? ", Mpox sensitivity " + pct(s.mpox_sensitivity) : "");
 }
 fetch("/info").then(r => r.json()).then(i => {
   const lines = ["Answered by " + i.model + (i.fold ? ", trained on fold " + i.fold : "") + " (checkpoint "

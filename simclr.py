@@ -14,7 +14,6 @@ Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, enco
 """
 import contextlib
 import hashlib
-import json
 import math
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (DataError, Number, Parser, atomic_write, decode_all, images_in, index_split, list_classes,
-                     origin_stem, patient_id, resolve_data_root, resumable, run_main)
+                     origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
                     per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send, set_seed, shard,
@@ -276,7 +275,7 @@ def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, s
         return ckpt["epoch"], ckpt["history"], ckpt["metric"].get("knn_acc_start")
     if rt.rank != 0:
         return 0, [], None
-    atomic_write(out / "config.json", json.dumps(config, indent=2))
+    atomic_write(out / "config.json", to_json(config, indent=2))
     atomic_write(out / "files.txt", "".join(f"{p}\n" for p in files))
     knn_start = monitor(encoder, rt)
     pairs = f"; {config['patient_pairs']} with another photo of their patient" if config["patient_pairs"] else ""

@@ -21,7 +21,6 @@ the distinct Test images), pooled plots; and config.json, the command's resolved
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
                      atomic_write, decode_all, images_in, is_synthetic, list_classes, not_skin_images, patient_id,
-                     prepare, run_main, synthetic_image, usable_folds_root)
+                     prepare, run_main, synthetic_image, to_json, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
                     detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
                     load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
@@ -381,7 +380,7 @@ def predictions_csv(paths, y_true, probs, classes, gate_columns: dict | None = N
 
 def write_outputs(out: Path, m: dict, ds: MSLDDataset, probs, gate_columns: dict | None = None) -> None:
     y = ds.targets.numpy()
-    atomic_write(out / "metrics.json", json.dumps(m, indent=2))
+    atomic_write(out / "metrics.json", to_json(m, indent=2))
     atomic_write(out / "predictions.csv", predictions_csv(ds.paths, y, probs, ds.classes, gate_columns))
     atomic_write(out / "report.md", report_markdown(m))
     title = f"fold {m['fold']} {m['split']} {m['head']}"
@@ -679,7 +678,7 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     numbers = dict(folds=rows, ci95_of_mean=ci_mean, gated=gated, distinct=dict(
         n=distinct["n"], entries=entries, **{k: distinct[k] for k in SUMMARY_KEYS + ["ci95"] if k in distinct}),
         **pooled_plots(folds, classes, head, str(out / f"{{}}_pooled{suffix}.png")), ood=oods)
-    atomic_write(out / f"summary{suffix}.json", json.dumps(numbers, indent=2))
+    atomic_write(out / f"summary{suffix}.json", to_json(numbers, indent=2))
     return lines, {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "fold"}
 
 
@@ -718,7 +717,7 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     else:
         result = evaluate_folds(checkpoints, found, out, **kw)
     if config is not None:
-        atomic_write(out / "config.json", json.dumps(dict(config, out=str(out)), indent=2, default=str))
+        atomic_write(out / "config.json", to_json(dict(config, out=str(out)), indent=2, default=str))
     return result
 
 

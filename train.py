@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c)
+                     resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
                     fit_temperature, is_current, load_classifier, make_optimizer, mean_std_table, param_groups,
@@ -225,7 +225,7 @@ class FoldRun:
         if self.rt.rank == 0:
             if want_resume:
                 print(f"fold {fold}: no {last} to resume from: starting it")
-            atomic_write(self.out / "config.json", json.dumps(self.config, indent=2))
+            atomic_write(self.out / "config.json", to_json(self.config, indent=2))
         return 0
 
     def end(self, row: dict, model, evaluated, started: float, opt=None, sched=None, **modules) -> None:

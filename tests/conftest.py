@@ -2,6 +2,7 @@
 import contextlib
 import importlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -135,6 +136,13 @@ def killed_on_call(monkeypatch, module, name: str, n: int = 3):
         return real(*a, **k)
     monkeypatch.setattr(module, name, dies)
     return lambda: monkeypatch.setattr(module, name, real)
+
+
+def strict_json(text: str):
+    """Parse as a strict reader does (jq, JavaScript's JSON.parse): the tokens NaN and Infinity refused."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def train_args(data, out, *extra):

@@ -1,6 +1,7 @@
 import gc
 import hashlib
 import json
+import shutil
 import weakref
 
 import numpy as np
@@ -11,8 +12,9 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from conftest import assert_one_line_error, run_cli
-from getData import index_split, load_image
+import gradcam
+from conftest import assert_one_line_error, run_cli, strict_json
+from getData import index_split, load_image, to_json
 from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
 from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 
@@ -178,6 +180,30 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "2", "--split", "Valid",
                    "--limit", "20", "--out", tmp_path / "c")
     assert f"note: {sum(p.name in learned for p in shown)} of these 20 photos" in proc.stdout  # the folds share photos
+
+
+def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
+    """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
+    name in different folders each keep their overlay."""
+    photos = sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:2]
+    for folder, photo in zip("ab", photos):
+        (tmp_path / folder).mkdir()
+        shutil.copy(photo, tmp_path / folder / "x.jpg")
+    given = [tmp_path / "a", tmp_path / "a" / "x.jpg", tmp_path / "b"]
+    assert gradcam.main(["--checkpoint", str(trained / "best.pt"), *map(str, given), "--out", str(tmp_path / "out"),
+                         "--device", "cpu"]) == 0
+    overlays = {p.name: Image.open(p).tobytes() for p in (tmp_path / "out").glob("*_gradcam.png")}
+    assert sorted(overlays) == ["x-2_gradcam.png", "x_gradcam.png"]
+    assert overlays["x_gradcam.png"] != overlays["x-2_gradcam.png"]  # a's photo and b's, not one drawn twice
+
+
+def test_flat_maps_rank_nothing_and_say_so_in_strict_json_and_the_table():
+    rho = spearman(torch.ones(2, 4, 4), torch.rand(2, 4, 4))  # a map of one value has no ranking
+    assert rho.isnan().all()
+    step = dict(randomised="head", **gradcam._agreement(rho))
+    assert strict_json(to_json(step))["spearman"] is None
+    table = gradcam.studies_markdown("x", None, dict(n=2, layers={"layer4": [step]}))
+    assert "| layer4 | — (2 flat) |" in table and "nan" not in table
 
 
 def test_cli_bad_input_is_one_line(trained, synthetic, tmp_path):

@@ -634,6 +634,26 @@ def test_the_page_may_run_only_its_own_script_and_no_answer_is_cached_or_sniffed
         assert headers["x-content-type-options"] == "nosniff" and headers["cache-control"] == "no-store", path
 
 
+def test_info_answers_when_the_test_scores_hold_an_undefined_number(trained, tmp_path):
+    """Older testing.py wrote the Mpox sensitivity of a network trained without Mpox as the token NaN:
+    /info answered 500 ("Out of range float values are not JSON compliant"). Now it is null."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "best.pt", run / "best.pt")
+    evaluate(run / "best.pt", rt=select_runtime("cpu"), resamples=20)
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    (run / "test" / "metrics.json").write_text(json.dumps(dict(metrics, mpox_sensitivity=float("nan"))))
+    predictor = serve.Predictor(run / "best.pt", select_runtime("cpu"))
+    with serve.make_server(predictor) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            status, text = request(srv, "GET", "/info", headers={"Accept": "application/json"})
+        finally:
+            srv.shutdown()
+    assert status == 200 and text["test"]["mpox_sensitivity"] is None
+    assert text["test"]["accuracy"] == metrics["accuracy"]
+
+
 @pytest.mark.parametrize("host,status", [("localhost", 200), ("localhost:8000", 200), ("127.0.0.1:1", 200),
                                          ("[::1]:8000", 200), ("app.localhost", 200), ("evil.example", 400),
                                          ("evil.example:8000", 400), ("127.0.0.1.evil.example", 400), ("", 400)])
