@@ -84,11 +84,24 @@ class WriteError(UserError):
     """An output that could not be written (a full disk, a file where a folder should be, ...)."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, `timeout`, a scheduler's time limit), met as Ctrl-C is: the same unwinding
+    (temporary files removed, helper processes stopped) and one line, exit status 143."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one cannot cut the unwinding short
+    raise Terminated
+
+
 def run_main(body, *args) -> int:
     """Every script's main(): run `body`; a user mistake is one 'error:' line and exit status 2."""
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is shown escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    # Not under torchrun, which ends every rank with SIGTERM when one fails: they stay silent, it reports
+    takes_sigterm = threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RUN_ID" not in os.environ
+    before = signal.signal(signal.SIGTERM, _terminated) if takes_sigterm else None
     try:
         body(*args)
         return 0
@@ -96,17 +109,21 @@ def run_main(body, *args) -> int:
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
-        sys.stderr.write(f"\ninterrupted{''.join(f': {a}' for a in e.args)}\n")
-        return 130  # the shell's status for SIGINT
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        sys.stderr.write(f"\n{stopped}{''.join(f': {a}' for a in e.args)}\n")
+        return 143 if isinstance(e, Terminated) else 130  # the shell's status for SIGTERM, SIGINT
+    finally:
+        if takes_sigterm:
+            signal.signal(signal.SIGTERM, before)
 
 
 @contextlib.contextmanager
 def on_interrupt(how_to_go_on: str):
-    """Ctrl-C inside: run_main's one line says how to go on."""
+    """Ctrl-C (or SIGTERM) inside: run_main's one line says how to go on."""
     try:
         yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(how_to_go_on) from None
+    except KeyboardInterrupt as e:
+        raise type(e)(how_to_go_on) from None
 
 
 @contextlib.contextmanager

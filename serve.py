@@ -662,9 +662,9 @@ def run(args) -> None:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); {hint}") from None
     with server:  # closes the socket however this ends
         server.predictor = load()  # connections made meanwhile wait in the listen queue
-        print(f"serving {checkpoint} ({server.predictor.info['model']}) on "
-              f"http://{args.host}:{server.server_address[1]}/", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: how a server is stopped, a normal end
+            print(f"serving {checkpoint} ({server.predictor.info['model']}) on "
+                  f"http://{args.host}:{server.server_address[1]}/", flush=True)
             server.serve_forever()
 
 

@@ -38,11 +38,11 @@ from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, claim_run_dir, derived_seed, distributed, epoch_generators,
-                    fit_temperature, is_current, load_classifier, make_optimizer, mean_std_table, param_groups,
-                    per_rank_batch, predict_logits, probabilities, reference_from_images, refuse_init_that_saw,
-                    resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed, shard,
-                    training_state, unwrap, warmup_cosine, write_history)
+                    build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed, distributed,
+                    epoch_generators, fit_temperature, is_current, load_checkpoint, load_classifier, make_optimizer,
+                    mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities, reference_from_images,
+                    refuse_init_that_saw, resize_size, resume, save_checkpoint, select_runtime, send, set_numerics,
+                    set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -704,6 +704,12 @@ def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> 
                 and (root / f"fold{cfg['fold']}" / "last.pt").is_file():
             raise DataError(f"{root}: holds a --fold all run; resume it with --fold all")
         claim_run_dir(root, cfg["resume"], cfg["overwrite"], held, "train.py", folds=outs.values())
+        if cfg["resume"]:  # every fold's flags now, not at its turn: side by side, the others would train meanwhile
+            for fold, out in outs.items():
+                if (out / "last.pt").is_file():
+                    flags = {k: v for k, v in dict(cfg, fold=fold).items() if k in DEFAULTS}
+                    check_resumable(load_checkpoint(out / "last.pt", lazy=True), flags, RUNTIME_KEYS, DEFAULTS,
+                                    out / "last.pt")
     except (OSError, ValueError) as e:  # an unreadable config.json, --out at a file: one line too
         raise DataError(str(e)) from None
 
@@ -720,31 +726,41 @@ def train_side_by_side(cfg: dict, folds_root: Path, outs: dict[int, Path], jobs:
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold a CUDA context
     takes_ctrl_c, stopped = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN, context.Event()
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_job,
-                                                initargs=(threads, takes_ctrl_c, stopped)) as pool:
+                                                initargs=(threads, takes_ctrl_c, stopped, os.getpid())) as pool:
         with spawned_deaf_to_ctrl_c():  # the pool starts its processes as folds are submitted
             futures = [pool.submit(_fold_job, cfg, k, folds_root, out) for k, out in outs.items()]
         try:
             return [f.result() for f in futures]
-        except KeyboardInterrupt:  # passed on: the folds' processes were born deaf to the terminal's
-            stopped.set()  # for a process still starting: it leaves once ready
-            for worker in multiprocessing.active_children():
-                os.kill(worker.pid, signal.SIGINT)
-            raise
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
+        except BaseException:  # Ctrl-C, SIGTERM or one fold's error: the others stop too, as in turn they
+            stopped.set()  # would not start; a process still starting leaves once ready
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in multiprocessing.active_children():  # SIGTERM: heard where Ctrl-C is ignored (nohup)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGTERM)
             raise
 
 
-def _start_job(threads: int, takes_ctrl_c: bool, stopped) -> None:
+def _start_job(threads: int, takes_ctrl_c: bool, stopped, parent: int) -> None:
     """A fold's process, ready (torch imported): it takes Ctrl-C from now on, unless the run ignores it
-    (`nohup ... &`), and leaves if the run was stopped while it started (the handler first, so that
-    a stop after the check reaches it)."""
+    (`nohup ... &`), and SIGTERM; it leaves if the run was stopped while it started (the handlers
+    first, so that a stop after the check reaches them), or whenever the run's process is gone."""
     torch.set_num_threads(threads)  # the CPU's cores shared out between the folds, not each taking all
     tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that os._exit (below) would leave behind
     if takes_ctrl_c:
         signal.signal(signal.SIGINT, _leave)
+    signal.signal(signal.SIGTERM, _leave)
+    threading.Thread(target=_stop_without, args=(parent,), daemon=True).start()
     if stopped.is_set():
         os._exit(130)
+
+
+def _stop_without(parent: int) -> None:
+    """A run's process killed outright (`kill -9`, out of memory) cannot stop its folds' processes:
+    left alone they would go on training fold after fold into a run directory nobody holds. Each
+    stops itself once its parent is gone, as if sent SIGTERM (unwinding, if it trains a fold)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
@@ -759,10 +775,11 @@ def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
 
 
 def _on_interrupt(handler) -> None:
-    """How a fold's process meets Ctrl-C: it leaves quietly (the parent says so), at once when idle, after
-    unwinding when it trains a fold. Not where Ctrl-C is ignored (a `nohup ... &` run)."""
+    """How a fold's process meets Ctrl-C and SIGTERM: it leaves quietly (the parent says so), at once
+    when idle, after unwinding when it trains a fold. Ctrl-C not where it is ignored (`nohup ... &`)."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _leave(signum, frame):
@@ -770,7 +787,8 @@ def _leave(signum, frame):
 
 
 def _unwind(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or the parent's) cannot cut the unwinding short
+    for stop in (signal.SIGINT, signal.SIGTERM):  # a second stop (the parent's) cannot cut the unwinding short
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

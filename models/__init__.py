@@ -11,8 +11,9 @@
     from models import build_model, load_classifier, predict, select_runtime
 """
 from models.build import Classifier, build_model, load_classifier, model_names
-from models.checkpoint import (ModelError, checkpoint_dict, find_checkpoint, find_checkpoints, load_checkpoint,
-                               photos_seen, refuse_init_that_saw, resume, save_checkpoint, training_state, unwrap)
+from models.checkpoint import (ModelError, check_resumable, checkpoint_dict, find_checkpoint, find_checkpoints,
+                               load_checkpoint, photos_seen, refuse_init_that_saw, resume, save_checkpoint,
+                               training_state, unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
 from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, is_current, ood_scores,
@@ -26,7 +27,8 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
                             distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
                             set_numerics, set_seed, shard)
 
-__all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "checkpoint_dict",
+__all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
+           "checkpoint_dict",
            "find_checkpoint", "find_checkpoints", "load_checkpoint", "photos_seen", "refuse_init_that_saw", "resume",
            "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer",
            "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference",

@@ -103,7 +103,9 @@ def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[s
                          f"on fold {fold} (e.g. `python simclr.py --fold {fold}`), or from outside weights")
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, lazy: bool = False) -> dict:
+    """A checkpoint of this project (or a torchvision state_dict), refused in one line if it is not
+    one. `lazy`: tensors mapped from the file, read only if used (to read a checkpoint's config)."""
     path = Path(path)
     if path.is_dir():
         inside = [path / name for name in RUN_CHECKPOINTS if (path / name).is_file()]
@@ -117,7 +119,7 @@ def load_checkpoint(path) -> dict:
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or an older one's pickle
         raise ModelError(f"{path}: not a PyTorch checkpoint (it starts {head!r}, not as torch.save writes)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy and head.startswith(b"PK"))
     except pickle.UnpicklingError:  # torch's text here suggests weights_only=False: never, for a stranger's file
         raise ModelError(f"{path}: not plain tensors and numbers (it may hold code, which is never run here), "
                          "or damaged") from None

@@ -67,15 +67,22 @@ def start_as_from_a_terminal(script, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool) -> list[str]:
-    """Ctrl-C to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process group
-    as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars
+def start_in_the_background(script, *args) -> subprocess.Popen:
+    """A script started as `nohup python script ... &` starts it: Ctrl-C ignored, a process group of its own."""
+    return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+
+def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool, sig=signal.SIGINT) -> list[str]:
+    """Ctrl-C (or `sig`) to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process
+    group as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars
     left out, once it and every process it started have ended; a failing test leaves none running."""
     try:
         deadline = time.monotonic() + 120
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        (os.killpg if whole_group else os.kill)(proc.pid, signal.SIGINT)
+        (os.killpg if whole_group else os.kill)(proc.pid, sig)
         _, err = proc.communicate(timeout=30)
         assert group_gone(proc.pid, within=10), "a process it started outlived it"
     finally:

@@ -10,7 +10,7 @@ import augment
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import assert_one_line_error, interrupt_when, run_cli, start_as_from_a_terminal
+from conftest import assert_one_line_error, interrupt_when, run_cli, start_as_from_a_terminal, start_in_the_background
 from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
@@ -193,6 +193,16 @@ def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthet
                                     "--factor", 500, "--workers", 2)
     lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=True)  # the workers write
     assert proc.returncode == 130 and lines == ["interrupted"], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_the_writer_and_leaves_no_half_written_folder(tmp_path, synthetic):
+    """`kill PID` of a writer started with `nohup ... &`: before, its hidden temporary folder of
+    half the copies stayed behind. Now it unwinds as on Ctrl-C: one line, exit status 143."""
+    proc = start_in_the_background("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug", "--factor",
+                                   500, "--workers", 2)
+    lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=False, sig=signal.SIGTERM)
+    assert proc.returncode == 143 and lines == ["terminated"], lines
     assert list(tmp_path.iterdir()) == []
 
 

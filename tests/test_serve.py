@@ -666,6 +666,19 @@ def test_a_loopback_server_answers_only_to_loopback_names(server, host, status):
         assert "answers only to localhost" in body["error"]
 
 
+def test_sigterm_stops_the_server_as_a_normal_end(trained):
+    """`docker stop`, `systemctl stop`, `kill PID`: the way a server is stopped, exit status 0."""
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", trained / "best.pt", "--port", "0",
+                             "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving ")
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 def test_a_server_on_every_address_answers_to_any_name(trained):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
     with serve.make_server(predictor, host="0.0.0.0") as srv:

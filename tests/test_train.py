@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import fcntl
 import io
@@ -5,10 +6,12 @@ import json
 import os
 import pty
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 import zipfile
 
 import numpy as np
@@ -21,8 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from augment import write_augmented
-from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, run_script,
-                      start_as_from_a_terminal, train_args)
+from conftest import (REPO, assert_one_line_error, group_gone, interrupt_when, killed_on_call, run_cli, run_script,
+                      start_as_from_a_terminal, start_in_the_background, train_args)
 from getData import audit, index_split, list_classes
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
@@ -354,6 +357,52 @@ def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path
     assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))  # none started after
 
 
+def test_sigterm_stops_folds_side_by_side_where_ctrl_c_is_ignored(synthetic, tmp_path):
+    """`kill PID` (a scheduler's time limit, `timeout`) of a run started with `nohup ... &`: met as Ctrl-C
+    is, the folds' processes stopped too (before, they went on training every remaining fold, orphaned,
+    into a run directory no process held), one line, status 143, and --resume continues."""
+    out = tmp_path / "r"
+    proc = start_in_the_background("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
+                                                              "--epochs", 100_000))
+    lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False,
+                           sig=signal.SIGTERM)
+    assert proc.returncode == 143 and lines == [f"terminated: the same command with --resume continues {out} "
+                                                "from its last saved epoch"], lines
+    assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))
+
+
+def test_folds_side_by_side_stop_when_the_run_is_killed_outright(synthetic, tmp_path):
+    """`kill -9` of the run's process, which cannot pass anything on: its folds' processes stop themselves."""
+    out = tmp_path / "r"
+    proc = start_in_the_background("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
+                                                              "--epochs", 100_000))
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("fold*/best.pt"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.kill()
+        proc.communicate(timeout=30)
+        assert group_gone(proc.pid, within=15), "a fold's process outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_resume_with_other_flags_is_refused_before_any_fold_trains(trained_all, tmp_path, monkeypatch):
+    """Side by side, a fold refused at its turn left the others training meanwhile (a fold without a
+    last.pt starting afresh with the new flags: one run of two settings). Every fold is checked first."""
+    run, started = tmp_path / "run", []
+    shutil.copytree(trained_all, run)
+    monkeypatch.setattr(train, "train_side_by_side", lambda *args: started.append(args) or [])
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    data = json.loads((run / "fold1" / "config.json").read_text())["data_root"]
+    assert_one_line_error(run_cli("train.py", "--data-root", data, "--out", run, "--fold", "all", "--jobs", 2,
+                                  "--epochs", 3, "--resume", "--device", "cpu"),
+                          f"{run / 'fold1' / 'last.pt'}: --epochs was 2, now 3")
+    assert not started
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 FOLD_PROCESS = """
 import os, signal, sys, threading, time
 import train
@@ -371,7 +420,7 @@ train.fit_fold = fold
 stopped = threading.Event()
 if sys.argv[1] == "starting":
     stopped.set()  # the run was stopped while this process imported torch, deaf to Ctrl-C
-train._start_job(1, True, stopped)
+train._start_job(1, True, stopped, os.getppid())
 train._fold_job({cfg}, 1, None, None)
 if sys.argv[1] == "between":
     os.kill(os.getpid(), signal.SIGINT)
