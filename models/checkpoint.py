@@ -93,9 +93,9 @@ def refuse_init_that_saw(init: str, folds_root: Path, fold: int, classes: list[s
     """--init from a network of this project that learned from another fold's photos: MSLD's folds
     share photos, so it has seen many of this fold's Valid and Test photos and the fold's scores would
     be optimistic (fold 1's SimCLR encoder saw 223 of fold 2's 246). Refused, with the count."""
-    if not init.endswith(".pt"):
+    if init in ("none", "imagenet"):
         return
-    ckpt = load_checkpoint(init)
+    ckpt = load_checkpoint(init, lazy=True)  # its fold and kind; the weights are build_model's to read
     held_out = [p for s in ("Valid", "Test") for p, _ in index_split(folds_root, fold, s, classes)]
     if ckpt.get("fold") != fold and (n := photos_seen(ckpt, folds_root, classes, held_out)):
         raise ModelError(f"--init {init}: learned from fold {ckpt['fold']}'s photos, {n} of fold {fold}'s "

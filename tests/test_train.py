@@ -212,6 +212,9 @@ def test_init_from_a_network_that_saw_the_folds_held_out_photos_is_refused(synth
     assert_one_line_error(proc, f"learned from fold 1's photos, {n} of fold 2's", "simclr.py --fold 2")
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--fold", 2, "--init", trained / "best.pt",
                                   "--out", tmp_path / "s"), f"{n} of fold 2's")  # pre-training too
+    renamed = shutil.copy(trained / "best.pt", tmp_path / "weights.pth")  # whatever its name
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--fold", 2, "--init", renamed)),
+                          f"{n} of fold 2's")
     assert train.main(train_args(synthetic, tmp_path / "ok", "--epochs", 1, "--init", trained / "best.pt")) == 0
 
 
