@@ -70,6 +70,7 @@ os.umask(UMASK)
 
 class UserError(Exception):
     """A user's mistake (a path, a flag, a file): every script reports it as one line, exit status 2."""
+    quiet = False  # True where another process says it (under torchrun, rank 0 for every rank)
 
 
 class DataError(UserError):
@@ -106,7 +107,8 @@ def run_main(body, *args) -> int:
         body(*args)
         return 0
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
+        if not e.quiet:
+            sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"

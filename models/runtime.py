@@ -73,8 +73,8 @@ class Runtime:
 
     def from_rank0(self, compute):
         """compute() on rank 0 only (e.g. it may write the synthetic set); every rank gets its value,
-        or raises rank 0's user error (one line on each rank, where the others, left waiting for a
-        broadcast that never came, would die with gloo's "Connection reset by peer" traceback)."""
+        or raises rank 0's user error (where the others, left waiting for a broadcast that never came,
+        would die with gloo's "Connection reset by peer" traceback); rank 0 alone prints its line."""
         if self.world == 1:
             return compute()
         outcome = [None]
@@ -86,6 +86,7 @@ class Runtime:
         dist.broadcast_object_list(outcome)
         value, error = outcome[0]
         if error is not None:
+            error.quiet = self.rank != 0
             raise error
         return value
 
