@@ -468,9 +468,10 @@ def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) 
     classes = classes or list_classes(folds_root)
     dirs = [Path(folds_root) / f"fold{fold}" / split, *map(Path, extra_dirs)]
     for d in dirs[1:]:
-        unknown = sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)) if d.is_dir() else []
-        if not d.is_dir() or unknown:
-            raise DataError(f"{d}: expected class folders {classes}" + (f", found {unknown}" if unknown else ""))
+        if not d.is_dir():
+            raise DataError(f"{d}: {_not_a_folder(d)}; give a folder that augment.py wrote (<Class>/ folders)")
+        if unknown := sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)):
+            raise DataError(f"{d}: expected class folders {classes}, found {unknown}")
     return [(p, label) for d in dirs for label, c in enumerate(classes) for p in list_images(d / c)]
 
 

@@ -120,6 +120,14 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
     assert blocker.read_text() == "not a folder"
 
 
+def test_an_aug_dir_that_is_not_augment_pys_output_is_one_line(synthetic, tmp_path):
+    strange = tmp_path / "strange"
+    (strange / "Flu").mkdir(parents=True)
+    for aug, fragment in ((tmp_path / "missing", "missing: no such folder; give a folder that augment.py wrote"),
+                          (strange, "found ['Flu']")):
+        assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--aug-dir", aug)), fragment)
+
+
 def test_outputs_never_go_into_a_training_runs_own_folder(synthetic, trained, trained_all, monkeypatch):
     """testing.py and gradcam.py write config.json and summary.md: into a run's folder they would replace
     the run's own (and --resume would no longer match). Refused before any work."""
