@@ -226,6 +226,17 @@ def pretrain(cfg: dict) -> dict:
             return _pretrain(cfg, folds_root, rt)
 
 
+def _check_sizes(cfg: dict, n_images: int, batch: int, n_train: int) -> None:
+    """On every rank alike, before any collective: a batch larger than the set (it would silently be
+    the whole set) and a k-NN monitor over more neighbours than it has Train images (a majority vote)."""
+    if n_images < batch:
+        raise DataError(f"--batch-size {cfg['batch_size']}: fold {cfg['fold']} has {n_images} unlabeled images; "
+                        "lower --batch-size, or add images with --extra")
+    if cfg["knn_k"] > n_train:
+        raise DataError(f"--knn-k {cfg['knn_k']}: the k-NN monitor has {n_train} Train images of fold {cfg['fold']} "
+                        "to vote; use fewer neighbours")
+
+
 def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     out, batch = Path(cfg["out"]), per_rank_batch(cfg["batch_size"], rt.world) * rt.world
     set_seed(cfg["seed"])
@@ -234,6 +245,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     encoder = build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"])
     model = rt.module(SimCLR(encoder.backbone, encoder.num_features, cfg["proj_dim"]))
     files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
+    _check_sizes(cfg, len(files), batch, len(index_split(folds_root, cfg["fold"], "Train", classes)))
     partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
                   backend=rt.backend, patient_pairs=int((partners[1] > 0).sum()) if partners else 0)

@@ -254,6 +254,16 @@ def test_a_batch_smaller_than_two_per_rank_is_a_one_line_error(synthetic, tmp_pa
     assert 'simclr.py", line' not in proc.stderr  # no traceback from our code (torchrun reports the exit codes)
 
 
+def test_a_batch_or_a_knn_larger_than_the_data_is_a_one_line_error(synthetic, tmp_path):
+    """A batch of more images than the set silently became the whole set (the config said 1000); a
+    k-NN monitor over more neighbours than Train images is a majority vote. Refused before any work."""
+    n = len(unlabeled_files(synthetic, 1)[0])
+    for flag, fragment in (("--batch-size", f"fold 1 has {n} unlabeled images"), ("--knn-k", "the k-NN monitor has")):
+        assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--epochs", 1, flag, 1000, "--out",
+                                      tmp_path / "s"), f"{flag} 1000: {fragment}")
+        assert not (tmp_path / "s").exists()
+
+
 def test_what_rank0_refuses_stops_every_rank_with_its_one_line(synthetic, tmp_path):
     """Rank 0 alone resolves the data root and claims the run directory: its refusal stops the other
     rank too, which is not left waiting in a broadcast to die with gloo's "Connection reset by peer"
