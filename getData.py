@@ -412,9 +412,10 @@ def images_under(folder) -> list[Path]:
 
 
 def images_in(folders, flag: str = "") -> list[Path]:
-    """Every image file below each of `folders` (given with `flag`, named in the message): one line for
-    a folder that is missing or holds no image, rather than a run on fewer photos than asked for."""
-    found = []
+    """Every image file below each of `folders` (given with `flag`, named in the message), each once
+    however often it is named (a folder and one inside it): one line for a folder that is missing or
+    holds no image, rather than a run on fewer photos than asked for."""
+    found = {}
     for d in map(Path, folders):
         where = f"{flag} {d}".strip()
         if not d.is_dir():
@@ -422,8 +423,9 @@ def images_in(folders, flag: str = "") -> list[Path]:
         images = images_under(d)
         if not images:
             raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        found += images
-    return found
+        for p in images:
+            found.setdefault(p.resolve(), p)
+    return list(found.values())
 
 
 def is_class_folder(d: Path) -> bool:
