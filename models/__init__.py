@@ -28,14 +28,13 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
                             set_numerics, set_seed, shard)
 
 __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
-           "checkpoint_dict",
-           "find_checkpoint", "find_checkpoints", "load_checkpoint", "photos_seen", "refuse_init_that_saw", "resume",
-           "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS", "OPTIMIZERS", "make_optimizer",
-           "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by", "detection_metrics", "fit_reference",
-           "gate", "is_current", "ood_scores", "reference_for", "reference_from_images", "MEAN", "PLAIN_VIEW", "STD",
-           "TTA_VIEWS", "capture_features", "crop", "device_logits", "embed", "fit_temperature", "logits_and_features",
-           "normalize", "predict", "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock",
-           "claim_run_dir", "output_folder", "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history",
-           "MEMORY_FORMATS", "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant", "derived_seed",
-           "distributed", "epoch_generators", "per_rank_batch", "seed_worker", "select_runtime", "send",
-           "set_numerics", "set_seed", "shard"]
+           "checkpoint_dict", "find_checkpoint", "find_checkpoints", "load_checkpoint", "photos_seen",
+           "refuse_init_that_saw", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
+           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by",
+           "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",
+           "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features", "crop",
+           "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict", "predict_logits",
+           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "output_folder",
+           "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS",
+           "Runtime", "backend_for", "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators",
+           "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed", "shard"]
