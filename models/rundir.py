@@ -63,6 +63,9 @@ def _claim_one(path: Path, resume: bool, overwrite: bool, stack: contextlib.Exit
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
+    for stale in sorted(path.glob(f"{ASIDE}*")):  # the lock is ours: whoever set these aside is gone (kill -9)
+        print(f"note: {stale} holds the files of a run that an --overwrite killed outright had set aside; move "
+              f"them back into {path}, or delete that folder")
     found = [name for name in RUN_FILES if (path / name).is_file()]
     if found and not resume and not overwrite:
         raise WriteError(f"{path}: holds a run already ({', '.join(found)}); continue it with `python {script} "

@@ -344,6 +344,19 @@ def test_an_overwrite_refused_before_it_writes_keeps_the_old_run_whole(synthetic
     assert _files(tmp_path / trained_all.name) == before
 
 
+def test_files_an_overwrite_killed_outright_set_aside_are_pointed_out_and_kept(synthetic, trained, tmp_path):
+    """kill -9 during --overwrite leaves the old run's files in a hidden folder (nothing can move them
+    back): the next run in that directory says where they are, and leaves them."""
+    out = tmp_path / "run"
+    aside = out / ".replaced-by-4242-abc"  # as a killed --overwrite of process 4242 leaves them
+    aside.mkdir(parents=True)
+    shutil.copy(trained / "best.pt", aside / "best.pt")
+    proc = run_cli("train.py", *train_args(synthetic, out, "--epochs", 1))
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: {aside} holds the files of a run that an --overwrite killed outright had set aside" in proc.stdout
+    assert (aside / "best.pt").read_bytes() == (trained / "best.pt").read_bytes()
+
+
 def test_a_run_refused_before_it_writes_leaves_no_folder(synthetic, tmp_path, capsys):
     missing = tmp_path / "missing.pt"
     assert train.main(train_args(synthetic, tmp_path / "new" / "run", "--init", missing)) == 2
