@@ -141,11 +141,13 @@ def training_state(opt, sched, history: list, best, **modules) -> dict:
 
 def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None:
     """--resume continues the same computation: every setting but where and how it runs must match,
-    flags (`flags`: their names) and what the run read off its data (class list, image counts)."""
-    changed = [k for k in config if k not in runtime_keys and ckpt["config"].get(k) != config[k]]
+    flags (`flags`: their defaults) and what the run read off its data (class list, image counts)."""
+    # a flag newer than the run (this code updated mid-run) had, for the run, its default
+    saved = {**{k: v for k, v in flags.items() if k not in ckpt["config"]}, **ckpt["config"]}
+    changed = [k for k in config if k not in runtime_keys and saved.get(k) != config[k]]
     if not changed:
         return
-    k, was, now = changed[0], ckpt["config"].get(changed[0]), config[changed[0]]
+    k, was, now = changed[0], saved.get(changed[0]), config[changed[0]]
     if k in flags:
         raise ModelError(f"{path}: --{k.replace('_', '-')} was {was!r}, now {now!r}; resume with the run's original "
                          "arguments")

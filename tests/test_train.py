@@ -105,6 +105,20 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     assert strip(_history(tmp_path / "full")) == strip(_history(tmp_path / "cut"))
 
 
+def test_a_run_older_than_a_flag_resumes_as_if_it_had_its_default(synthetic, tmp_path):
+    """The code updated mid-run (a `git pull`): last.pt's config lacks the new flag, which the run had
+    at its default; the same command resumes, and a changed value of it is still refused."""
+    out = tmp_path / "run"
+    assert train.main(train_args(synthetic, out, "--epochs", 2, "--save-every", 0)) == 0
+    last = torch.load(out / "last.pt", weights_only=True)
+    del last["config"]["cutmix"]  # as if --cutmix were newer than the run
+    save_checkpoint(dict(last, epoch=1, history=last["history"][:1]), out / "last.pt")
+    assert train.main(train_args(synthetic, out, "--epochs", 2, "--resume")) == 0
+    save_checkpoint(dict(last, epoch=1, history=last["history"][:1]), out / "last.pt")
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, out, "--epochs", 2, "--resume", "--cutmix", 1)),
+                          "--cutmix was 0.0, now 1.0")
+
+
 def test_last_pt_is_written_at_most_every_save_every_seconds_and_at_the_end(synthetic, tmp_path, monkeypatch):
     writes, real = [], train.save_checkpoint
 
