@@ -358,6 +358,10 @@ def find_folds_root(data_root) -> Path:
             missing = [f"fold{k}" for k in FOLDS if not (partial[0] / f"fold{k}").is_dir()]
             raise DataError(f"{partial[0]}: missing {', '.join(missing)}; "
                             "MSLD v2.0 has fold1..fold5, re-extract the download")
+        inside = next((q for q in (root.resolve(), *root.resolve().parents) if _has_folds(q)), None)
+        if inside is not None:  # a fold's (or a split's, a class's) folder: the data root is above it
+            raise DataError(f"{root}: a folder inside the dataset; give --data-root {inside} (the folder holding "
+                            "fold1..5), the scripts pick folds and splits themselves (--fold)")
         raise DataError(f"{root}: no MSLD v2.0 layout found (expected "
                         "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/')"
                         f"{_zip_hint(root) or '; check --data-root or run `python getData.py --synthetic`'}")

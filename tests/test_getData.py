@@ -1,6 +1,7 @@
 import http.server
 import io
 import json
+import re
 import shutil
 import threading
 import zipfile
@@ -46,6 +47,9 @@ def test_missing_fold_and_unknown_layout_are_clear_errors(tmp_path, synthetic):
     (tmp_path / "photo.jpg").write_bytes(b"not a folder")
     with pytest.raises(DataError, match="photo.jpg: a file, not a folder"):
         find_folds_root(tmp_path / "photo.jpg")
+    for inside in (synthetic / "fold2", synthetic / "fold2" / "Train" / "Healthy"):  # the root is above
+        with pytest.raises(DataError, match=re.escape(f"inside the dataset; give --data-root {synthetic.resolve()} ")):
+            find_folds_root(inside)
 
 
 def test_cli_errors_are_one_line(tmp_path, synthetic):
