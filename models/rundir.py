@@ -6,7 +6,6 @@ state, so plotting is safe from any thread and needs no display.
 """
 import contextlib
 import csv
-import fcntl
 import io
 import os
 import shutil
@@ -18,6 +17,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from getData import FOLDS, WriteError, atomic_write, check_folder, make_folder
+
+try:
+    import fcntl
+except ImportError:  # Windows (untested here): msvcrt's byte-range lock does what flock does
+    fcntl = None
+    import msvcrt
 
 if TYPE_CHECKING:  # matplotlib is imported where a run draws its curves: it adds a third of a second to
     from matplotlib.figure import Figure  # every start (train.py, simclr.py, serve.py), --help included
@@ -52,9 +57,7 @@ def _claim_one(path: Path, resume: bool, overwrite: bool, stack: contextlib.Exit
     made = [q for q in [path, *path.parents] if not os.path.lexists(q)]  # deepest first
     path = make_folder(path)
     handle = stack.enter_context(open(path / ".lock", "a+"))
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes, or the process ends
-    except BlockingIOError:
+    if not _try_lock(handle):
         handle.seek(0)
         raise WriteError(f"{path}: in use by another run (process {handle.read().strip() or '?'}); wait for it to "
                          "end or choose another --out") from None
@@ -76,6 +79,24 @@ def _claim_one(path: Path, resume: bool, overwrite: bool, stack: contextlib.Exit
     for name in found:
         (path / name).rename(aside / name)
     return aside
+
+
+def _try_lock(handle) -> bool:
+    """An exclusive lock on the open file, released when it closes or the process ends; False while
+    another process holds it."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # one byte far from the start, where the holder's process id stays readable
+            os.lseek(handle.fileno(), 1 << 20, os.SEEK_SET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # msvcrt: locked elsewhere
+        if fcntl is not None:
+            raise
+        return False
 
 
 def _listing(top: Path) -> set:

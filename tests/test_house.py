@@ -88,3 +88,35 @@ def test_scripts_start_without_torchvision_or_matplotlib():
             "print(sorted(m for m in sys.modules if m in ('torch', 'torch._dynamo') or m.startswith('torchvision')))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.split() == ["False", "['torch']"], proc.stdout + proc.stderr[-2000:]
+
+
+WINDOWS_LOCK = """
+import contextlib, os, sys, types
+import torch  # which, on Linux, imports fcntl itself
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` fails
+held = {}  # (file, byte) -> fd, across the file's handles, as Windows' byte-range locks are
+def locking(fd, mode, nbytes):
+    key = (os.stat(fd).st_ino, os.lseek(fd, 0, os.SEEK_CUR))
+    if held.setdefault(key, fd) != fd:
+        raise PermissionError(13, "Permission denied")
+sys.modules["msvcrt"] = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+import train, serve, testing, gradcam, simclr, augment
+from models import claim_run_dir
+with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+    claim_run_dir(sys.argv[1], False, False, first, "train.py")
+    try:
+        claim_run_dir(sys.argv[1], False, False, second, "train.py")
+    except Exception as e:
+        print(e)
+"""
+
+
+def test_every_script_imports_and_locks_its_run_directory_where_fcntl_is_missing(tmp_path):
+    """On Windows there is no fcntl: every script would fail at import. There the run directory's lock
+    is msvcrt's, on a byte away from the process id, which a second run must still read. Windows
+    itself is not at hand: msvcrt is stood in for, with its locks' semantics (one holder per byte)."""
+    proc = subprocess.run([sys.executable, "-c", WINDOWS_LOCK, tmp_path / "run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'run'))}: in use by another run \(process \d+\); .*\n",
+                        proc.stdout), proc.stdout
