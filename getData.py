@@ -112,7 +112,8 @@ def run_main(body, *args) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
-        sys.stderr.write(f"\n{stopped}{''.join(f': {a}' for a in e.args)}\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it
+            sys.stderr.write(f"\n{stopped}{''.join(f': {a}' for a in e.args)}\n")
         return 143 if isinstance(e, Terminated) else 130  # the shell's status for SIGTERM, SIGINT
     finally:
         if takes_sigterm:

@@ -58,11 +58,13 @@ def run_script(*args, cwd=REPO, timeout=600):
 
 
 def start_as_from_a_terminal(script, *args) -> subprocess.Popen:
-    """A script started in a process group of its own with Ctrl-C not ignored, as from a terminal
+    """A script (or `-m MODULE`) started in a process group of its own with Ctrl-C not ignored, as from a terminal
     (anything started with `nohup ... &`, this suite perhaps, ignores it). os.killpg(proc.pid,
     signal.SIGINT) is then a terminal's Ctrl-C: it reaches the script and every process it started."""
     interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+                   "sys.argv = sys.argv[1:]; "  # "-m MODULE ..." runs a module, as python -m does
+                   "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True) if sys.argv[0] == '-m' "
+                   "else runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", interactive, script, *map(str, args)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 

@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import simclr
 import train
-from conftest import REPO, assert_one_line_error, killed_on_call, run_cli, train_args
+from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, start_as_from_a_terminal,
+                      train_args)
 from getData import index_split, patient_id
 from models import LARS, batch_indices, build_model, embed, resize_size, select_runtime
 from simclr import Monitor, knn_accuracy, nt_xent, patient_partners, second_images, unlabeled_files
@@ -262,6 +263,17 @@ def test_a_batch_or_a_knn_larger_than_the_data_is_a_one_line_error(synthetic, tm
         assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--epochs", 1, flag, 1000, "--out",
                                       tmp_path / "s"), f"{flag} 1000: {fragment}")
         assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_under_torchrun_is_one_line_not_one_per_rank(synthetic, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and every rank: each unwinds, rank 0 alone says how to go
+    on (torchrun then prints its own SignalException traceback: torchrun's, not ours)."""
+    out = tmp_path / "r"
+    proc = start_as_from_a_terminal("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                                    *train_args(synthetic, out, "--epochs", 100_000))
+    lines = interrupt_when(proc, lambda: (out / "best.pt").is_file(), whole_group=True)
+    ours = [ln for ln in lines if ln.startswith(("interrupted", "error"))]
+    assert ours == [f"interrupted: the same command with --resume continues {out} from its last saved epoch"], lines
 
 
 def test_what_rank0_refuses_stops_every_rank_with_its_one_line(synthetic, tmp_path):
