@@ -21,6 +21,7 @@ import io
 import ipaddress
 import json
 import queue
+import re
 import socket
 import statistics
 import sys
@@ -190,6 +191,10 @@ class Predictor:
 MAX_PARTS = 16  # multipart fields read before the image must have come (the page sends one)
 
 
+# a part with a file name (filename*=: RFC 5987's non-ASCII form), or named image or file, quoted or not
+FILE_PART = re.compile(r';\s*(filename\*?=|name="?(image|file)"?\s*(;|$))')
+
+
 def image_from_multipart(body: bytes, content_type: str) -> bytes:
     """The first file part of a multipart/form-data body, in one linear pass over it: at most
     MAX_PARTS parts are looked at (a body of 190,000 tiny fields must not cost minutes of CPU)."""
@@ -208,8 +213,7 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
             raise RequestError(400, "malformed multipart body: a part does not end")
         headers = body[start + len(delimiter):head_end].decode("latin-1").lower()
         disposition = next((h for h in headers.split("\r\n") if h.startswith("content-disposition:")), "")
-        if ("filename=" in disposition or 'name="image"' in disposition or 'name="file"' in disposition) \
-                and end > head_end + 4:
+        if FILE_PART.search(disposition) and end > head_end + 4:
             return body[head_end + 4:end]
         start = end + 2
     else:

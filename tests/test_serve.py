@@ -386,7 +386,8 @@ def test_many_field_multipart_is_answered_at_once(server):
 def test_the_image_is_found_in_a_multipart_body_however_it_is_named(server, synthetic):
     image = photo(synthetic)
     for disposition in ('form-data; name="image"', 'form-data; name="upload"; filename="a.jpg"',
-                        'form-data; name="file"'):
+                        'form-data; name="file"', "form-data; name=image", "form-data; name=\"upload\"; "
+                        "filename*=UTF-8''%C3%A9t%C3%A9.jpg"):  # RFC 5987: a non-ASCII name, as some clients send
         body = (b"--xx\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--xx\r\nContent-Disposition: "
                 + disposition.encode() + b"\r\nContent-Type: image/jpeg\r\n\r\n" + image + b"\r\n--xx--\r\n")
         assert predict(server, body, 'multipart/form-data; boundary="xx"')[0] == 200, disposition
