@@ -265,7 +265,8 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
                                   partners))
         if not math.isfinite(row["loss"]):  # all-reduced: every rank stops together
             raise DataError(f"epoch {epoch + 1}: the NT-Xent loss is {row['loss']}, pre-training diverged "
-                            f"({out / 'encoder.pt'} keeps the last saved epoch, if any); lower --lr (now {cfg['lr']})")
+                            f"({out / 'encoder.pt'} keeps the last saved epoch, if any); train again with --overwrite "
+                            f"and a lower --lr (now {cfg['lr']})")
         if rt.rank == 0:
             last = epoch + 1 == cfg["epochs"]
             row["knn_acc"] = monitor(encoder, rt) if (epoch + 1) % cfg["eval_every"] == 0 or last else None

@@ -274,7 +274,8 @@ class FoldRun:
         kept = f"{self.out / 'best.pt'} keeps {self.unit} {self.best['epoch']}" if self.best else "no best.pt written"
         self.add_ood_reference()
         raise DataError(f"fold {self.config['fold']} {self.unit} {epoch}: the loss is {loss}, the run diverged "
-                        f"({kept}); train again with a lower --lr (now {self.config['lr']}) or with --clip-grad 1.0")
+                        f"({kept}); train again with --overwrite and a lower --lr (now {self.config['lr']}) or "
+                        "--clip-grad 1.0")
 
     def summary(self) -> dict:
         """The best epoch's Valid metrics, once best.pt holds its out-of-distribution reference."""

@@ -369,11 +369,14 @@ def test_a_run_refused_before_it_writes_leaves_no_folder(synthetic, tmp_path, ca
 
 def test_a_diverging_run_stops_with_one_line_naming_the_epoch(synthetic, tmp_path):
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--epochs", 3, "--lr", 1e3))
-    assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
+    assert_one_line_error(proc, "epoch 1", "diverged", "--overwrite", "--lr")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 1e3  # the run is there to look at
-    proc = run_cli("simclr.py", "--data-root", synthetic, "--out", tmp_path / "s", "--epochs", 2, "--lr", 1e8,
-                   "--optimizer", "sgd", "--device", "cpu")
-    assert_one_line_error(proc, "epoch 1", "diverged", "--lr")
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--overwrite")) == 0  # as the line says
+    simclr_args = ["--data-root", synthetic, "--out", tmp_path / "s", "--epochs", 2, "--optimizer", "sgd", "--device",
+                   "cpu"]
+    assert_one_line_error(run_cli("simclr.py", *simclr_args, "--lr", 1e8), "epoch 1", "diverged", "--overwrite",
+                          "--lr")
+    assert run_cli("simclr.py", *simclr_args, "--lr", 0.01, "--overwrite").returncode == 0
 
 
 def test_a_run_that_diverges_later_keeps_a_whole_best_pt(synthetic, tmp_path, monkeypatch, capsys):
