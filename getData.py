@@ -416,11 +416,20 @@ def images_under(folder) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if _is_image_file(p))
 
 
+def each_once(items, path=lambda item: item) -> list:
+    """`items` in their order, each file once however its path is spelled or reached (a folder given
+    and one inside it); `path(item)` is an item's file."""
+    once = {}
+    for item in items:
+        once.setdefault(Path(path(item)).resolve(), item)
+    return list(once.values())
+
+
 def images_in(folders, flag: str = "") -> list[Path]:
     """Every image file below each of `folders` (given with `flag`, named in the message), each once
     however often it is named (a folder and one inside it): one line for a folder that is missing or
     holds no image, rather than a run on fewer photos than asked for."""
-    found = {}
+    found = []
     for d in map(Path, folders):
         where = f"{flag} {d}".strip()
         if not d.is_dir():
@@ -428,9 +437,8 @@ def images_in(folders, flag: str = "") -> list[Path]:
         images = images_under(d)
         if not images:
             raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        for p in images:
-            found.setdefault(p.resolve(), p)
-    return list(found.values())
+        found += images
+    return each_once(found)
 
 
 def is_class_folder(d: Path) -> bool:

@@ -28,8 +28,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, DataError, Number, Parser, atomic_write, images_in, index_split, load_image, prepare,
-                     run_main, to_json, usable_folds_root)
+from getData import (FOLDS, DataError, Number, Parser, atomic_write, each_once, images_in, index_split, load_image,
+                     prepare, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
                     find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, photos_seen,
                     reference_for, resize_size, save_figure, select_runtime, to_input)
@@ -504,11 +504,7 @@ def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
     if args.images:  # each image once, however often it was named (a file, and the folder holding it)
-        found = [q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p])]
-        once = {}
-        for q in found:
-            once.setdefault(q.resolve(), q)
-        return list(once.values())
+        return each_once(q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p]))
     fold = args.fold or ckpt.get("fold")
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")

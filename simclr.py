@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (DataError, Number, Parser, atomic_write, decode_all, images_in, index_split, list_classes,
-                     origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
+from getData import (DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
+                     list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
                     checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
                     per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send, set_seed, shard,
@@ -116,11 +116,7 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
             excluded += 1
         else:
             files.append((p, "extra"))
-    seen, unique = set(), []
-    for p, s in files:  # the same file reached twice (an --extra that contains the dataset) counts once
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            unique.append((p, s))
+    unique = each_once(files, path=lambda file: file[0])  # an --extra that contains the dataset: counted once
     return [p for p, _ in unique], [s for _, s in unique], excluded
 
 
