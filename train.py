@@ -40,9 +40,9 @@ from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed, distributed,
                     epoch_generators, fit_temperature, is_current, load_checkpoint, load_classifier, make_optimizer,
-                    mean_std_table, param_groups, per_rank_batch, predict_logits, probabilities, reference_from_images,
-                    refuse_init_that_saw, resize_size, resume, save_checkpoint, select_runtime, send, set_numerics,
-                    set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
+                    mean_std_table, native_bf16, param_groups, per_rank_batch, predict_logits, probabilities,
+                    reference_from_images, refuse_init_that_saw, resize_size, resume, save_checkpoint, select_runtime,
+                    send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -561,6 +561,7 @@ def benchmark(cfg: dict, rt: Runtime) -> list[dict]:
 
 def benchmark_table(cfg: dict, rt: Runtime, peak: float | None, rows: list[dict]) -> str:
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    name += "" if native_bf16(rt.device) else " (no bf16 units: its bf16 rows are emulated)"
     size = f"{cfg['input_size']}x{cfg['input_size']}" if cfg["input_size"] else "its native size"
     flags = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("augment", "mixup", "cutmix", "ema", "clip_grad")
                      if cfg[k] != DEFAULTS[k])

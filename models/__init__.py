@@ -24,8 +24,8 @@ from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, 
 from models.rundir import (SaveClock, claim_run_dir, mean_std, mean_std_table, output_folder, png_bytes, save_figure,
                            write_history)
 from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, constant, derived_seed,
-                            distributed, epoch_generators, per_rank_batch, seed_worker, select_runtime, send,
-                            set_numerics, set_seed, shard)
+                            distributed, epoch_generators, native_bf16, per_rank_batch, seed_worker, select_runtime,
+                            send, set_numerics, set_seed, shard)
 
 __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
            "checkpoint_dict", "find_checkpoint", "find_checkpoints", "load_checkpoint", "photos_seen",
@@ -37,4 +37,5 @@ __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "Model
            "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "output_folder",
            "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS",
            "Runtime", "backend_for", "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators",
-           "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed", "shard"]
+           "native_bf16", "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed",
+           "shard"]

@@ -239,6 +239,26 @@ def test_runtime_choices_and_errors():
         select_runtime("cpu", "fp16")
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_bf16_is_the_default_and_silent_only_where_the_hardware_has_it(monkeypatch, capsys, units):
+    """An AVX2 CPU or a pre-Ampere GPU (a T4) emulates bf16, many times slower than fp32: `auto`
+    keeps fp32 there and an explicit bf16 gets a note. The probes are faked; nothing runs on CUDA."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: units)
+    assert select_runtime("cpu", "bf16").bf16 and ("no bf16 units" in capsys.readouterr().out) != units
+    assert not select_runtime("cpu").bf16  # fp32 on CPU by default, whatever it has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0) if units else (7, 5))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # select_runtime sets these flags
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    gpu = select_runtime("cuda")
+    assert gpu.device.type == "cuda" and gpu.bf16 == units and gpu.channels_last
+    assert capsys.readouterr().out == ""
+    assert select_runtime("cuda", "bf16").bf16 and ("GPU has no bf16 units" in capsys.readouterr().out) != units
+
+
 def test_every_rank_gets_an_equal_share_of_a_batch():
     class Rt:  # what shard() reads of a Runtime
         def __init__(self, rank, world):
