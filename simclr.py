@@ -30,9 +30,9 @@ from augment import SIMCLR_OPS, BatchAugment
 from getData import (DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
                      list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
 from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
-                    checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, make_optimizer, param_groups,
-                    per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send, set_seed, shard,
-                    training_state, warmup_cosine, write_history)
+                    checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, init_file, make_optimizer,
+                    param_groups, per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send,
+                    set_seed, shard, training_state, warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -215,7 +215,7 @@ def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: fl
 
 def pretrain(cfg: dict) -> dict:
     with distributed(cfg["device"], cfg["precision"], cfg["memory_format"]) as rt, contextlib.ExitStack() as held:
-        folds_root = Path(rt.from_rank0(lambda: resolve_data_root(cfg["data_root"])))
+        folds_root, cfg["init"] = rt.from_rank0(lambda: (resolve_data_root(cfg["data_root"]), init_file(cfg["init"])))
         # rank 0 locks the run directory; a finished run there is replaced only on request
         rt.from_rank0(lambda: claim_run_dir(cfg["out"], cfg["resume"], cfg["overwrite"], held, "simclr.py"))
         with resumable(cfg["out"]):
@@ -313,7 +313,7 @@ def parse_args(argv=None):
     p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"])
     p.add_argument("--model", default=d["model"], help="any backbone of models/ (lenet, resnet18, ...)")
-    p.add_argument("--init", default=d["init"], help="none, imagenet or a .pt to start from")
+    p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (or its run directory) to start from")
     p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size")
     p.add_argument("--fold", type=int, default=d["fold"], choices=[1, 2, 3, 4, 5],
                    help="its Train+Valid images are used; its Test images are held out")

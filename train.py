@@ -39,10 +39,11 @@ from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
 from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
                     build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed, distributed,
-                    epoch_generators, fit_temperature, is_current, load_checkpoint, load_classifier, make_optimizer,
-                    mean_std_table, native_bf16, param_groups, per_rank_batch, predict_logits, probabilities,
-                    reference_from_images, refuse_init_that_saw, resize_size, resume, save_checkpoint, select_runtime,
-                    send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine, write_history)
+                    epoch_generators, fit_temperature, init_file, is_current, load_checkpoint, load_classifier,
+                    make_optimizer, mean_std_table, native_bf16, param_groups, per_rank_batch, predict_logits,
+                    probabilities, reference_from_images, refuse_init_that_saw, resize_size, resume, save_checkpoint,
+                    select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine,
+                    write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -590,7 +591,8 @@ def parse_args(argv=None):
     p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
     p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
-    p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt)")
+    p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt) "
+                   "or the run directory that holds it")
     p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size "
                    "(convolutional networks only; e.g. 112 for a quick CPU run)")
     p.add_argument("--fold", default=d["fold"], help="1..5 or all")
@@ -677,7 +679,7 @@ def run(args) -> list[dict]:
         cfg = dict(vars(args), world_size=rt.world, backend=rt.backend)
         if args.benchmark:
             return benchmark(cfg, rt)
-        folds_root = Path(rt.from_rank0(lambda: resolve_data_root(args.data_root)))
+        folds_root, cfg["init"] = rt.from_rank0(lambda: (resolve_data_root(args.data_root), init_file(args.init)))
         cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
         outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
         rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal

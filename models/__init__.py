@@ -12,7 +12,7 @@
 """
 from models.build import Classifier, build_model, load_classifier, model_names
 from models.checkpoint import (ModelError, check_resumable, checkpoint_dict, find_checkpoint, find_checkpoints,
-                               load_checkpoint, photos_seen, refuse_init_that_saw, resume, save_checkpoint,
+                               init_file, load_checkpoint, photos_seen, refuse_init_that_saw, resume, save_checkpoint,
                                training_state, unwrap)
 from models.lenet import LeNet
 from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
@@ -28,7 +28,7 @@ from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, ba
                             send, set_numerics, set_seed, shard)
 
 __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
-           "checkpoint_dict", "find_checkpoint", "find_checkpoints", "load_checkpoint", "photos_seen",
+           "checkpoint_dict", "find_checkpoint", "find_checkpoints", "init_file", "load_checkpoint", "photos_seen",
            "refuse_init_that_saw", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
            "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by",
            "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",

@@ -7,6 +7,7 @@
     + in last.pt: "optimizer", "scheduler", "history", "best" and the state of any other
       module the loop trains or keeps (SimCLR's "projector", the weights' "ema") for --resume.
 """
+import os
 import pickle
 from pathlib import Path
 
@@ -70,12 +71,18 @@ def find_checkpoints(path) -> dict:
     return found
 
 
-def find_checkpoint(path) -> Path:
-    """One checkpoint: a .pt, or a run directory holding best.pt."""
+def find_checkpoint(path, flag: str = "--checkpoint") -> Path:
+    """One checkpoint: a .pt, or a run directory holding best.pt (or a SimCLR run's encoder.pt)."""
     found = find_checkpoints(path)
     if None not in found:
-        raise ModelError(f"{path}: a --fold all run; give one fold's, e.g. --checkpoint {found[min(found)].parent}")
+        raise ModelError(f"{path}: a --fold all run; give one fold's, e.g. {flag} {found[min(found)].parent}")
     return found[None]
+
+
+def init_file(init: str) -> str:
+    """--init as it is kept in a run's config: none, imagenet or a file; a run directory stands for
+    its checkpoint, as with --checkpoint."""
+    return init if init in ("none", "imagenet") or not Path(init).is_dir() else str(find_checkpoint(init, "--init"))
 
 
 def photos_seen(ckpt: dict, folds_root, classes, paths) -> int:
@@ -144,7 +151,7 @@ def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None
     flags (`flags`: their defaults) and what the run read off its data (class list, image counts)."""
     # a flag newer than the run (this code updated mid-run) had, for the run, its default
     saved = {**{k: v for k, v in flags.items() if k not in ckpt["config"]}, **ckpt["config"]}
-    changed = [k for k in config if k not in runtime_keys and saved.get(k) != config[k]]
+    changed = [k for k in config if k not in runtime_keys and not _same(saved.get(k), config[k])]
     if not changed:
         return
     k, was, now = changed[0], saved.get(changed[0]), config[changed[0]]
@@ -153,6 +160,17 @@ def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None
                          "arguments")
     raise ModelError(f"{path}: the data differs from the run's ({k} was {was!r}, now {now!r}); resume with the "
                      f"dataset it trained on (--data-root {ckpt['config'].get('data_root')})")
+
+
+def _same(was, now) -> bool:
+    """One setting, unchanged; a path (--init, --aug-dir, --extra) spelled another way, relative or
+    absolute, is unchanged if it names the same file or folder."""
+    if isinstance(was, list) and isinstance(now, list):
+        return len(was) == len(now) and all(map(_same, was, now))
+    try:
+        return was == now or isinstance(was, str) and isinstance(now, str) and os.path.samefile(was, now)
+    except OSError:  # not a path, or no longer there
+        return False
 
 
 def resume(path, config: dict, runtime_keys, flags, model: nn.Module, opt=None, sched=None, **modules) -> dict:

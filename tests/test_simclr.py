@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import train
 from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, start_as_from_a_terminal,
                       train_args)
 from getData import index_split, patient_id
-from models import LARS, batch_indices, build_model, embed, resize_size, select_runtime
+from models import LARS, ModelError, batch_indices, build_model, embed, resize_size, select_runtime
 from simclr import Monitor, knn_accuracy, nt_xent, patient_partners, second_images, unlabeled_files
 
 
@@ -171,7 +172,7 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
                         "--device", "cpu"]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "files.txt", "history.csv", "loss.png", "last.pt",
                                                "encoder.pt"}
-    config = __import__("json").loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
     assert len((out / "files.txt").read_text().splitlines()) == config["n_images"] == \
         len(index_split(synthetic, 1, "Train")) + len(index_split(synthetic, 1, "Valid"))
     before, after = _mean_knn(synthetic, "none"), _mean_knn(synthetic, str(out / "encoder.pt"))
@@ -180,8 +181,14 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "bad", "--epochs", 1, "--model", "resnet18",
                                               "--init", out / "encoder.pt"))
     assert_one_line_error(proc, "checkpoint is for lenet, not resnet18")
-    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--init", out))
-    assert_one_line_error(proc, f"{out}: a folder, not a checkpoint file; give {out / 'encoder.pt'}")
+    # the run directory stands for its encoder.pt, as with --checkpoint; --resume knows that file by any spelling
+    assert train.main(train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--init", out)) == 0
+    assert json.loads((tmp_path / "dir" / "config.json").read_text())["init"] == str(out / "encoder.pt")
+    spelled = os.path.relpath(out, Path.cwd()) + "/./encoder.pt"
+    for init in (out, spelled):
+        assert train.main(train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--init", init, "--resume")) == 0
+    with pytest.raises(ModelError, match=f"--init was '{out / 'encoder.pt'}', now 'none'"):
+        train.run(train.parse_args(train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--resume")))
     proc = run_cli("testing.py", "--checkpoint", out, "--out", tmp_path / "t")  # the run stands for its encoder
     assert_one_line_error(proc, f"{out / 'encoder.pt'}: a SimCLR encoder has no classifier head; evaluate it with")
 
