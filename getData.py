@@ -549,9 +549,29 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: the same answer
         raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
     except UnidentifiedImageError:
-        raise DataError(f"{name}: not a readable image (not a JPEG, PNG, WebP, BMP, TIFF or GIF file)") from None
+        what = HEIF_NOTE if _is_heif(source) else "not a JPEG, PNG, WebP, BMP, TIFF or GIF file"
+        raise DataError(f"{name}: not a readable image ({what})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
+
+
+HEIF_NOTE = ("a HEIC, HEIF or AVIF image, as iPhones save by default; send it as JPEG or PNG (iPhone: Settings > "
+             "Camera > Formats > Most Compatible)")
+HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
+
+
+def _is_heif(source) -> bool:
+    """An image in an ISO base media file (HEIC, HEIF, AVIF): an 'ftyp' box and its brand at bytes 4 to 12."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                head = f.read(12)
+        else:
+            source.seek(0)
+            head = source.read(12)
+    except (OSError, ValueError):
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")  # modes Image.reduce takes

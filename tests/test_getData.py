@@ -286,6 +286,22 @@ def test_load_image_rejects_bad_files(tmp_path):
         load_image(bomb, name="bomb.png")
 
 
+def test_an_iphone_photo_says_what_it_is_and_what_to_send(tmp_path):
+    """HEIC (an iPhone's default) and AVIF are not among the formats read: the line names them and
+    says what to send, for a file and for uploaded bytes alike; other unknown bytes stay generic."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an HEIC file's first box
+    try:
+        avif = _save(Image.new("RGB", (16, 16)), "AVIF")
+    except (KeyError, OSError):  # a Pillow without an AVIF encoder
+        avif = heic.replace(b"heic", b"avif")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(heic)
+    for source, name in ((tmp_path / "IMG_0001.HEIC", None), (heic, "upload"), (avif, "p.avif")):
+        with pytest.raises(DataError, match="not a readable image \\(a HEIC, HEIF or AVIF image.*send it as JPEG"):
+            load_image(source, name=name)
+    with pytest.raises(DataError, match="not a JPEG, PNG"):
+        load_image(heic.replace(b"ftyp", b"free"), name="other")
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_load_image_reads_the_formats_photos_come_in(fmt):
     im = load_image(_save(Image.new("RGB", (40, 30), (200, 100, 50)), fmt), name=f"p.{fmt.lower()}")
