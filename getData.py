@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -434,11 +434,21 @@ def images_in(folders, flag: str = "") -> list[Path]:
         where = f"{flag} {d}".strip()
         if not d.is_dir():
             raise DataError(f"{where}: {_not_a_folder(d)}")
-        images = images_under(d)
+        images, others = images_under(d), _other_files(d)
         if not images:
-            raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                            + (f"; it holds {others}" if others else ""))
+        if others:
+            print(f"note: {where}: {others} left out, not being JPEG, PNG, WebP, BMP, TIFF or GIF files")
         found += images
     return each_once(found)
+
+
+def _other_files(folder: Path) -> str:
+    """What else a folder of photos holds, by file type ('12 .heic, 1 .txt'), hidden files aside."""
+    kinds = Counter(p.suffix.lower() or "files without a suffix" for p in folder.rglob("*")
+                    if p.is_file() and not p.name.startswith(".") and not _is_image_file(p))
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
 def is_class_folder(d: Path) -> bool:

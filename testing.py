@@ -416,20 +416,20 @@ def fold_images(checkpoints: list, ckpts: list[dict], data_root, fold) -> FoldIm
     return FoldImages(root, int(fold), ckpt["classes"], exclude)
 
 
-def fold_ood(model, reference: dict, images: FoldImages, ds, probs, rt, batch_size: int, ood_dirs, seed: int,
+def fold_ood(model, reference: dict, images: FoldImages, ds, probs, rt, batch_size: int, ood_files, seed: int,
              out) -> tuple[dict, dict]:
     """ood_evaluation of the split's images `ds` against the built-in sets, the user's --ood-dir photos
     and (near-OOD) every photo of the class the run excluded, in all three splits; ood.png."""
     size = resize_size(model.input_size)
     near = torch.cat([images(s, size, [images.exclude]).images for s in SPLITS]) if images.exclude else None
-    sets = ood_sets(ds.images, size, not is_synthetic(images.folds_root), near, ood_dirs, seed)
+    sets = ood_sets(ds.images, size, not is_synthetic(images.folds_root), near, ood_files, seed)
     ood, gate_columns, by_set = ood_evaluation(model, reference, ds, probs, rt, batch_size, sets)
     plot_ood(by_set, ood["threshold"], ood["score"], Path(out) / "ood.png")
     return ood, gate_columns
 
 
 def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None, split="Test", threshold=0.6,
-                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_dirs=(),
+                  batch_size=64, svm=False, tta=False, resamples=1000, seed=0, ood_files=(),
                   ood_score=None) -> dict[str, FoldResult]:
     """Evaluate one fold's checkpoint (several: an ensemble) on its `split`, per head asked for:
     "softmax" (calibrated, averaged over members; with the out-of-distribution scores of the first
@@ -454,7 +454,7 @@ def evaluate_fold(checkpoints: list, out, *, rt=None, data_root=None, fold=None,
     reference = gate_by(reference, ood_score)
     if reference is not None:
         ood, gate_columns = fold_ood(model, reference, images, ds, heads["softmax"].probs, rt, batch_size,
-                                     ood_dirs, seed, out)
+                                     ood_files, seed, out)
     results = {}
     for name, head in heads.items():
         m = head_metrics(head, ds, valid_y, threshold, resamples, derived_seed(seed, fold))
@@ -518,7 +518,7 @@ def per_class_table(m: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- out of distribution
-def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_images, ood_dirs, seed: int):
+def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_images, ood_files, seed: int):
     """The images the gate should refuse, as uint8 caches (N, 3, S, S), by set and (not_skin) kind:
     generated non-skin pictures and the Test photos with their colour channels scrambled; for a
     network trained on real photos the synthetic lesions; the user's --ood-dir photos; and the
@@ -534,8 +534,8 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
         rng = np.random.default_rng(seed)
         sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
                                                          for c in SYNTHETIC_PATIENTS for _ in range(8)])}
-    if ood_dirs:
-        sets["ood_dir"] = {"all": decode_all(images_in(ood_dirs, "--ood-dir"), size, desc="--ood-dir")}
+    if ood_files:
+        sets["ood_dir"] = {"all": decode_all(ood_files, size, desc="--ood-dir")}
     if exclude_images is not None:
         sets["near"] = {"all": exclude_images}
     return sets
@@ -708,6 +708,8 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     `config` (the command's resolved arguments) is saved beside the outputs as config.json."""
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     found = [find_checkpoints(c) for c in checkpoints]
+    # the photos of --ood-dir folders, listed once (one line now, not after the evaluation, if there are none)
+    kw["ood_files"] = images_in(kw.pop("ood_dirs", None) or (), "--ood-dir")
     tag, single = "test" if len(found) == 1 else f"test-ensemble{len(found)}", all(None in f for f in found)
     if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
@@ -774,8 +776,6 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
-    if args.ood_dir:
-        images_in(args.ood_dir, "--ood-dir")  # one line now, not after the evaluation, if there is nothing there
     config = dict(vars(args), runtime=rt.describe())
     result = evaluate(args.checkpoint, args.out, config, data_root=args.data_root, fold=args.fold,
                       split=args.split, threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm,

@@ -154,21 +154,26 @@ def test_ood_dir_without_images_is_one_line(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no photos here")
     assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-dir", tmp_path / "empty",
-                                  "--out", tmp_path / "t"), "--ood-dir", "no images")
+                                  "--out", tmp_path / "t"), "--ood-dir", "no images", "it holds 1 .txt")
     for where, says in ((tmp_path / "empty" / "notes.txt", "a file, not a folder"), (tmp_path / "gone", "no such")):
         assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-dir", where,
                                       "--out", tmp_path / "t"), f"--ood-dir {where}: {says}")
     assert not (tmp_path / "t").exists()
 
 
-def test_ood_dir_photos_are_scored(trained, tmp_path):
+def test_ood_dir_photos_are_scored(trained, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     for i, (kind, im) in enumerate(not_skin_images(seed=9, per_kind=1)):
         im.save(folder / f"{i}-{kind}.png")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "notes.txt", ".DS_Store"):  # what a phone's folder also holds
+        (folder / name).write_bytes(b"")
     named_twice = [folder, tmp_path / "." / "mine"]  # each photo counts once
     m = evaluate(trained / "best.pt", tmp_path / "t", resamples=50, ood_dirs=named_twice)["softmax"].metrics["ood"]
     assert m["sets"]["ood_dir"]["knn"]["n_out"] == len(NOT_SKIN)
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: --ood-dir")]
+    assert notes == [f"note: --ood-dir {d}: 2 .heic, 1 .txt left out, not being JPEG, PNG, WebP, BMP, TIFF or GIF "
+                     "files" for d in named_twice]  # said once for each folder named
 
 
 def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can(trained, tmp_path, capsys):
