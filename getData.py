@@ -1184,19 +1184,21 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
                     f"again to resume from {part}")
 
 
-def safe_extract(archive: Path, target: Path, msld: bool = False) -> Path:
+def safe_extract(archive: Path, target: Path, msld: bool = False,
+                 not_zip: str = "delete it and download again") -> Path:
     """Extract a zip into `target` atomically: into a temp folder first, then renamed into place.
 
     Refused before a byte is written: members that would land outside the target (absolute paths,
     '..', symlinks), an archive larger than the free disk space, and with `msld` one without the
-    five folds' splits (whatever else it holds would be extracted for nothing).
+    five folds' splits (whatever else it holds would be extracted for nothing). `not_zip`: what to do
+    about a file that is no zip (a download of ours, or the user's own file).
     """
     if target.exists():
         raise DataError(f"{target}: already exists; remove it or choose another --data-root")
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
-        raise DataError(f"{archive}: not a zip file; delete it and download again") from None
+        raise DataError(f"{archive}: not a zip file; {not_zip}") from None
     with zf:
         members = zf.infolist()
         _check_members(archive, members, target)
@@ -1309,7 +1311,8 @@ def run(args) -> None:
         archive = Path(args.extract)
         if not archive.is_file():
             raise DataError(f"--extract {archive}: no such file")
-        target = safe_extract(archive, Path(data_root) / archive.stem, msld=True)
+        target = safe_extract(archive, Path(data_root) / archive.stem, msld=True,
+                              not_zip="give --extract the MSLD v2.0 .zip (downloaded again, if it was cut short)")
         print(f"extracted to {target}; its folds are in {find_folds_root(target)}")
         return
     report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))

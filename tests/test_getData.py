@@ -516,6 +516,11 @@ def test_an_archive_that_is_not_msld_or_does_not_fit_is_refused_before_a_byte_is
     other.write_bytes(_zip_bytes({"holiday/IMG_0001.jpg": b"x", "fold1/notes.txt": b"y"}))
     assert_one_line_error(run_cli("getData.py", "--extract", other, "--data-root", tmp_path / "data"),
                           "not MSLD v2.0", "fold2, fold3, fold4, fold5")
+    notes = tmp_path / "notes.md"  # not a zip at all: the user's file is theirs to keep
+    notes.write_text("# my notes")
+    error = run_cli("getData.py", "--extract", notes, "--data-root", tmp_path / "data")
+    assert_one_line_error(error, f"{notes}: not a zip file; give --extract the MSLD v2.0 .zip")
+    assert "delete" not in error.stderr and notes.read_text() == "# my notes"
     archive = tmp_path / "msld.zip"
     archive.write_bytes(_zip_bytes({f"FOLDS/{p.relative_to(synthetic)}": p.read_bytes()
                                     for p in synthetic.rglob("*.jpg")}))
