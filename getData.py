@@ -438,7 +438,7 @@ def images_in(folders, flag: str = "") -> list[Path]:
         if not images:
             raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                             + (f"; it holds {others}" if others else ""))
-        if others:
+        if others and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for all
             print(f"note: {where}: {others} left out, not being JPEG, PNG, WebP, BMP, TIFF or GIF files")
         found += images
     return each_once(found)

@@ -140,6 +140,19 @@ def constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tup
     return torch.tensor(values, dtype=dtype).view(shape).to(device)
 
 
+BF16_UNITS = {"cuda": "compute capability 8.0 or newer", "cpu": "AVX512-BF16 or AMX"}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware: GPUs from Ampere (sm80) on, x86 CPUs with AVX512-BF16 or AMX. Elsewhere (a
+    T4 or V100, an AVX2 CPU) PyTorch emulates it: ResNet-18 trained at 3 images/s in bf16 against
+    45 in fp32 on an AVX2 CPU (README, Speed). Other CPUs (ARM) are counted as not native."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private to torch.cpu: one missing counts as no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def select_runtime(device: str = "auto", precision: str = "auto", memory_format: str = "auto",
                    local_rank: int = 0, rank: int = 0, world: int = 1, deterministic: bool = False) -> Runtime:
     """`auto`: CUDA when there is one (each torchrun process takes its LOCAL_RANK's GPU), with bf16
@@ -173,19 +186,6 @@ def select_runtime(device: str = "auto", precision: str = "auto", memory_format:
     set_numerics(bf16, deterministic)
     channels_last = memory_format == "channels_last" or (memory_format == "auto" and on_gpu)
     return Runtime(dev, bf16=bf16, channels_last=channels_last, rank=rank, world=world)
-
-
-BF16_UNITS = {"cuda": "compute capability 8.0 or newer", "cpu": "AVX512-BF16 or AMX"}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """bf16 in hardware: GPUs from Ampere (sm80) on, x86 CPUs with AVX512-BF16 or AMX. Elsewhere (a
-    T4 or V100, an AVX2 CPU) PyTorch emulates it: ResNet-18 trained at 3 images/s in bf16 against
-    45 in fp32 on an AVX2 CPU (README, Speed). Other CPUs (ARM) are counted as not native."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private in torch.cpu since 2.3
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def set_numerics(bf16: bool, deterministic: bool = False) -> None:
