@@ -768,7 +768,8 @@ def _stop_without(parent: int) -> None:
 
 
 def _fold_job(cfg: dict, fold: int, folds_root: Path, out: Path) -> dict:
-    rt = select_runtime(cfg["device"], cfg["precision"], cfg["memory_format"], deterministic=cfg["deterministic"])
+    rt = select_runtime(cfg["device"], cfg["precision"], cfg["memory_format"], deterministic=cfg["deterministic"],
+                        quiet=True)  # the run's process has said what there is to say about it
     _on_interrupt(_unwind)
     try:
         return fit_fold(cfg, fold, folds_root, out, rt)

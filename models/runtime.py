@@ -154,12 +154,14 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def select_runtime(device: str = "auto", precision: str = "auto", memory_format: str = "auto",
-                   local_rank: int = 0, rank: int = 0, world: int = 1, deterministic: bool = False) -> Runtime:
+                   local_rank: int = 0, rank: int = 0, world: int = 1, deterministic: bool = False,
+                   quiet: bool = False) -> Runtime:
     """`auto`: CUDA when there is one (each torchrun process takes its LOCAL_RANK's GPU), with bf16
     autocast and channels_last, which tensor cores prefer; fp32 and the default layout on CPU.
     Both can be asked for on CPU too (CPUs with AMX or AVX512-BF16 run bf16 convolutions faster).
     Where the hardware has no bf16 units (`native_bf16`), `auto` keeps fp32 and an explicit `bf16`
-    gets a one-line note: PyTorch emulates it there, many times slower than fp32.
+    gets a one-line note (from rank 0, unless `quiet`: a process whose parent has said it): PyTorch
+    emulates it there, many times slower than fp32.
     `deterministic`: cuDNN's and PyTorch's deterministic kernels instead of the fastest ones, so that
     a run on CUDA repeats bit for bit (and `--resume` continues exactly); slower."""
     if device not in ("auto", "cpu", "cuda"):
@@ -180,7 +182,7 @@ def select_runtime(device: str = "auto", precision: str = "auto", memory_format:
         dev = torch.device("cuda", local_rank)
     on_gpu, native = dev.type == "cuda", native_bf16(dev)
     bf16 = precision == "bf16" or (precision == "auto" and on_gpu and native)
-    if bf16 and not native and rank == 0:
+    if bf16 and not native and rank == 0 and not quiet:
         print(f"note: this {'GPU' if on_gpu else 'CPU'} has no bf16 units ({BF16_UNITS[dev.type]}): PyTorch "
               "emulates --precision bf16 here, which can be many times slower than --precision fp32")
     set_numerics(bf16, deterministic)

@@ -246,6 +246,7 @@ def test_bf16_is_the_default_and_silent_only_where_the_hardware_has_it(monkeypat
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: units)
     assert select_runtime("cpu", "bf16").bf16 and ("no bf16 units" in capsys.readouterr().out) != units
+    assert select_runtime("cpu", "bf16", quiet=True).bf16 and capsys.readouterr().out == ""  # --jobs' folds
     assert not select_runtime("cpu").bf16  # fp32 on CPU by default, whatever it has
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
