@@ -361,7 +361,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ours = name == "localhost" or name.endswith(".localhost")  # RFC 6761: always loopback
         if not ours:
             raise RequestError(400, f"Host {host[:100]!r}: this server listens on loopback and answers only to "
-                                    "localhost or 127.0.0.1 (serve.py --host 0.0.0.0 serves other names)")
+                                    "localhost, 127.0.0.1 or [::1] (serve.py --host 0.0.0.0 serves other names)")
 
     def do_GET(self):
         self._guard(self._get)
@@ -495,6 +495,11 @@ class Limits:
                                               "timeout")}
 
 
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets (RFC 3986)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def make_server(predictor: Predictor | None, host="127.0.0.1", port=0, limits: Limits | None = None) -> "Server":
     """Listening at once; it answers once serve_forever runs, with `server.predictor` set by then."""
     return_freed_memory()
@@ -523,6 +528,8 @@ class Server(http.server.ThreadingHTTPServer):
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
     def __init__(self, address, predictor: Predictor | None, limits: Limits):
+        # the stdlib's server is IPv4 only: an IPv6 address (::1, or :: for every interface) needs its family
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.predictor, self.limits = predictor, limits
         self.loopback = ipaddress.ip_address(self.server_address[0]).is_loopback
@@ -620,7 +627,8 @@ def parse_args(argv=None):
     p = Parser(__doc__, __file__)
     p.add_argument("--checkpoint", default=d["checkpoint"],
                    help="a best.pt or a run directory holding one (default: the newest under runs/)")
-    p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network)")
+    p.add_argument("--host", default=d["host"], help="127.0.0.1 (this machine only) or 0.0.0.0 (the network); "
+                   "IPv6: ::1 or ::")
     p.add_argument("--port", type=Number(int, 0, 65535), default=d["port"], help="0: any free port")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
@@ -663,12 +671,12 @@ def run(args) -> None:
         server = make_server(None, args.host, args.port, limits)
     except OSError as e:  # port taken, address not ours
         hint = "choose another --port" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "check --host"
-        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); {hint}") from None
+        raise UserError(f"cannot listen on {url_host(args.host)}:{args.port} ({e.strerror or e}); {hint}") from None
     with server:  # closes the socket however this ends
         server.predictor = load()  # connections made meanwhile wait in the listen queue
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM: how a server is stopped, a normal end
             print(f"serving {checkpoint} ({server.predictor.info['model']}) on "
-                  f"http://{args.host}:{server.server_address[1]}/", flush=True)
+                  f"http://{url_host(args.host)}:{server.server_address[1]}/", flush=True)
             server.serve_forever()
 
 

@@ -680,6 +680,25 @@ def test_sigterm_stops_the_server_as_a_normal_end(trained):
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_a_server_listens_on_ipv6_loopback_as_on_ipv4(trained):
+    """`--host ::1` (or `::`): the stdlib's server is IPv4 only and refused the address."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
+    with serve.make_server(predictor, host="::1") as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            port = srv.server_address[1]
+            assert request(srv, "GET", "/health", headers={"Host": f"[::1]:{port}"})[0] == 200
+            assert request(srv, "GET", "/health", headers={"Host": "evil.example"})[0] == 400  # loopback rules
+        finally:
+            srv.shutdown()
+    assert serve.url_host("::1") == "[::1]" and serve.url_host("127.0.0.1") == "127.0.0.1"
+
+
 def test_a_server_on_every_address_answers_to_any_name(trained):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
     with serve.make_server(predictor, host="0.0.0.0") as srv:
