@@ -494,7 +494,8 @@ def parse_args(argv=None):
                    "checkpoint's)")
     p.add_argument("--out", default=d["out"], help="output folder (default RUN/gradcam)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
+                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--batch-size", type=Number(int, 1), default=d["batch_size"])
     return p.parse_args(argv)

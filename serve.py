@@ -631,7 +631,8 @@ def parse_args(argv=None):
                    "IPv6: ::1 or ::")
     p.add_argument("--port", type=Number(int, 0, 65535), default=d["port"], help="0: any free port")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
+                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"],
                    help="confidence warning below this")

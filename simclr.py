@@ -336,7 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--knn-k", type=at_least_1, default=d["knn_k"])
     p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
+                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--out", default=d["out"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

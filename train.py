@@ -626,7 +626,8 @@ def parse_args(argv=None):
     r = p.add_argument_group("where and how it runs")
     r.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     r.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    r.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
+                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
                    help="auto: channels_last on CUDA, contiguous on CPU")
     r.add_argument("--compile", nargs="?", const="default", default=d["compile"], choices=COMPILE_MODES,
