@@ -548,7 +548,8 @@ def run_studies(args, rt) -> dict:
         atomic_write(root / "summary.md", studies_summary(results))
         print(studies_summary(results))
     save_config(root, args, rt)
-    print(f"wrote the faithfulness and sanity results to {root}/")
+    done = " and ".join(s for s, asked in (("faithfulness", args.faithfulness), ("sanity", args.sanity)) if asked)
+    print(f"wrote the {done} results to {root}/")
     return results
 
 

@@ -306,8 +306,10 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     faith = json.loads((tmp_path / "one" / "faithfulness.json").read_text())
     assert faith["n"] == 6 and set(faith["maps"]) == {"gradcam relu2", "random", "centre"}
     assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1
+    assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness and sanity results to {tmp_path / 'one'}/"
     proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness results to {tmp_path / 'all'}/"  # what was asked
     assert all((tmp_path / "all" / f"fold{k}" / "faithfulness.json").is_file() for k in range(1, 6))
     assert "mean ± std" in (tmp_path / "all" / "summary.md").read_text()
     proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--fold", 4,
