@@ -713,6 +713,7 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     tag, single = "test" if len(found) == 1 else f"test-ensemble{len(found)}", all(None in f for f in found)
     if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
+    refuse_repeated_members(checkpoints, found)
     out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag)
     if single:
         result = evaluate_fold([f[None] for f in found], out, **kw)
@@ -721,6 +722,16 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     if config is not None:
         atomic_write(out / "config.json", to_json(dict(config, out=str(out)), indent=2, default=str))
     return result
+
+
+def refuse_repeated_members(checkpoints: list, found: list[dict]) -> None:
+    """An ensemble that names one network twice (`runs/a` and `runs/a/best.pt`) would count it twice."""
+    first = {}
+    for i, files in enumerate(found):
+        for path in files.values():
+            if (earlier := first.setdefault(Path(path).resolve(), i)) != i:
+                raise ModelError(f"--checkpoint {checkpoints[i]}: names {path} again (as --checkpoint "
+                                 f"{checkpoints[earlier]}); give each network of an ensemble once")
 
 
 def evaluate_folds(checkpoints: list, found: list[dict], out: Path, **kw) -> dict:

@@ -116,7 +116,8 @@ def test_calibration_changes_confidence_not_answers(trained, tmp_path):
 
 def test_an_ensemble_averages_its_members(trained_all, tmp_path):
     single = evaluate(trained_all / "fold2" / "best.pt", tmp_path / "one", resamples=20)["softmax"]
-    twice = evaluate([trained_all, trained_all], tmp_path / "two", resamples=20)  # every fold, two members
+    copy = shutil.copytree(trained_all, tmp_path / "copy")  # the same weights in other files
+    twice = evaluate([trained_all, copy], tmp_path / "two", resamples=20)  # every fold, two members
     assert np.allclose(twice[2]["softmax"].probs, single.probs, atol=1e-6)  # the mean of equal members
     m = twice[2]["softmax"].metrics
     assert m["members"] == 2 and len(m["checkpoint"]) == 2
@@ -127,6 +128,11 @@ def test_an_ensemble_averages_its_members(trained_all, tmp_path):
     assert testing.parse_args(["--checkpoint", "a", "b", "--checkpoint", "c"]).checkpoint == ["a", "b", "c"]
     with pytest.raises(Exception, match="not both"):
         evaluate([trained_all, trained_all / "fold1" / "best.pt"], tmp_path / "mixed")
+    fold2 = trained_all / "fold2"
+    for members in ([trained_all, trained_all], [fold2, fold2 / "." / "best.pt"]):  # one network, named twice
+        with pytest.raises(ModelError, match=r"names \S+/best.pt again \(as --checkpoint .*give each network of an"):
+            evaluate(members, tmp_path / "repeated")
+    assert not (tmp_path / "repeated").exists()
 
 
 def test_a_run_with_folds_missing_says_which_folds_it_is_summed_over_and_fold_picks_one(trained_all, tmp_path, capsys):
