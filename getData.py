@@ -413,7 +413,14 @@ def _is_image_file(p: Path) -> bool:
 def images_under(folder) -> list[Path]:
     """Every image file below `folder`, at any depth, sorted (hidden files, such as macOS's `._`
     copies, left out)."""
-    return sorted(p for p in Path(folder).rglob("*") if _is_image_file(p))
+    return files_under(folder)[0]
+
+
+def files_under(folder) -> tuple[list[Path], str]:
+    """images_under(folder), and what else it holds by file type ('12 .heic, 1 .txt'), in one walk."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
+    kinds = Counter(p.suffix.lower() or "files without a suffix" for p in files if not _is_image_file(p))
+    return sorted(filter(_is_image_file, files)), ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
 def each_once(items, path=lambda item: item) -> list:
@@ -434,7 +441,7 @@ def images_in(folders, flag: str = "") -> list[Path]:
         where = f"{flag} {d}".strip()
         if not d.is_dir():
             raise DataError(f"{where}: {_not_a_folder(d)}")
-        images, others = images_under(d), _other_files(d)
+        images, others = files_under(d)
         if not images:
             raise DataError(f"{where}: no images there ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                             + (f"; it holds {others}" if others else ""))
@@ -442,13 +449,6 @@ def images_in(folders, flag: str = "") -> list[Path]:
             print(f"note: {where}: {others} left out, not being JPEG, PNG, WebP, BMP, TIFF or GIF files")
         found += images
     return each_once(found)
-
-
-def _other_files(folder: Path) -> str:
-    """What else a folder of photos holds, by file type ('12 .heic, 1 .txt'), hidden files aside."""
-    kinds = Counter(p.suffix.lower() or "files without a suffix" for p in folder.rglob("*")
-                    if p.is_file() and not p.name.startswith(".") and not _is_image_file(p))
-    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
 
 
 def is_class_folder(d: Path) -> bool:
