@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from getData import (FOLDS, DataError, Number, Parser, atomic_write, each_once, images_in, index_split, load_image,
                      prepare, run_main, to_json, usable_folds_root)
-from models import (MEAN, MEMORY_FORMATS, PRECISIONS, SCORES, STD, ModelError, Runtime, capture_features, crop,
-                    find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder, photos_seen,
-                    reference_for, resize_size, save_figure, select_runtime, to_input)
+from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
+                    capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
+                    photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -494,8 +494,7 @@ def parse_args(argv=None):
                    "checkpoint's)")
     p.add_argument("--out", default=d["out"], help="output folder (default RUN/gradcam)")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
-                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--batch-size", type=Number(int, 1), default=d["batch_size"])
     return p.parse_args(argv)

@@ -36,9 +36,9 @@ import torch
 
 from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main, to_json
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, capture_features,
-                    device_logits, find_checkpoint, gate, gate_by, load_classifier, probabilities, reference_for,
-                    resize_size, select_runtime, view)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError,
+                    capture_features, device_logits, find_checkpoint, gate, gate_by, load_classifier, probabilities,
+                    reference_for, resize_size, select_runtime, view)
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
@@ -631,8 +631,7 @@ def parse_args(argv=None):
                    "IPv6: ::1 or ::")
     p.add_argument("--port", type=Number(int, 0, 65535), default=d["port"], help="0: any free port")
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
-                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--threshold", type=Number(float, 0, 1), default=d["threshold"],
                    help="confidence warning below this")

@@ -29,10 +29,10 @@ from tqdm import tqdm
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
                      list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
-from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, Runtime, SaveClock, batch_indices, build_model,
-                    checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, init_file, make_optimizer,
-                    param_groups, per_rank_batch, refuse_init_that_saw, resize_size, resume, save_checkpoint, send,
-                    set_seed, shard, training_state, warmup_cosine, write_history)
+from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime, SaveClock, batch_indices,
+                    build_model, checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, init_file,
+                    make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw, resize_size, resume,
+                    save_checkpoint, send, set_seed, shard, training_state, warmup_cosine, write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -336,8 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--knn-k", type=at_least_1, default=d["knn_k"])
     p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
-                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     p.add_argument("--out", default=d["out"])
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")

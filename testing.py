@@ -36,10 +36,11 @@ from sklearn.svm import SVC
 from getData import (FOLDS, POSITIVE_CLASS, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
                      atomic_write, decode_all, images_in, is_synthetic, list_classes, not_skin_images, patient_id,
                      prepare, run_main, synthetic_image, to_json, usable_folds_root)
-from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model, derived_seed,
-                    detection_metrics, embed, find_checkpoints, fit_temperature, gate_by, load_checkpoint,
-                    load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores, output_folder,
-                    photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure, select_runtime)
+from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model,
+                    derived_seed, detection_metrics, embed, find_checkpoints, fit_temperature, gate_by,
+                    load_checkpoint, load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores,
+                    output_folder, photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure,
+                    select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -780,8 +781,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=d["out"], help="output folder (default: RUN/test)")
     p.add_argument("--batch-size", type=Number(int, 1), default=d["batch_size"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
-                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
+    p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)
     return p.parse_args(argv)
 

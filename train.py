@@ -37,13 +37,13 @@ from tqdm import tqdm
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
-from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISIONS, ModelError, Runtime, SaveClock, batch_indices,
-                    build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed, distributed,
-                    epoch_generators, fit_temperature, init_file, is_current, load_checkpoint, load_classifier,
-                    make_optimizer, mean_std_table, native_bf16, param_groups, per_rank_batch, predict_logits,
-                    probabilities, reference_from_images, refuse_init_that_saw, resize_size, resume, save_checkpoint,
-                    select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap, warmup_cosine,
-                    write_history)
+from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError, Runtime, SaveClock,
+                    batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed,
+                    distributed, epoch_generators, fit_temperature, init_file, is_current, load_checkpoint,
+                    load_classifier, make_optimizer, mean_std_table, native_bf16, param_groups, per_rank_batch,
+                    predict_logits, probabilities, reference_from_images, refuse_init_that_saw, resize_size, resume,
+                    save_checkpoint, select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap,
+                    warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -626,8 +626,7 @@ def parse_args(argv=None):
     r = p.add_argument_group("where and how it runs")
     r.add_argument("--seed", type=Number(int, 0), default=d["seed"])
     r.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
-    r.add_argument("--precision", default=d["precision"], choices=PRECISIONS,
-                   help="auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32")
+    r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,
                    help="auto: channels_last on CUDA, contiguous on CPU")
     r.add_argument("--compile", nargs="?", const="default", default=d["compile"], choices=COMPILE_MODES,

@@ -23,9 +23,9 @@ from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, 
                             resize_size, to_input, view)
 from models.rundir import (SaveClock, claim_run_dir, mean_std, mean_std_table, output_folder, png_bytes, save_figure,
                            write_history)
-from models.runtime import (MEMORY_FORMATS, PRECISIONS, Runtime, backend_for, batch_indices, constant, derived_seed,
-                            distributed, epoch_generators, native_bf16, per_rank_batch, seed_worker, select_runtime,
-                            send, set_numerics, set_seed, shard)
+from models.runtime import (MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, Runtime, backend_for, batch_indices, constant,
+                            derived_seed, distributed, epoch_generators, native_bf16, per_rank_batch, seed_worker,
+                            select_runtime, send, set_numerics, set_seed, shard)
 
 __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
            "checkpoint_dict", "find_checkpoint", "find_checkpoints", "init_file", "load_checkpoint", "photos_seen",
@@ -33,9 +33,9 @@ __all__ = ["Classifier", "build_model", "load_classifier", "model_names", "Model
            "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by",
            "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",
            "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features", "crop",
-           "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict", "predict_logits",
-           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "output_folder",
-           "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS", "PRECISIONS",
-           "Runtime", "backend_for", "batch_indices", "constant", "derived_seed", "distributed", "epoch_generators",
-           "native_bf16", "per_rank_batch", "seed_worker", "select_runtime", "send", "set_numerics", "set_seed",
-           "shard"]
+           "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict",
+           "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir",
+           "output_folder", "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history",
+           "MEMORY_FORMATS", "PRECISION_HELP", "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant",
+           "derived_seed", "distributed", "epoch_generators", "native_bf16", "per_rank_batch", "seed_worker",
+           "select_runtime", "send", "set_numerics", "set_seed", "shard"]

@@ -25,6 +25,7 @@ from getData import UserError
 from models.checkpoint import ModelError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_HELP = "auto: bf16 on a GPU with bf16 units (Ampere or newer), else fp32"  # select_runtime's rule
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
