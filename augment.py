@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from getData import (AUG_TAG, FOLDS, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder, decode_all,
-                     index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, to_json,
+from getData import (AUG_TAG, FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder,
+                     decode_all, index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, to_json,
                      usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
@@ -672,10 +672,11 @@ def parse_args(argv=None):
     p.add_argument("--factor", type=at_least_1, default=d["factor"], help="copies per Train image")
     p.add_argument("--balance", action="store_true", help="top every class up to the largest class instead")
     p.add_argument("--ops", default=d["ops"], help=f"comma list of {','.join(OP_NAMES)} or 'all'")
-    p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
-    p.add_argument("--workers", type=Number(int, 0), default=d["workers"], help="processes (0 = all cores)")
+    p.add_argument("--seed", type=SEED, default=d["seed"])
+    cores = os.cpu_count() or 1  # more processes than a few per core only fill the memory (each imports torch)
+    p.add_argument("--workers", type=Number(int, 0, 4 * cores), default=d["workers"], help="processes (0 = all cores)")
     p.add_argument("--benchmark", action="store_true", help="print images/s of the three input pipelines")
-    p.add_argument("--size", type=Number(int, 8), default=d["size"], help="benchmark image size")
+    p.add_argument("--size", type=Number(int, 8, 1024), default=d["size"], help="benchmark image size")
     p.add_argument("--augment", default=d["augment"], choices=["basic", "trivial"],
                    help="benchmark: train.py's op set to time")
     p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="benchmark batch size")

@@ -108,7 +108,7 @@ def run_main(body, *args) -> int:
         return 0
     except UserError as e:
         if not e.quiet:
-            sys.stderr.write(f"error: {e}\n")  # one write: under torchrun, ranks' lines never interleave
+            sys.stderr.write(f"error: {one_line(str(e))}\n")  # one write: under torchrun, ranks' never interleave
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
@@ -118,6 +118,12 @@ def run_main(body, *args) -> int:
     finally:
         if takes_sigterm:
             signal.signal(signal.SIGTERM, before)
+
+
+def one_line(message: str) -> str:
+    """A message stays one line when it quotes a name with a newline or a tab in it (a path, a flag's
+    value): such characters are shown as Python writes them, `\\n`."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 @contextlib.contextmanager
@@ -170,10 +176,13 @@ class Number:
         return value
 
     def allowed(self) -> str:
-        what = "an integer" if self.kind is int else "a number"
-        low = f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else ""
-        high = f"{'<' if self.open_high else '<='} {self.high}" if self.high is not None else ""
+        what, as_text = ("an integer", str) if self.kind is int else ("a number", lambda x: f"{x:g}")  # 1e+10
+        low = f"{'>' if self.open_low else '>='} {as_text(self.low)}" if self.low is not None else ""
+        high = f"{'<' if self.open_high else '<='} {as_text(self.high)}" if self.high is not None else ""
         return f"{what} {' and '.join(b for b in (low, high) if b)}".strip()
+
+
+SEED = Number(int, 0, 2**63 - 1)  # every script's --seed: what every generator here takes (torch's included)
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -212,7 +221,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         # "argument --lr: nan: not a finite number; ..." -> "--lr nan: not a finite number; ...", the project's form
         message = re.sub(r"^argument (\S+?)(?:/\S+)?: ", r"\1 ", message)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------------------------- writing files
@@ -258,11 +267,19 @@ def atomic_path(path, folder: bool = False):
     A crash or an exception leaves the previous `path` (or nothing), never half an output; a write
     that fails (a full disk) is one line naming `path`. The temporary name is unique, so two
     processes writing the same file never write into each other's. A folder target may exist if it
-    is empty.
+    is empty. A link, a device or a named pipe (`--report /dev/null`, `/dev/stdout`) is written
+    through, as the shell's `>` would: a temporary renamed over it would replace the link or the
+    device node itself (as root, /dev/null).
     """
     path = Path(path)
     if path.is_dir() and not folder:
         raise WriteError(f"{path}: is a folder; cannot write a file there")
+    if not folder and (path.is_symlink() or (path.exists() and not path.is_file())):
+        try:
+            yield path
+        except OSError as e:
+            raise WriteError(f"{path}: could not be written ({e.strerror or e})") from None
+        return
     try:
         make_folder(path.parent)
     except WriteError as e:
@@ -417,10 +434,14 @@ def images_under(folder) -> list[Path]:
 
 
 def files_under(folder) -> tuple[list[Path], str]:
-    """images_under(folder), and what else it holds by file type ('12 .heic, 1 .txt'), in one walk."""
+    """images_under(folder), and what else it holds by file type ('12 .heic, 1 .txt', the five most
+    common kinds and a count of the rest: a line, whatever the folder), in one walk."""
     files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
     kinds = Counter(p.suffix.lower() or "files without a suffix" for p in files if not _is_image_file(p))
-    return sorted(filter(_is_image_file, files)), ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    others = [f"{n} {kind}" for kind, n in kinds.most_common(5)]
+    if len(kinds) > 5:
+        others.append(f"{sum(n for _, n in kinds.most_common()[5:])} of {len(kinds) - 5} other kinds")
+    return sorted(filter(_is_image_file, files)), ", ".join(others)
 
 
 def each_once(items, path=lambda item: item) -> list:
@@ -491,13 +512,22 @@ def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) 
     if split not in SPLITS:
         raise DataError(f"split {split!r} does not exist: use one of {', '.join(SPLITS)}")
     classes = classes or list_classes(folds_root)
-    dirs = [Path(folds_root) / f"fold{fold}" / split, *map(Path, extra_dirs)]
-    for d in dirs[1:]:
-        if not d.is_dir():
-            raise DataError(f"{d}: {_not_a_folder(d)}; give a folder that augment.py wrote (<Class>/ folders)")
-        if unknown := sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)):
-            raise DataError(f"{d}: expected class folders {classes}, found {unknown}")
-    return [(p, label) for d in dirs for label, c in enumerate(classes) for p in list_images(d / c)]
+    split_dir = Path(folds_root) / f"fold{fold}" / split
+    return ([(p, label) for label, c in enumerate(classes) for p in list_images(split_dir / c)]
+            + [s for d in extra_dirs for s in augmented_samples(d, classes)])
+
+
+def augmented_samples(folder, classes) -> list[tuple[Path, int]]:
+    """(path, label) pairs of a folder augment.py wrote (<Class>/ folders), or one line saying why it is
+    not one: missing, other classes, or no images (a flag that would add nothing, without a word)."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise DataError(f"{d}: {_not_a_folder(d)}; give a folder that augment.py wrote (<Class>/ folders)")
+    if unknown := sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)):
+        raise DataError(f"{d}: expected class folders {classes}, found {unknown}")
+    if not (samples := [(p, label) for label, c in enumerate(classes) for p in list_images(d / c)]):
+        raise DataError(f"{d}: no images in <Class>/ folders; give a folder that augment.py wrote")
+    return samples
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -619,7 +649,10 @@ def _shrink(im: Image.Image, side: int) -> Image.Image:
 
 
 def _detail(error: Exception, name: str) -> str:
-    """The decoder's message without the repr of an in-memory file (<_io.BytesIO object at 0x...>)."""
+    """The decoder's message without the repr of an in-memory file (<_io.BytesIO object at 0x...>), or
+    the system's reason alone ("No such file or directory"): the file is named once, by the caller."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
     return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", name, str(error)) or type(error).__name__
 
 
@@ -1283,7 +1316,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", nargs="?", const="", metavar="PATH",
                    help=f"write the synthetic demo dataset to PATH (default: --data-root if given, else "
                         f"{DEFAULTS['synthetic_root']})")
-    p.add_argument("--seed", type=Number(int, 0), default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=SEED, default=DEFAULTS["seed"])
     p.add_argument("--download", metavar="URL", help="zip URL to fetch into --data-root, or 'kaggle'")
     p.add_argument("--extract", metavar="ZIP", help="a downloaded zip to extract safely into --data-root")
     return p.parse_args(argv)
@@ -1315,7 +1348,10 @@ def run(args) -> None:
                               not_zip="give --extract the MSLD v2.0 .zip (downloaded again, if it was cut short)")
         print(f"extracted to {target}; its folds are in {find_folds_root(target)}")
         return
-    report = audit(find_folds_root(data_root), _aug_dirs(args.aug_dir))
+    folds_root, aug_dirs = find_folds_root(data_root), _aug_dirs(args.aug_dir)
+    for d in aug_dirs.values():
+        augmented_samples(d, list_classes(folds_root))
+    report = audit(folds_root, aug_dirs)
     print(format_report(report))
     if args.report:
         atomic_write(args.report, to_json(report, indent=2, default=str))

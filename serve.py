@@ -623,7 +623,8 @@ def benchmark(args, predictor: Predictor) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    d, positive = DEFAULTS, Number(float, 0, open_low=True)
+    # Bounded above too: the socket and the batching queue take no wait longer than the OS's clock holds
+    d, seconds = DEFAULTS, Number(float, 0, 86_400, open_low=True)  # up to a day
     p = Parser(__doc__, __file__)
     p.add_argument("--checkpoint", default=d["checkpoint"],
                    help="a best.pt or a run directory holding one (default: the newest under runs/)")
@@ -639,7 +640,7 @@ def parse_args(argv=None):
     p.add_argument("--ood-score", default=d["ood_score"], choices=SCORES,
                    help="no diagnosis beyond this out-of-distribution score's threshold (default: the checkpoint's)")
     p.add_argument("--max-batch", type=Number(int, 1), default=d["max_batch"], help="images per forward pass")
-    p.add_argument("--max-wait-ms", type=Number(float, 0), default=d["max_wait_ms"],
+    p.add_argument("--max-wait-ms", type=Number(float, 0, 60_000), default=d["max_wait_ms"],
                    help="how long a request waits for others to share its forward pass")
     limits = p.add_argument_group("what one client may cost (README: Web service)")
     limits.add_argument("--max-bytes", type=Number(int, 1), default=d["max_bytes"], help="largest upload (413)")
@@ -649,9 +650,9 @@ def parse_args(argv=None):
                         help="memory for the images being decoded at once (503 + Retry-After beyond)")
     limits.add_argument("--max-connections", type=Number(int, 1), default=d["max_connections"],
                         help="open connections (503 + Retry-After beyond)")
-    limits.add_argument("--deadline", type=positive, default=d["deadline"],
+    limits.add_argument("--deadline", type=seconds, default=d["deadline"],
                         help="seconds for a whole request, headers and body (408 and closed beyond)")
-    limits.add_argument("--timeout", type=positive, default=d["timeout"],
+    limits.add_argument("--timeout", type=seconds, default=d["timeout"],
                         help="seconds a single read or write may stall before the client is dropped")
     p.add_argument("--benchmark", action="store_true", help="run the load test instead of serving")
     p.add_argument("--requests", type=Number(int, 1), default=256, help="load test: requests per concurrency level")

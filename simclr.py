@@ -27,12 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
+from getData import (SEED, DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
                      list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
-from models import (MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime, SaveClock, batch_indices,
-                    build_model, checkpoint_dict, claim_run_dir, distributed, embed, epoch_generators, init_file,
-                    make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw, resize_size, resume,
-                    save_checkpoint, send, set_seed, shard, training_state, warmup_cosine, write_history)
+from models import (INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime,
+                    SaveClock, batch_indices, build_model, checkpoint_dict, claim_run_dir, distributed, embed,
+                    epoch_generators, init_file, make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw,
+                    resize_size, resume, save_checkpoint, send, set_seed, shard, training_state, warmup_cosine,
+                    write_history)
 
 DEFAULTS = dict(data_root="data", model="lenet", init="none", input_size=None, fold=1, extra=None,
                 include_test=False, positives="views", epochs=100, batch_size=32, lr=3e-3, optimizer="adamw",
@@ -314,7 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=d["data_root"])
     p.add_argument("--model", default=d["model"], help="any backbone of models/ (lenet, resnet18, ...)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (or its run directory) to start from")
-    p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size")
+    p.add_argument("--input-size", type=INPUT_SIZE, default=d["input_size"], help="override the model's input size")
     p.add_argument("--fold", type=int, default=d["fold"], choices=[1, 2, 3, 4, 5],
                    help="its Train+Valid images are used; its Test images are held out")
     p.add_argument("--extra", action="append", default=d["extra"], metavar="DIR", help="more unlabeled images")
@@ -324,17 +325,18 @@ def parse_args(argv=None):
                         "(MICLe, Azizi et al. 2021), else two views")
     p.add_argument("--epochs", type=at_least_1, default=d["epochs"])
     p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="pairs per step, over all ranks")
-    p.add_argument("--lr", type=Number(float, 0, open_low=True), default=d["lr"],
+    p.add_argument("--lr", type=LEARNING_RATE, default=d["lr"],
                    help="SimCLR with LARS: 0.3 x batch/256")
     p.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=at_least_0, default=d["weight_decay"],
                    help="on weights; none on norms and biases")
     p.add_argument("--warmup-epochs", type=Number(int, 0), default=d["warmup_epochs"])
     p.add_argument("--temperature", type=Number(float, 0, open_low=True), default=d["temperature"])
-    p.add_argument("--proj-dim", type=at_least_1, default=d["proj_dim"])
+    p.add_argument("--proj-dim", type=Number(int, 1, 16_384), default=d["proj_dim"],
+                   help="width of the projection head's output (SimCLR: 128)")
     p.add_argument("--eval-every", type=at_least_1, default=d["eval_every"], help="k-NN monitor every N epochs")
     p.add_argument("--knn-k", type=at_least_1, default=d["knn_k"])
-    p.add_argument("--seed", type=Number(int, 0), default=d["seed"])
+    p.add_argument("--seed", type=SEED, default=d["seed"])
     p.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS)

@@ -35,15 +35,15 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
-from getData import (FOLDS, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
+from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
-from models import (EMA, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError, Runtime, SaveClock,
-                    batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir, derived_seed,
-                    distributed, epoch_generators, fit_temperature, init_file, is_current, load_checkpoint,
-                    load_classifier, make_optimizer, mean_std_table, native_bf16, param_groups, per_rank_batch,
-                    predict_logits, probabilities, reference_from_images, refuse_init_that_saw, resize_size, resume,
-                    save_checkpoint, select_runtime, send, set_numerics, set_seed, shard, training_state, unwrap,
-                    warmup_cosine, write_history)
+from models import (INPUT_SIZE, EMA, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
+                    Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
+                    derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
+                    load_checkpoint, load_classifier, make_optimizer, mean_std_table, native_bf16, param_groups,
+                    per_rank_batch, predict_logits, probabilities, reference_from_images, refuse_init_that_saw,
+                    resize_size, resume, save_checkpoint, select_runtime, send, set_numerics, set_seed, shard,
+                    training_state, unwrap, warmup_cosine, write_history)
 
 DEFAULTS = dict(
     data_root="data", model="lenet", init="none", input_size=None, fold="1", epochs=60, batch_size=16, lr=2e-3,
@@ -593,12 +593,12 @@ def parse_args(argv=None):
     p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt) "
                    "or the run directory that holds it")
-    p.add_argument("--input-size", type=at_least_1, default=d["input_size"], help="override the model's input size "
+    p.add_argument("--input-size", type=INPUT_SIZE, default=d["input_size"], help="override the model's input size "
                    "(convolutional networks only; e.g. 112 for a quick CPU run)")
     p.add_argument("--fold", default=d["fold"], help="1..5 or all")
     p.add_argument("--epochs", type=at_least_1, default=d["epochs"])
     p.add_argument("--batch-size", type=at_least_1, default=d["batch_size"], help="global batch, split over ranks")
-    p.add_argument("--lr", type=positive, default=d["lr"])
+    p.add_argument("--lr", type=LEARNING_RATE, default=d["lr"])
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
     o.add_argument("--weight-decay", type=at_least_0, default=d["weight_decay"],
@@ -624,7 +624,7 @@ def parse_args(argv=None):
     a.add_argument("--aug-device", default=d["aug_device"], choices=["auto", "cpu", "cuda"],
                    help="where batches are augmented (auto: the training device)")
     r = p.add_argument_group("where and how it runs")
-    r.add_argument("--seed", type=Number(int, 0), default=d["seed"])
+    r.add_argument("--seed", type=SEED, default=d["seed"])
     r.add_argument("--device", default=d["device"], choices=["auto", "cpu", "cuda"])
     r.add_argument("--precision", default=d["precision"], choices=PRECISIONS, help=PRECISION_HELP)
     r.add_argument("--memory-format", default=d["memory_format"], choices=MEMORY_FORMATS,

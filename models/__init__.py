@@ -10,12 +10,12 @@
 
     from models import build_model, load_classifier, predict, select_runtime
 """
-from models.build import Classifier, build_model, load_classifier, model_names
+from models.build import INPUT_SIZE, Classifier, build_model, load_classifier, model_names
 from models.checkpoint import (ModelError, check_resumable, checkpoint_dict, find_checkpoint, find_checkpoints,
                                init_file, load_checkpoint, photos_seen, refuse_init_that_saw, resume, save_checkpoint,
                                training_state, unwrap)
 from models.lenet import LeNet
-from models.optim import EMA, LARS, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
+from models.optim import EMA, LARS, LEARNING_RATE, OPTIMIZERS, make_optimizer, param_groups, warmup_cosine
 from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, gate, gate_by, is_current, ood_scores,
                         reference_for, reference_from_images)
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
@@ -27,15 +27,15 @@ from models.runtime import (MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, Runtime,
                             derived_seed, distributed, epoch_generators, native_bf16, per_rank_batch, seed_worker,
                             select_runtime, send, set_numerics, set_seed, shard)
 
-__all__ = ["Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
+__all__ = ["INPUT_SIZE", "Classifier", "build_model", "load_classifier", "model_names", "ModelError", "check_resumable",
            "checkpoint_dict", "find_checkpoint", "find_checkpoints", "init_file", "load_checkpoint", "photos_seen",
            "refuse_init_that_saw", "resume", "save_checkpoint", "training_state", "unwrap", "LeNet", "EMA", "LARS",
-           "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES", "gate_by",
-           "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",
+           "LEARNING_RATE", "OPTIMIZERS", "make_optimizer", "param_groups", "warmup_cosine", "GATE_SCORE", "SCORES",
+           "gate_by", "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",
            "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features", "crop",
-           "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict",
-           "predict_logits", "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir",
-           "output_folder", "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history",
-           "MEMORY_FORMATS", "PRECISION_HELP", "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant",
-           "derived_seed", "distributed", "epoch_generators", "native_bf16", "per_rank_batch", "seed_worker",
-           "select_runtime", "send", "set_numerics", "set_seed", "shard"]
+           "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict", "predict_logits",
+           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "output_folder",
+           "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS",
+           "PRECISION_HELP", "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant", "derived_seed",
+           "distributed", "epoch_generators", "native_bf16", "per_rank_batch", "seed_worker", "select_runtime", "send",
+           "set_numerics", "set_seed", "shard"]

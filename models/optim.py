@@ -6,9 +6,14 @@ import math
 import torch
 from torch import nn
 
+from getData import Number
 from models.checkpoint import ModelError, unwrap
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "lars")
+# --lr's type in train.py and simclr.py. Bounded above: the optimizers cast it to float32, which has no
+# 1e39; 1e10 is far past any rate that trains (LARS's trust ratio takes 1e8 to diverge within an epoch),
+# and a run that diverges stops with one line.
+LEARNING_RATE = Number(float, 0, 1e10, open_low=True)
 
 
 class LARS(torch.optim.Optimizer):

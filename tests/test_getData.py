@@ -1,6 +1,7 @@
 import http.server
 import io
 import json
+import os
 import re
 import shutil
 import threading
@@ -61,6 +62,11 @@ def test_cli_errors_are_one_line(tmp_path, synthetic):
     proc = run_cli("getData.py", "--data-root", tmp_path)
     assert_one_line_error(proc, "not usable", "Measles")
     assert "audit:" in proc.stdout  # the table and audit still print
+
+
+def test_a_name_with_a_newline_in_it_is_still_one_line(tmp_path):
+    assert_one_line_error(run_cli("getData.py", "--data-root", tmp_path / "two\nlines"), "two\\nlines")
+    assert_one_line_error(run_cli("getData.py", "--seed", "1\n2"), "'1\\n2'")
 
 
 def test_unknown_flag_is_an_error():
@@ -226,6 +232,22 @@ def test_cli_report_json(tmp_path, synthetic):
     assert "0=Chickenpox" in proc.stdout and "fold5" in proc.stdout
 
 
+def test_a_report_to_a_pipe_or_a_link_is_written_through_it(tmp_path, synthetic):
+    """`--report /dev/null`, `/dev/stdout` or a named pipe is written through, as the shell's `>` would:
+    a temporary renamed over it would replace the device node (as root, /dev/null itself) or the link."""
+    target, link, fifo = tmp_path / "audit.json", tmp_path / "link.json", tmp_path / "pipe"
+    link.symlink_to(target)
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(text=fifo.read_text()), daemon=True)
+    reader.start()
+    for out in (link, fifo):
+        assert run_cli("getData.py", "--data-root", synthetic, "--report", out).returncode == 0
+    reader.join(timeout=30)
+    assert link.is_symlink() and fifo.is_fifo()
+    assert json.loads(target.read_text())["usable"] and json.loads(got["text"])["usable"]
+
+
 def test_names_map_to_patient_and_origin():
     assert patient_id("x/MKP_17_01.jpg") == "MKP_17"
     assert patient_id("HFMD_03_02__aug11.jpg") == patient_id("HFMD_3_9.jpg") == "HFMD_3"
@@ -281,6 +303,9 @@ def test_load_image_rejects_bad_files(tmp_path):
         with pytest.raises(DataError, match=fragment) as e:
             load_image(tmp_path / name)
         assert name in str(e.value)
+    with pytest.raises(DataError) as e:  # named once, with the system's reason alone
+        load_image(tmp_path / "gone.jpg")
+    assert str(e.value) == f"{tmp_path / 'gone.jpg'}: not a readable image (No such file or directory)"
     bomb = _save(Image.new("1", (9000, 9000)))  # 81 MP, a few kB on disk
     with pytest.raises(DataError, match="limit"):
         load_image(bomb, name="bomb.png")
@@ -318,6 +343,16 @@ def test_a_folder_of_photos_yields_every_format_load_image_reads(tmp_path):
     (tmp_path / "._a.jpg").write_bytes(b"macOS metadata")
     assert [p.name for p in images_under(tmp_path)] == names
     assert all(load_image(p).size == (8, 8) for p in images_under(tmp_path))
+
+
+def test_what_else_a_folder_holds_is_said_in_one_short_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    for i, suffix in enumerate([".a", ".b", ".c", ".d", ".e", ".f", ".g"]):
+        for j in range(8 - i):  # .a most common, .g least
+            (tmp_path / f"{j}{suffix}").write_text("")
+    images, others = getData.files_under(tmp_path)
+    assert images == [tmp_path / "photo.jpg"]
+    assert others == "8 .a, 7 .b, 6 .c, 5 .d, 4 .e, 5 of 2 other kinds"
 
 
 def test_load_image_hands_no_other_format_to_a_decoder(monkeypatch):

@@ -70,16 +70,22 @@ def test_help_names_every_default_worth_saying(script, monkeypatch):
 
 BAD_VALUES = [  # (script, arguments, what the line must name)
     ("train.py", ["--lr", "nan"], "--lr nan"), ("train.py", ["--lr", "inf"], "--lr inf"),
+    ("train.py", ["--lr", "1e308"], "--lr 1e308: out of range"), ("simclr.py", ["--lr", "1e39"], "--lr 1e39"),
     ("train.py", ["--weight-decay", "nan"], "--weight-decay nan"), ("train.py", ["--clip-grad", "nan"], "--clip-grad"),
     ("train.py", ["--mu", "nan"], "--mu nan"), ("train.py", ["--label-smoothing", "2"], "--label-smoothing 2"),
     ("train.py", ["--label-smoothing", "-1"], "--label-smoothing -1"), ("train.py", ["--seed", "-1"], "--seed -1"),
-    ("train.py", ["--input-size", "0"], "--input-size 0"), ("train.py", ["--warmup-epochs", "-3"], "--warmup-epochs"),
+    ("train.py", ["--seed", str(2**63)], f"--seed {2**63}: out of range"),
+    ("train.py", ["--input-size", "0"], "--input-size 0"), ("train.py", ["--input-size", "2000"], "--input-size 2000"),
+    ("simclr.py", ["--proj-dim", "99999999999999999999"], "--proj-dim 99999999999999999999: out of range"),
+    ("train.py", ["--warmup-epochs", "-3"], "--warmup-epochs"),
     ("train.py", ["--mixup", "nan"], "--mixup nan"), ("train.py", ["--save-every", "nan"], "--save-every nan"),
     ("train.py", ["--input-size", "64"], "--input-size 64: lenet needs 32x32"),
     ("testing.py", ["--batch-size", "0"], "--batch-size 0"), ("gradcam.py", ["--limit", "0"], "--limit 0"),
+    ("testing.py", ["--bootstrap", "99999999999999999999"], "--bootstrap 99999999999999999999: out of range"),
     ("gradcam.py", ["--batch-size", "0"], "--batch-size 0"), ("simclr.py", ["--lr", "nan"], "--lr nan"),
     ("simclr.py", ["--temperature", "nan"], "--temperature nan"), ("simclr.py", ["--proj-dim", "0"], "--proj-dim 0"),
     ("simclr.py", ["--knn-k", "0"], "--knn-k 0"), ("augment.py", ["--workers", "-1"], "--workers -1"),
+    ("augment.py", ["--workers", "99999999999999999999"], "--workers 99999999999999999999: out of range"),
     ("augment.py", ["--benchmark", "--batch-size", "0"], "--batch-size 0"),
 ]
 
@@ -123,9 +129,13 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
 def test_an_aug_dir_that_is_not_augment_pys_output_is_one_line(synthetic, tmp_path):
     strange = tmp_path / "strange"
     (strange / "Flu").mkdir(parents=True)
+    empty = tmp_path / "not-augment-output"
+    (empty / "Measles").mkdir(parents=True)
+    (empty / "report.md").write_text("testing.py's output, say")
     for aug, fragment in ((tmp_path / "missing", "missing: no such folder; give a folder that augment.py wrote"),
-                          (strange, "found ['Flu']")):
+                          (strange, "found ['Flu']"), (empty, "not-augment-output: no images in <Class>/ folders")):
         assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--aug-dir", aug)), fragment)
+        assert_one_line_error(run_cli("getData.py", "--data-root", synthetic, "--aug-dir", f"1={aug}"), fragment)
 
 
 def test_outputs_never_go_into_a_training_runs_own_folder(synthetic, trained, trained_all, monkeypatch):

@@ -505,8 +505,12 @@ def test_scores_that_are_not_numbers_are_a_valid_json_500(trained, synthetic, tm
 
 @pytest.mark.parametrize("flag,value", [("--timeout", "-1"), ("--max-batch", "0"), ("--max-wait-ms", "-5"),
                                         ("--max-bytes", "-1"), ("--threshold", "nan"), ("--port", "70000"),
-                                        ("--deadline", "0"), ("--decode-mb", "0"), ("--max-connections", "0")])
-def test_bad_serve_flags_are_one_line(trained, flag, value):
+                                        ("--deadline", "0"), ("--decode-mb", "0"), ("--max-connections", "0"),
+                                        # beyond what a socket's or a queue's timeout takes (OverflowError)
+                                        ("--timeout", "1e308"), ("--deadline", "1e12"), ("--max-wait-ms", "1e308")])
+def test_bad_serve_flags_are_one_line(trained, flag, value, capsys):
+    with pytest.raises(SystemExit):  # refused while parsing: a regression fails here, not in a server left waiting
+        serve.parse_args([flag, value])
     assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", flag, value), f"{flag} {value}")
 
 
