@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from getData import Number
-from models.checkpoint import ModelError, load_checkpoint, load_weights
+from models.checkpoint import UNEDITED, ModelError, load_checkpoint, load_state, load_weights
 from models.lenet import LeNet
 
 
@@ -147,6 +147,26 @@ def build_model(name: str, num_classes: int, init: str = "none", input_size: int
     return model
 
 
+def _check_header(ckpt: dict, path) -> None:
+    """What a classifier checkpoint says of itself beyond what every checkpoint says (load_checkpoint
+    checks that), checked before anything is built from it."""
+    classes, size, temperature = ckpt.get("classes"), ckpt.get("input_size"), ckpt.get("temperature")
+    refusals = [
+        (not (isinstance(classes, list) and len(classes) >= 2 and len(set(map(str, classes))) == len(classes)
+              and all(isinstance(c, str) and c for c in classes)),
+         f"its classes {classes!r} are not two or more distinct names"),
+        (size is not None and not (type(size) is int and 1 <= size <= INPUT_SIZE.high),
+         f"its input size {size!r} is not a whole number from 1 to {INPUT_SIZE.high}"),
+        (not isinstance(ckpt.get("ood", {}), dict), "its out-of-distribution reference is not a dict"),
+    ]
+    if why := next((why for refused, why in refusals if refused), None):
+        raise ModelError(f"{path}: {why}; {UNEDITED}")
+    if temperature is not None and not (type(temperature) in (int, float) and math.isfinite(temperature)
+                                        and temperature > 0):
+        raise ModelError(f"{path}: its temperature is {temperature!r}, not a positive number; retrain, or delete "
+                         "the key to serve uncalibrated probabilities")
+
+
 def load_classifier(path, rt) -> tuple[Classifier, dict]:
     """A trained classifier checkpoint (best.pt) -> (model in eval mode, placed by the runtime `rt`
     (models.Runtime: its device and memory format), checkpoint dict)."""
@@ -155,12 +175,9 @@ def load_classifier(path, rt) -> tuple[Classifier, dict]:
         what = "a SimCLR encoder: fine-tune it with `train.py --init` first" if ckpt.get("kind") == "encoder" \
             else "not a classifier checkpoint of this project"
         raise ModelError(f"{path}: {what}")
+    _check_header(ckpt, path)
     model = build_model(ckpt["model"], len(ckpt["classes"]), input_size=ckpt.get("input_size"))
-    load_weights(model, ckpt, path)
-    temperature = ckpt.get("temperature")
-    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
-        raise ModelError(f"{path}: its temperature is {temperature}, not a positive number; retrain, or delete "
-                         "the key to serve uncalibrated probabilities")
+    load_state(model, ckpt["state_dict"], path, "classifier")  # a head that does not fit: refused, not re-initialised
     if not all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()):
         raise ModelError(f"{path}: holds weights that are not finite (NaN or inf): the run diverged; retrain it "
                          "with a lower --lr or --clip-grad 1.0")

@@ -135,7 +135,31 @@ def load_checkpoint(path, lazy: bool = False) -> dict:
         raise ModelError(f"{path}: not a PyTorch checkpoint, or damaged ({detail[:120]})") from None
     if not isinstance(ckpt, dict):
         raise ModelError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}")
+    if "model" in ckpt or "state_dict" in ckpt:  # one of ours, not a raw state_dict
+        _check_fields(ckpt, path)
     return ckpt
+
+
+UNEDITED = "is it a checkpoint this project wrote, whole and unedited?"
+
+
+def _check_fields(ckpt: dict, path) -> None:
+    """What every checkpoint of this project says of itself, of the types it writes, so that a file from
+    elsewhere (a classmate's, edited by hand) is one line, not a traceback deep in a script. One
+    without a config gets an empty one."""
+    config = ckpt.setdefault("config", {})
+    config = config if isinstance(config, dict) else {"": config}  # refused below, read safely until then
+    refusals = [
+        (not isinstance(ckpt.get("model"), str), f"its model name {ckpt.get('model')!r} is not a name"),
+        (not isinstance(ckpt.get("state_dict"), dict), "it holds no weights"),
+        ("" in config, "its config is not a dict"),
+        *((not (fold is None or type(fold) is int and fold in FOLDS), f"{where} {fold!r} is not one of 1..5")
+          for where, fold in (("its fold", ckpt.get("fold")), ("its config's fold", config.get("fold")))),
+        *((not isinstance(config.get(k), (str, type(None))), f"its config's {k} {config.get(k)!r} is not a name")
+          for k in ("data_root", "exclude_class")),
+    ]
+    if why := next((why for refused, why in refusals if refused), None):
+        raise ModelError(f"{path}: {why}; {UNEDITED}")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -190,7 +214,8 @@ def resume(path, config: dict, runtime_keys, flags, model: nn.Module, opt=None, 
 
 
 # ----------------------------------------------------------------------------- weights
-def _load(module: nn.Module, state: dict, path, what: str) -> None:
+def load_state(module: nn.Module, state: dict, path, what: str) -> None:
+    """Every weight of `state` into `module`, or one line saying which do not fit."""
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -210,16 +235,17 @@ def load_weights(model: nn.Module, ckpt: dict, path) -> str:
                              f"pass --model {ckpt['model']}")
         state = ckpt["state_dict"]
         if ckpt.get("kind") == "encoder":
-            _load(model.backbone, state, path, "encoder")
+            load_state(model.backbone, state, path, "encoder")
             return f"backbone from SimCLR encoder {path}"
         if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
-            _load(model.backbone, {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}, path, "backbone")
+            backbone = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
+            load_state(model.backbone, backbone, path, "backbone")
             return f"backbone from {path} (head re-initialised: {state['head.weight'].shape[0]} classes there)"
-        _load(model, state, path, "classifier")
+        load_state(model, state, path, "classifier")
         return f"all weights from {path}"
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # e.g. a torchvision .pth file
         head = getattr(model, "torchvision_head", None)
         backbone = {k: v for k, v in ckpt.items() if not (head and k.startswith(head + "."))}
-        _load(model.backbone, backbone, path, "state_dict")
+        load_state(model.backbone, backbone, path, "state_dict")
         return f"backbone from state_dict {path}"
     raise ModelError(f"{path}: neither a checkpoint of this project nor a state_dict")

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from getData import DataError, MSLDDataset, usable_folds_root
-from models.predict import logits_and_features, resize_size
+from models.checkpoint import ModelError
+from models.predict import capture_features, device_logits, logits_and_features, resize_size
 from models.runtime import send
 
 SCORES = ("knn", "energy", "msp", "mahalanobis", "multilayer")
@@ -148,7 +149,7 @@ def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dic
     gates (it reads fewer stages); None: no gate."""
     stored = ckpt.get("ood")
     if is_current(stored, model):
-        return send(stored, rt.device)  # placed once: the gate's matrices are not copied per request
+        return tried(stored, model, rt, path)
     data_root, fold = data_root or ckpt["config"].get("data_root"), fold or ckpt.get("fold")
     note = (f"note: {path} holds no out-of-distribution reference (its run did not finish)" if stored is None
             else f"note: {path}'s out-of-distribution reference is older than this version's scores")
@@ -159,17 +160,37 @@ def reference_for(ckpt: dict, model, rt, path, data_root=None, fold=None) -> dic
     except (DataError, TypeError):  # no data_root recorded, or its data is gone
         usable = can_gate(stored, model)
         print(f"{note} and its data is not at hand: " + ("the stored one gates" if usable else "no OOD gate"))
-        return send(stored, rt.device) if usable else None
+        return tried(stored, model, rt, path) if usable else None
     print(f"{note}: computed from fold {fold}'s Train and Valid images")
     return send(reference_from_images(model, train.images, train.targets, valid.images, ckpt.get("temperature") or 1.0,
                                       rt), rt.device)
 
 
+def tried(reference: dict, model, rt, path) -> dict:
+    """A stored reference, placed on the device once (the gate's matrices are not copied per image) and
+    tried on one blank image: one whose shapes or numbers do not fit the network (edited by hand,
+    damaged) is one line now, not a traceback on every image. Shapes and types are checked as each
+    operator is queued, so the trial never waits for the device."""
+    reference = send(reference, rt.device)
+    blank = torch.zeros(1, 3, model.input_size, model.input_size, dtype=torch.uint8)
+    try:
+        with capture_features(model) as seen:
+            logits = device_logits(model, blank, rt)
+        for score in SCORES:
+            gate(dict(reference, score=score), seen[0], logits[0])
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:120]
+        raise ModelError(f"{path}: its out-of-distribution reference does not fit the network ({detail}); is it a "
+                         "best.pt this project wrote, whole and unedited?") from None
+    return reference
+
+
 def can_gate(reference: dict | None, model) -> bool:
     """A stored reference the network's scores can be computed with: a threshold for every score, and
     statistics of no stage the network does not read."""
-    return (reference is not None and set(SCORES) <= set(reference.get("thresholds", {}))
-            and set(reference.get("layers", {})) <= {"head", *model.ood_layers})
+    thresholds, layers = (reference or {}).get("thresholds"), (reference or {}).get("layers")
+    return (isinstance(thresholds, dict) and set(SCORES) <= set(thresholds)
+            and isinstance(layers, dict) and set(layers) <= {"head", *model.ood_layers})
 
 
 def is_current(reference: dict | None, model) -> bool:

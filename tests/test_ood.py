@@ -198,8 +198,11 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can
     assert m["ood"]["gate"] == stored["ood"]["gate"]
     foreign = torch.load(trained / "best.pt", weights_only=True)
     foreign["ood"]["layers"]["backbone.fc1"] = foreign["ood"]["layers"]["head"]  # a stage this network does not read
+    malformed = torch.load(trained / "best.pt", weights_only=True)
+    malformed["ood"].update(layers=5, thresholds=5)  # edited by hand: not a reference at all
     import serve
-    for ckpt, gates in ((old, "no OOD gate"), (head_only, "the stored one gates"), (foreign, "no OOD gate")):
+    for ckpt, gates in ((old, "no OOD gate"), (head_only, "the stored one gates"), (foreign, "no OOD gate"),
+                        (malformed, "no OOD gate")):
         ckpt["config"]["data_root"] = str(tmp_path / "gone")
         torch.save(ckpt, tmp_path / "orphan.pt")
         predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))

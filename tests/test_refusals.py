@@ -5,6 +5,7 @@ unusable, empty checkpoints, runs resumed from elsewhere or into another's folde
 diverging runs.
 """
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -260,6 +261,59 @@ def test_a_bad_checkpoint_is_one_line_in_every_loader_and_runs_nothing(synthetic
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
                           "last.pt", *says)
     assert not bad.with_suffix(".ran").exists()  # nothing in the file was run
+
+
+def _edit(ckpt: dict, key: str, value):
+    """ckpt with `key` (a path "ood/thresholds/knn" into nested dicts) set to value."""
+    ckpt = copy.deepcopy(ckpt)
+    *parents, last = key.split("/")
+    inner = ckpt
+    for k in parents:
+        inner = inner[k]
+    inner[last] = value(inner[last]) if callable(value) else value
+    return ckpt
+
+
+EDITED = [  # a best.pt that says wrong things of itself (edited by hand, or a stranger's): (key, value, the line)
+    ("classes", ["Only"], "its classes ['Only'] are not two or more distinct names"),
+    ("classes", ["A", "A", "B", "C", "D", "E"], "are not two or more distinct names"),
+    ("classes", [1, 2, 3, 4, 5, 6], "are not two or more distinct names"),
+    ("classes", [f"c{i}" for i in range(7)], "size mismatch for head.weight"),  # was served with a random head
+    ("input_size", 50_000, "its input size 50000 is not a whole number from 1 to 1024"),
+    ("input_size", "32", "its input size '32' is not"), ("fold", "abc", "its fold 'abc' is not one of 1..5"),
+    ("fold", torch.ones(2), "its fold tensor([1., 1.]) is not one of 1..5"),
+    ("config", [1], "its config is not a dict"), ("config/data_root", 5, "its config's data_root 5 is not a name"),
+    ("model", ["lenet"], "its model name ['lenet'] is not a name"),
+    ("temperature", "hot", "its temperature is 'hot', not a positive number"),
+    ("ood", [1], "its out-of-distribution reference is not a dict"),
+    ("ood/bank", lambda bank: bank[:, :10], "its out-of-distribution reference does not fit the network"),
+    ("ood/thresholds/knn", "x", "its out-of-distribution reference does not fit the network"),
+]
+
+
+@pytest.mark.parametrize("key,value,says", EDITED, ids=[f"{i}-{k}" for i, (k, _, _) in enumerate(EDITED)])
+def test_a_checkpoint_that_says_wrong_things_of_itself_is_one_line_in_every_reader(synthetic, trained, tmp_path,
+                                                                                   key, value, says):
+    bad = tmp_path / "edited.pt"
+    torch.save(_edit(torch.load(trained / "best.pt", weights_only=True), key, value), bad)
+    photo = next(synthetic.rglob("*.jpg"))
+    for script, args in (("testing.py", ["--checkpoint", bad, "--out", tmp_path / "t"]),
+                         ("gradcam.py", ["--checkpoint", bad, photo, "--out", tmp_path / "g"]),
+                         ("serve.py", ["--checkpoint", bad, "--benchmark", "--requests", 1, "--device", "cpu"])):
+        assert_one_line_error(run_cli(script, *args), "edited.pt", says)
+
+
+def test_an_init_or_a_resume_that_says_wrong_things_of_itself_is_one_line(synthetic, trained, tmp_path):
+    bad = tmp_path / "edited.pt"
+    torch.save(_edit(torch.load(trained / "best.pt", weights_only=True), "fold", "abc"), bad)
+    for script, args in (("train.py", train_args(synthetic, tmp_path / "r", "--epochs", 1)),
+                         ("simclr.py", ["--data-root", synthetic, "--out", tmp_path / "s"])):
+        assert_one_line_error(run_cli(script, *args, "--init", bad), "edited.pt", "its fold 'abc' is not one of 1..5")
+    run = tmp_path / "edited-run"
+    run.mkdir()
+    torch.save(_edit(torch.load(trained / "last.pt", weights_only=True), "config", None), run / "last.pt")
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
+                          "last.pt", "its config is not a dict")
 
 
 def test_every_script_takes_a_run_directory_for_its_checkpoint(synthetic, trained, trained_all, tmp_path):
