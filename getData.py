@@ -16,6 +16,7 @@ import base64
 import concurrent.futures
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import itertools
@@ -419,6 +420,9 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
     print(f"no MSLD v2.0 found under {data_root}/: using the synthetic demo set in {synthetic_root}/ "
           f"(see README to get the real data{_zip_hint(Path(data_root))})")
     if not _has_folds(Path(synthetic_root)):
+        if Path(synthetic_root).is_dir() and any(Path(synthetic_root).iterdir()):
+            raise DataError(f"{synthetic_root}: holds files but not the synthetic set; delete it, and the same "
+                            "command writes the set again")
         make_synthetic(synthetic_root, seed=seed)
     return Path(synthetic_root)
 
@@ -1194,9 +1198,12 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 if have and resp.status != 206:  # server ignored the range: start again
                     have = 0
-                total = have + int(resp.headers.get("Content-Length") or 0)
+                # resp.length: http.client's reading of Content-Length (None when absent or not a number)
+                _check_space(url, resp.length or 0, part, "downloading the rest of it" if have else "downloading it")
+                total = have + (resp.length or 0)
                 with open(part, "ab" if have else "wb") as f, \
-                        tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem) as bar:
+                        tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem,
+                             disable=None) as bar:  # None: no bar where no terminal shows it (a log, a pipe)
                     while chunk := resp.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -1209,7 +1216,10 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
             if e.code in (401, 403, 404):
                 raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the URL (and credentials)") from None
             error = e
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        except OSError as e:  # the network's (URLError, ConnectionError, TimeoutError) or the disk's
+            if e.errno == errno.ENOSPC:  # trying again makes no room
+                raise WriteError(f"{part}: could not be written (disk full); free some space and run the same "
+                                 "command again to resume") from None
             error = e
         if attempt < retries:
             time.sleep(min(2 ** attempt, 10) * 0.1)
@@ -1262,11 +1272,11 @@ def _folds_missing(names: list[str]) -> list[str]:
     return [f"fold{k}" for k in FOLDS if f"fold{k}" not in found]
 
 
-def _check_space(archive: Path, size: int, target: Path) -> None:
+def _check_space(source, size: int, target: Path, doing: str = "extracting it") -> None:
     nearest = _nearest_existing(target)
     free = shutil.disk_usage(nearest).free
     if size > free:
-        raise DataError(f"{archive}: extracting it takes {size / 1e9:.1f} GB and {nearest} has {free / 1e9:.1f} GB "
+        raise DataError(f"{source}: {doing} takes {size / 1e9:.1f} GB and {nearest} has {free / 1e9:.1f} GB "
                         "free; free some space or choose another --data-root")
 
 

@@ -446,17 +446,22 @@ def _rho(step: dict) -> str:
     return text + (f" ({step['constant_maps']} flat)" if step["constant_maps"] else "")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def studies_markdown(name: str, faith: dict | None, sanity: dict | None) -> str:
     lines = [f"# Does Grad-CAM explain {name}?\n"]
     if faith:
-        lines += [f"Deletion and insertion (Petsiuk et al. 2018) over {faith['n']} images, {faith['steps']} steps, "
-                  f"baseline: {faith['baseline']}.\n", "| map | deletion AUC (lower is better) | insertion AUC "
-                  "(higher is better) |", "|---|---|---|"]
+        lines += [f"Deletion and insertion (Petsiuk et al. 2018) over {_count(faith['n'], 'image')}, "
+                  f"{faith['steps']} steps, baseline: {faith['baseline']}.\n",
+                  "| map | deletion AUC (lower is better) | insertion AUC (higher is better) |", "|---|---|---|"]
         lines += [f"| {k} | {m['deletion_auc']:.4f} | {m['insertion_auc']:.4f} |" for k, m in faith["maps"].items()]
     if sanity:
         steps = [s["randomised"] for s in next(iter(sanity["layers"].values()))]
-        lines += ["", f"Cascading randomisation (Adebayo et al. 2018) over {sanity['n']} images: Spearman rank "
-                  "correlation with the trained network's maps, weights re-initialised from the head down.\n",
+        lines += ["", f"Cascading randomisation (Adebayo et al. 2018) over {_count(sanity['n'], 'image')}: "
+                  "Spearman rank correlation with the trained network's maps, weights re-initialised from the head "
+                  "down.\n",
                   "| layer | " + " | ".join(f"-{s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
         lines += [f"| {layer} | " + " | ".join(map(_rho, rows)) + " |" for layer, rows in sanity["layers"].items()]
         if any(s["constant_maps"] for rows in sanity["layers"].values() for s in rows):
@@ -621,7 +626,7 @@ def run(args) -> list:
     for e, p in zip(results, paths):
         print(f"{p}: {_caption(e, classes)}")
     save_config(out, args, rt)
-    print(f"wrote {len(results)} overlays and grid.png to {out}/")
+    print(f"wrote {_count(len(results), 'overlay')} and grid.png to {out}/")
     return results
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,16 @@ def trained_all(synthetic, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "lenet-all"
     assert train.main(train_args(synthetic, out, "--fold", "all", "--epochs", 2)) == 0
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KB file system of its own (tmpfs; needs root, as CI and this project's machines have)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

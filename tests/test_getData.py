@@ -109,6 +109,14 @@ def test_synthetic_refuses_non_empty_folder(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def test_the_main_job_on_a_fresh_clone_says_what_to_delete_when_the_synthetic_folder_is_not_the_set(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "synthetic" / "fold1").mkdir(parents=True)  # by hand: the writer leaves no half set
+    assert_one_line_error(run_cli("train.py", "--epochs", 1), "data/synthetic: holds files but not the synthetic "
+                          "set; delete it, and the same command writes the set again")
+
+
 def test_synthetic_goes_where_the_command_line_points(monkeypatch):
     written = []
     monkeypatch.setattr(getData, "make_synthetic", lambda path, seed: written.append(path))
@@ -398,8 +406,10 @@ def _zip_bytes(members: dict) -> bytes:
 class _Server:
     """A local HTTP server for one payload; `cut_first` drops the first response half-way."""
 
-    def __init__(self, payload: bytes, cut_first=False, need_auth=None):
+    def __init__(self, payload: bytes, cut_first=False, need_auth=None, length=None):
+        """`length`: the Content-Length header to send instead of the payload's (a lie, or no number)."""
         self.payload, self.cut_first, self.need_auth, self.requests = payload, cut_first, need_auth, []
+        self.length = length
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -414,7 +424,7 @@ class _Server:
                 start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
                 body = outer.payload[start:]
                 self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", outer.length or str(len(body)))
                 self.end_headers()
                 if outer.cut_first and len(outer.requests) == 1:
                     self.wfile.write(body[: len(body) // 2])
@@ -442,6 +452,27 @@ def test_download_and_extract(tmp_path):
     assert target == tmp_path / "msld"
     assert (target / "FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg").read_bytes() == b"x" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["msld"]  # no part file, no temp folder left
+
+
+def test_a_download_larger_than_the_disk_is_refused_before_a_byte_is_written(tmp_path):
+    with _Server(b"PK" * 100, length=str(10**15)) as srv:  # a petabyte declared
+        with pytest.raises(DataError, match=r"big\.zip: downloading it takes 1000000\.0 GB and .* GB free; free"):
+            getData.download(f"{srv.url}/big.zip", tmp_path / "d")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_download_whose_length_is_no_number_is_read_to_the_end(tmp_path):
+    payload = _zip_bytes({"FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg": b"x" * 1000})
+    with _Server(payload, length="many") as srv:
+        root = getData.download(f"{srv.url}/msld.zip", tmp_path / "d")
+    assert (root / "FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg").read_bytes() == b"x" * 1000
+
+
+def test_a_disk_that_fills_during_a_download_is_one_line_at_once(small_disk):
+    with _Server(b"x" * 600_000, length="unsaid") as srv:  # more than the 400 KB disk, and not said beforehand
+        proc = run_cli("getData.py", "--download", f"{srv.url}/msld.zip", "--data-root", small_disk)
+    assert_one_line_error(proc, ".msld.zip.part: could not be written (disk full); free some space and run the same")
+    assert len(srv.requests) == 1  # not tried again: that makes no room
 
 
 def test_interrupted_download_resumes_with_range(tmp_path):

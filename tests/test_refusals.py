@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -459,19 +458,6 @@ def test_a_run_that_diverges_later_keeps_a_whole_best_pt(synthetic, tmp_path, mo
 
 
 # ----------------------------------------------------------------------------- a full disk
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KB file system of its own (tmpfs; needs root, as CI and this project's machines have)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_previous_one(small_disk, synthetic, tmp_path):
     small = checkpoint_dict(build_model("lenet", 6), "classifier", list("abcdef"), {}, 1, {})
     save_checkpoint(small, small_disk / "best.pt")  # about 250 KB of the 400
