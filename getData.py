@@ -516,9 +516,13 @@ def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) 
     if split not in SPLITS:
         raise DataError(f"split {split!r} does not exist: use one of {', '.join(SPLITS)}")
     classes = classes or list_classes(folds_root)
-    split_dir = Path(folds_root) / f"fold{fold}" / split
-    return ([(p, label) for label, c in enumerate(classes) for p in list_images(split_dir / c)]
+    return (_labelled(Path(folds_root) / f"fold{fold}" / split, classes)
             + [s for d in extra_dirs for s in augmented_samples(d, classes)])
+
+
+def _labelled(folder: Path, classes) -> list[tuple[Path, int]]:
+    """(path, label) pairs of the images in `folder`'s <Class>/ folders."""
+    return [(p, label) for label, c in enumerate(classes) for p in list_images(folder / c)]
 
 
 def augmented_samples(folder, classes) -> list[tuple[Path, int]]:
@@ -529,7 +533,7 @@ def augmented_samples(folder, classes) -> list[tuple[Path, int]]:
         raise DataError(f"{d}: {_not_a_folder(d)}; give a folder that augment.py wrote (<Class>/ folders)")
     if unknown := sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)):
         raise DataError(f"{d}: expected class folders {classes}, found {unknown}")
-    if not (samples := [(p, label) for label, c in enumerate(classes) for p in list_images(d / c)]):
+    if not (samples := _labelled(d, classes)):
         raise DataError(f"{d}: no images in <Class>/ folders; give a folder that augment.py wrote")
     return samples
 

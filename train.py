@@ -37,7 +37,7 @@ from tqdm import tqdm
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
                      resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
-from models import (INPUT_SIZE, EMA, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
+from models import (EMA, INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
                     Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
                     derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
                     load_checkpoint, load_classifier, make_optimizer, mean_std_table, native_bf16, param_groups,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from getData import Number
-from models.checkpoint import UNEDITED, ModelError, load_checkpoint, load_state, load_weights
+from models.checkpoint import ModelError, load_checkpoint, load_state, load_weights, refuse_first
 from models.lenet import LeNet
 
 
@@ -159,8 +159,7 @@ def _check_header(ckpt: dict, path) -> None:
          f"its input size {size!r} is not a whole number from 1 to {INPUT_SIZE.high}"),
         (not isinstance(ckpt.get("ood", {}), dict), "its out-of-distribution reference is not a dict"),
     ]
-    if why := next((why for refused, why in refusals if refused), None):
-        raise ModelError(f"{path}: {why}; {UNEDITED}")
+    refuse_first(refusals, path)
     if temperature is not None and not (type(temperature) in (int, float) and math.isfinite(temperature)
                                         and temperature > 0):
         raise ModelError(f"{path}: its temperature is {temperature!r}, not a positive number; retrain, or delete "

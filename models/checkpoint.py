@@ -140,26 +140,29 @@ def load_checkpoint(path, lazy: bool = False) -> dict:
     return ckpt
 
 
-UNEDITED = "is it a checkpoint this project wrote, whole and unedited?"
-
-
 def _check_fields(ckpt: dict, path) -> None:
     """What every checkpoint of this project says of itself, of the types it writes, so that a file from
     elsewhere (a classmate's, edited by hand) is one line, not a traceback deep in a script. One
     without a config gets an empty one."""
     config = ckpt.setdefault("config", {})
-    config = config if isinstance(config, dict) else {"": config}  # refused below, read safely until then
+    config_is_dict = isinstance(config, dict)
+    config = config if config_is_dict else {}  # refused below; read safely until then
     refusals = [
         (not isinstance(ckpt.get("model"), str), f"its model name {ckpt.get('model')!r} is not a name"),
         (not isinstance(ckpt.get("state_dict"), dict), "it holds no weights"),
-        ("" in config, "its config is not a dict"),
+        (not config_is_dict, "its config is not a dict"),
         *((not (fold is None or type(fold) is int and fold in FOLDS), f"{where} {fold!r} is not one of 1..5")
           for where, fold in (("its fold", ckpt.get("fold")), ("its config's fold", config.get("fold")))),
         *((not isinstance(config.get(k), (str, type(None))), f"its config's {k} {config.get(k)!r} is not a name")
           for k in ("data_root", "exclude_class")),
     ]
+    refuse_first(refusals, path)
+
+
+def refuse_first(refusals, path) -> None:
+    """One line naming the file for the first (refused, why) pair that holds."""
     if why := next((why for refused, why in refusals if refused), None):
-        raise ModelError(f"{path}: {why}; {UNEDITED}")
+        raise ModelError(f"{path}: {why}; is it a checkpoint this project wrote, whole and unedited?")
 
 
 # ----------------------------------------------------------------------------- resume
