@@ -162,7 +162,12 @@ def _check_fields(ckpt: dict, path) -> None:
 def refuse_first(refusals, path) -> None:
     """One line naming the file for the first (refused, why) pair that holds."""
     if why := next((why for refused, why in refusals if refused), None):
-        raise ModelError(f"{path}: {why}; is it a checkpoint this project wrote, whole and unedited?")
+        raise not_as_written(path, why)
+
+
+def not_as_written(path, why: str) -> ModelError:
+    """A checkpoint that is not as this project writes them: edited by hand, damaged, or a stranger's."""
+    return ModelError(f"{path}: {why}; is it a checkpoint this project wrote, whole and unedited?")
 
 
 # ----------------------------------------------------------------------------- resume

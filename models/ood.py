@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from getData import DataError, MSLDDataset, usable_folds_root
-from models.checkpoint import ModelError
+from models.checkpoint import not_as_written
 from models.predict import capture_features, device_logits, logits_and_features, resize_size
 from models.runtime import send
 
@@ -180,8 +180,7 @@ def tried(reference: dict, model, rt, path) -> dict:
             gate(dict(reference, score=score), seen[0], logits[0])
     except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         detail = " ".join(str(e).split())[:120]
-        raise ModelError(f"{path}: its out-of-distribution reference does not fit the network ({detail}); is it a "
-                         "best.pt this project wrote, whole and unedited?") from None
+        raise not_as_written(path, f"its out-of-distribution reference does not fit the network ({detail})") from None
     return reference
 
 
