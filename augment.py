@@ -26,12 +26,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder,
-                     decode_all, index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c, to_json,
-                     usable_folds_root)
+                     check_space, decode_all, index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c,
+                     to_json, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
                 augment="basic")
+MAX_FACTOR = 100  # copies per image: 75k files from fold 1's Train; more only repeats the ops' draws
 
 # TrivialAugment (Müller & Hutter 2021): each image gets one operation, at a strength drawn uniformly
 # from [0, max] (signed ops: either direction). Geometry as its "wide" space (rotation narrower, shear
@@ -596,6 +597,8 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
     classes = list_classes(folds_root)
     samples = index_split(folds_root, fold, "Train", classes)  # never Valid or Test
     plan = plan_copies(samples, classes, factor, balance)
+    check_space(f"--out {out}", sum(src.stat().st_size for src, _, _ in plan), out,  # copies weigh about their sources
+                f"writing {len(plan)} augmented copies", "--out")
     width = max(2, len(str(max((j for *_, j in plan), default=0))))
     with atomic_path(out, folder=True) as tmp:
         for c in classes:
@@ -669,7 +672,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=d["data_root"])
     p.add_argument("--fold", type=int, default=d["fold"], choices=FOLDS)
     p.add_argument("--out", help="output folder for augmented copies (outside the dataset)")
-    p.add_argument("--factor", type=at_least_1, default=d["factor"], help="copies per Train image")
+    p.add_argument("--factor", type=Number(int, 1, MAX_FACTOR), default=d["factor"], help="copies per Train image")
     p.add_argument("--balance", action="store_true", help="top every class up to the largest class instead")
     p.add_argument("--ops", default=d["ops"], help=f"comma list of {','.join(OP_NAMES)} or 'all'")
     p.add_argument("--seed", type=SEED, default=d["seed"])

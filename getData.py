@@ -1203,7 +1203,7 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
                 if have and resp.status != 206:  # server ignored the range: start again
                     have = 0
                 # resp.length: http.client's reading of Content-Length (None when absent or not a number)
-                _check_space(url, resp.length or 0, part, "downloading the rest of it" if have else "downloading it")
+                check_space(url, resp.length or 0, part, "downloading the rest of it" if have else "downloading it")
                 total = have + (resp.length or 0)
                 with open(part, "ab" if have else "wb") as f, \
                         tqdm(total=total or None, initial=have, unit="B", unit_scale=True, desc=part.stem,
@@ -1252,7 +1252,7 @@ def safe_extract(archive: Path, target: Path, msld: bool = False,
         if msld and (missing := _folds_missing([m.filename for m in members])):
             raise DataError(f"{archive}: not MSLD v2.0, no Train, Valid or Test folder under {', '.join(missing)} in "
                             "it; check that it is the dataset's zip")
-        _check_space(archive, sum(m.file_size for m in members), target)
+        check_space(archive, sum(m.file_size for m in members), target)
         bad = zf.testzip()
         if bad:
             raise DataError(f"{archive}: member {bad} is corrupt; delete the file and download again")
@@ -1276,12 +1276,14 @@ def _folds_missing(names: list[str]) -> list[str]:
     return [f"fold{k}" for k in FOLDS if f"fold{k}" not in found]
 
 
-def _check_space(source, size: int, target: Path, doing: str = "extracting it") -> None:
+def check_space(source, size: int, target: Path, doing: str = "extracting it", flag: str = "--data-root") -> None:
+    """Refuse before writing `size` bytes under `target` when its disk has less free: a one-line
+    refusal now, not a full disk (for every program on it) and a refusal later."""
     nearest = _nearest_existing(target)
     free = shutil.disk_usage(nearest).free
     if size > free:
         raise DataError(f"{source}: {doing} takes {size / 1e9:.1f} GB and {nearest} has {free / 1e9:.1f} GB "
-                        "free; free some space or choose another --data-root")
+                        f"free; free some space or choose another {flag}")
 
 
 def kaggle_credentials() -> tuple[str, str]:

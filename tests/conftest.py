@@ -189,11 +189,13 @@ def trained_all(synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KB file system of its own (tmpfs; needs root, as CI and this project's machines have)."""
+def small_disk(tmp_path, request):
+    """A 400 KB file system of its own (tmpfs; needs root, as CI and this project's machines have);
+    another size in KB through `@pytest.mark.parametrize("small_disk", [KB], indirect=True)`."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)],
+    size = getattr(request, "param", 400)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}k", f"tmpfs-{uuid.uuid4().hex[:8]}", str(mount)],
                           capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")

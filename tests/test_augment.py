@@ -190,7 +190,7 @@ def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthet
     per worker): a terminal's Ctrl-C, once they write, gives one line and nothing else on stderr,
     exit status 130, no process left, and no output folder (it appears whole or not at all)."""
     proc = start_as_from_a_terminal("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug",
-                                    "--factor", 500, "--workers", 2)
+                                    "--factor", 100, "--workers", 2)
     lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=True)  # the workers write
     assert proc.returncode == 130 and lines == ["interrupted"], lines
     assert list(tmp_path.iterdir()) == []
@@ -200,7 +200,7 @@ def test_sigterm_stops_the_writer_and_leaves_no_half_written_folder(tmp_path, sy
     """`kill PID` of a writer started with `nohup ... &`: before, its hidden temporary folder of
     half the copies stayed behind. Now it unwinds as on Ctrl-C: one line, exit status 143."""
     proc = start_in_the_background("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug", "--factor",
-                                   500, "--workers", 2)
+                                   100, "--workers", 2)
     lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=False, sig=signal.SIGTERM)
     assert proc.returncode == 143 and lines == ["terminated"], lines
     assert list(tmp_path.iterdir()) == []
@@ -253,8 +253,21 @@ def test_writer_cli_errors_are_one_line(tmp_path, synthetic):
     base = ("augment.py", "--data-root", synthetic, "--fold", "1")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--ops", "sharpen"), "unknown operation")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0: out of range")
+    assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "10000000000"),  # a list that filled
+                          "--factor 10000000000: out of range")  # the memory before a copy was written
     assert_one_line_error(run_cli(*base, "--out", synthetic / "aug"), "inside the source dataset")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--fold", "9"), "--fold", "9")
+
+
+@pytest.mark.parametrize("small_disk", [2000], indirect=True)
+def test_copies_that_would_not_fit_on_the_disk_are_refused_before_the_first(small_disk, synthetic):
+    """Before, the writer filled the disk (for every program on it) and only then refused."""
+    train_bytes = sum(p.stat().st_size for p, _ in index_split(synthetic, 1, "Train"))
+    assert train_bytes < 2_000_000 < 5 * train_bytes  # one copy of each fits on the 2 MB disk; five do not
+    proc = run_cli("augment.py", "--data-root", synthetic, "--out", small_disk / "aug", "--factor", 5)
+    assert_one_line_error(proc, f"--out {small_disk / 'aug'}: writing", "free some space or choose another --out")
+    assert list(small_disk.iterdir()) == []
+    assert write_augmented(synthetic, 1, small_disk / "aug", factor=1, workers=1)  # what fits is written
 
 
 def test_color_matches_torchvision_formulas():
