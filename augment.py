@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder,
-                     check_space, decode_all, index_split, list_classes, load_image, run_main, spawned_deaf_to_ctrl_c,
-                     to_json, usable_folds_root)
+                     check_space, decode_all, index_split, list_classes, load_image, outside_datasets, run_main,
+                     spawned_deaf_to_ctrl_c, to_json, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -586,9 +586,7 @@ def write_augmented(data_root, fold: int, out, factor: int | None = None, balanc
     """Write augmented copies of fold `fold`'s Train images to `out/<Class>/NAME__augNN.jpg`, and
     `out/config.json`: what made them (the same arguments write the same files, whatever --workers)."""
     folds_root = usable_folds_root(data_root)
-    out = check_folder(Path(out).resolve())
-    if out.is_relative_to(folds_root.resolve()) or out.is_relative_to(Path(data_root).resolve()):
-        raise DataError(f"--out {out}: inside the source dataset; write augmented copies elsewhere")
+    out = outside_datasets(check_folder(Path(out).resolve()))
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out}: exists and is not empty; choose a new folder")
     if not balance and (factor is None or factor < 1):

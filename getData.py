@@ -350,6 +350,24 @@ def _has_folds(path: Path) -> bool:
     return path.is_dir() and all((path / f"fold{k}").is_dir() for k in FOLDS)
 
 
+def dataset_holding(path) -> Path | None:
+    """The dataset (a folder holding fold1..5 and their splits) that `path` is or lies in; None outside
+    every one. The splits tell it from a --fold all run's folder, which holds fold1..5 too."""
+    path = Path(path).resolve()
+    return next((q for q in (path, *path.parents) if _has_folds(q) and all((q / "fold1" / s).is_dir()
+                                                                            for s in SPLITS)), None)
+
+
+def outside_datasets(path) -> Path:
+    """`path`, refused when it is or lies in a dataset: an output there becomes data (a figure written
+    into a class folder is an image of that class to the next run, a folder in a split a new class)."""
+    inside = dataset_holding(path)
+    if inside is not None:
+        raise WriteError(f"--out {path}: inside the dataset {inside}, where outputs would become data; choose a "
+                         "folder outside it")
+    return Path(path)
+
+
 def _layouts(base: Path):
     """The places a FOLDS folder sits in after users unzip MSLD v2.0."""
     yield base
@@ -377,7 +395,7 @@ def find_folds_root(data_root) -> Path:
             missing = [f"fold{k}" for k in FOLDS if not (partial[0] / f"fold{k}").is_dir()]
             raise DataError(f"{partial[0]}: missing {', '.join(missing)}; "
                             "MSLD v2.0 has fold1..fold5, re-extract the download")
-        inside = next((q for q in (root.resolve(), *root.resolve().parents) if _has_folds(q)), None)
+        inside = dataset_holding(root)
         if inside is not None:  # a fold's (or a split's, a class's) folder: the data root is above it
             raise DataError(f"{root}: a folder inside the dataset; give --data-root {inside} (the folder holding "
                             "fold1..5), the scripts pick folds and splits themselves (--fold)")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from getData import FOLDS, WriteError, atomic_write, check_folder, make_folder
+from getData import FOLDS, WriteError, atomic_write, check_folder, make_folder, outside_datasets
 
 try:
     import fcntl
@@ -40,6 +40,7 @@ def claim_run_dir(path, resume: bool, overwrite: bool, stack: contextlib.ExitSta
     this one's files), and no finished run replaced unless asked: --resume continues it, --overwrite
     replaces it. A run that stops before writing anything (a refused --model or --init) leaves
     everything as it found it: no new folder, and under --overwrite the old run whole."""
+    outside_datasets(path)
     asides = []
     try:
         for folder in dict.fromkeys(map(Path, [path, *folds])):
@@ -124,7 +125,7 @@ def _replace_or_restore(top: Path, asides: list[Path], before: set | None) -> No
 def output_folder(path, default_name: str) -> Path:
     """Where testing.py or gradcam.py writes (--out): a folder that can be written, and not a training
     run's own directory (or one of its folds), whose config.json and summary.md it would replace."""
-    path = check_folder(path)
+    path = outside_datasets(check_folder(path))
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
            for name in TRAINING_ONLY):
         raise WriteError(f"--out {path}: a training run's folder, whose files these outputs would replace; choose "

@@ -11,7 +11,7 @@ from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, 
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
 from conftest import assert_one_line_error, interrupt_when, run_cli, start_as_from_a_terminal, start_in_the_background
-from getData import DataError, index_split, list_classes, load_image, origin_stem, prepare
+from getData import DataError, WriteError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
 
@@ -244,7 +244,7 @@ def test_writer_bad_arguments(tmp_path, synthetic):
         write_augmented(synthetic, 1, tmp_path / "x", factor=1, ops="hflip,rotate")
     with pytest.raises(DataError, match="--factor 0"):
         write_augmented(synthetic, 1, tmp_path / "x", factor=0)
-    with pytest.raises(DataError, match="inside the source dataset"):
+    with pytest.raises(WriteError, match="inside the dataset"):
         write_augmented(synthetic, 1, synthetic / "fold1" / "Train" / "extra", factor=1)
     assert not (tmp_path / "x").exists()
 
@@ -255,7 +255,7 @@ def test_writer_cli_errors_are_one_line(tmp_path, synthetic):
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "0"), "--factor 0: out of range")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--factor", "10000000000"),  # a list that filled
                           "--factor 10000000000: out of range")  # the memory before a copy was written
-    assert_one_line_error(run_cli(*base, "--out", synthetic / "aug"), "inside the source dataset")
+    assert_one_line_error(run_cli(*base, "--out", synthetic / "aug"), f"inside the dataset {synthetic}")
     assert_one_line_error(run_cli(*base, "--out", tmp_path / "o", "--fold", "9"), "--fold", "9")
 
 

@@ -126,6 +126,32 @@ def test_outputs_where_a_file_stands_are_one_line_before_any_work(synthetic, tra
     assert blocker.read_text() == "not a folder"
 
 
+def test_outputs_are_never_written_into_a_dataset(synthetic, trained, tmp_path, monkeypatch):
+    """testing.py --out into a class folder wrote its figures there, and the next run trained and tested
+    on confusion.png as a photo of that class; a run's folder inside a split became a new class. Every
+    script refuses an output in a dataset (a folder holding fold1..5) before any work."""
+    def work(*a, **k):
+        raise AssertionError("the output folder is refused only after the work")
+    for module, name in ((testing, "evaluate_fold"), (gradcam, "run_gradcam")):
+        monkeypatch.setattr(module, name, work)
+    before = sorted(synthetic.rglob("*"))
+    mpox = synthetic / "fold1" / "Test" / "Monkeypox"
+    photo = next(mpox.glob("*.jpg"))
+    for script, args in (("train.py", train_args(synthetic, synthetic / "fold1" / "Train" / "runs", "--epochs", 1)),
+                         ("train.py", train_args(synthetic, synthetic, "--epochs", 1, "--overwrite")),
+                         ("simclr.py", ["--data-root", synthetic, "--out", mpox / "simclr", "--epochs", 1]),
+                         ("testing.py", ["--checkpoint", trained, "--out", mpox]),
+                         ("gradcam.py", ["--checkpoint", trained, photo, "--out", mpox]),
+                         ("augment.py", ["--data-root", synthetic, "--out", synthetic / "fold2" / "aug"])):
+        assert_one_line_error(run_cli(script, *args), "inside the dataset", "where outputs would become data")
+    assert sorted(synthetic.rglob("*")) == before
+    data = tmp_path / "data"  # a download's layout: the folds a level below --data-root
+    data.mkdir()
+    (data / "MSLD").symlink_to(synthetic)
+    assert run_cli("augment.py", "--data-root", data, "--out", data / "aug" / "fold1", "--factor", 1,
+                   "--ops", "hflip", "--workers", 1).returncode == 0  # README's command: beside the folds, not in
+
+
 def test_an_aug_dir_that_is_not_augment_pys_output_is_one_line(synthetic, tmp_path):
     strange = tmp_path / "strange"
     (strange / "Flu").mkdir(parents=True)
