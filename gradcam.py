@@ -38,6 +38,7 @@ DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, la
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
                 faithfulness=False, sanity=False, ood_score=None)
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
+GRID_MAX = 48  # photos in grid.png (8 rows of 6): a folder of thousands made a 130-megapixel PNG
 
 
 class GradCAM:
@@ -226,15 +227,19 @@ def overlay_names(paths) -> list[str]:
 
 
 def write_figures(results: list[Explained], names, classes, out: Path, target=None) -> None:
+    """One overlay per image, and grid.png of the first GRID_MAX."""
     for e, name, file in zip(results, names, overlay_names(names)):
         save_figure(_figure(e, classes, target, Path(name).name), out / file)
-    cols = min(6, len(results))
-    rows = -(-len(results) // cols)
+    shown = results[:GRID_MAX]
+    cols = min(6, len(shown))
+    rows = -(-len(shown) // cols)
     fig = Figure(figsize=(2.2 * cols, 2.7 * rows))
+    if len(results) > len(shown):
+        fig.suptitle(f"the first {len(shown)} of {len(results)} photos; each has its own overlay file", fontsize=9)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, e, name in zip(axes.flat, results, names):
+    for ax, e, name in zip(axes.flat, shown, names):
         ax.imshow(e.overlay)
         ood = e.in_distribution is False
         ax.set_title(f"{'OOD ' if ood else ''}{classes[int(np.argmax(e.probs))]} {e.probs.max():.2f}\n"
@@ -521,6 +526,12 @@ def _image_paths(args, ckpt) -> list[Path]:
     return paths
 
 
+def load_images(paths, input_size: int) -> list:
+    """The photos, decoded no larger than the network's input and the overlay need: a folder of
+    phone photos (12 megapixels, 36 MB each decoded) held whole took gigabytes."""
+    return [load_image(p, shrink_to=resize_size(max(input_size, DISPLAY_SIZE))) for p in paths]
+
+
 def networks(args) -> dict:
     """--checkpoint's networks, {None: path} or {fold: path} for a --fold all run: with --fold K,
     fold K's alone (explaining its own fold's split, never one it trained on)."""
@@ -542,7 +553,7 @@ def run_studies(args, rt) -> dict:
     for fold, path in runs.items():
         model, ckpt = load_classifier(path, rt)
         layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
-        images = [load_image(p) for p in _image_paths(args, ckpt)]
+        images = load_images(_image_paths(args, ckpt), model.input_size)
         out = root / (f"fold{fold}" if fold else "")
         faith = faithfulness(model, images, rt, layers, args.batch_size) if args.faithfulness else None
         sanity = randomisation(model, images, rt, layers, args.batch_size) if args.sanity else None
@@ -619,14 +630,15 @@ def run(args) -> list:
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
     out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam")  # and an --out in the way
     paths = _image_paths(args, ckpt)
-    images = [load_image(p) for p in paths]  # every file checked before anything is written
+    images = load_images(paths, model.input_size)  # every file checked before anything is written
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     results = run_gradcam(model, images, rt, target, layer, args.alpha, args.cmap, args.batch_size, reference)
     write_figures(results, [str(p) for p in paths], classes, out, target)
     for e, p in zip(results, paths):
         print(f"{p}: {_caption(e, classes)}")
     save_config(out, args, rt)
-    print(f"wrote {_count(len(results), 'overlay')} and grid.png to {out}/")
+    first = f" (the first {GRID_MAX})" if len(results) > GRID_MAX else ""
+    print(f"wrote {_count(len(results), 'overlay')} and grid.png{first} to {out}/")
     return results
 
 

@@ -182,6 +182,27 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     assert f"note: {sum(p.name in learned for p in shown)} of these 20 photos" in proc.stdout  # the folds share photos
 
 
+def test_many_large_photos_cost_what_their_overlays_need(trained, synthetic, tmp_path, monkeypatch):
+    """Photos were held whole at full size (20 16-megapixel PNGs: 2.1 GB at peak, 0.9 GB now) and
+    grid.png took every one (a folder of 2,184 photos: 1320 x 98280 pixels, more than Pillow opens)."""
+    big = np.zeros((3000, 2000, 3), np.uint8)
+    big[:, :1000] = 200
+    Image.fromarray(big).save(tmp_path / "big.png")
+    needed = gradcam.resize_size(gradcam.DISPLAY_SIZE)
+    image, = gradcam.load_images([tmp_path / "big.png"], 32)
+    assert needed <= min(image.size) < 2 * needed  # decoded no larger than the overlay is drawn
+    monkeypatch.setattr(gradcam, "GRID_MAX", 4)
+    photos = sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:5]
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos, tmp_path / "big.png",
+                   "--out", tmp_path / "cam")
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("wrote 6 overlays and grid.png (the first "
+                                                                              "4) to"), proc.stdout + proc.stderr
+    assert len(list((tmp_path / "cam").glob("*_gradcam.png"))) == 6
+    four = Image.open(tmp_path / "cam" / "grid.png").size
+    run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos[:4], "--out", tmp_path / "four")
+    assert four == Image.open(tmp_path / "four" / "grid.png").size  # four photos wide, one row
+
+
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
     name in different folders each keep their overlay."""
