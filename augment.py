@@ -32,7 +32,7 @@ from models import MEAN, STD, constant, derived_seed, normalize, resize_size, se
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
                 augment="basic")
-MAX_FACTOR = 100  # copies per image: 75k files from fold 1's Train; more only repeats the ops' draws
+MAX_FACTOR = 100  # copies per image: 54k files from fold 1's 537 Train photos; more only repeats the ops' draws
 
 # TrivialAugment (Müller & Hutter 2021): each image gets one operation, at a strength drawn uniformly
 # from [0, max] (signed ops: either direction). Geometry as its "wide" space (rotation narrower, shear

@@ -123,8 +123,9 @@ def _replace_or_restore(top: Path, asides: list[Path], before: set | None) -> No
 
 
 def output_folder(path, default_name: str) -> Path:
-    """Where testing.py or gradcam.py writes (--out): a folder that can be written, and not a training
-    run's own directory (or one of its folds), whose config.json and summary.md it would replace."""
+    """Where testing.py or gradcam.py writes (--out): a folder that can be written, outside every
+    dataset, and not a training run's own directory (or one of its folds), whose config.json and
+    summary.md it would replace."""
     path = outside_datasets(check_folder(path))
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
            for name in TRAINING_ONLY):
