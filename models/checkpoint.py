@@ -135,7 +135,10 @@ def load_checkpoint(path, lazy: bool = False) -> dict:
         raise ModelError(f"{path}: not a PyTorch checkpoint, or damaged ({detail[:120]})") from None
     if not isinstance(ckpt, dict):
         raise ModelError(f"{path}: expected a dict of weights, found {type(ckpt).__name__}")
-    if "model" in ckpt or "state_dict" in ckpt:  # one of ours, not a raw state_dict
+    if "state_dict" in ckpt and "model" not in ckpt:  # pytorch/examples' or Lightning's: not ours, and not plain
+        raise ModelError(f"{path}: another project's checkpoint (weights under 'state_dict', no model name); pass the "
+                         "weights alone, saved with torch.save(checkpoint['state_dict'], 'weights.pt')")
+    if "model" in ckpt:  # one of ours, not a raw state_dict
         _check_fields(ckpt, path)
     return ckpt
 

@@ -341,6 +341,17 @@ def test_an_init_or_a_resume_that_says_wrong_things_of_itself_is_one_line(synthe
                           "last.pt", "its config is not a dict")
 
 
+def test_another_projects_checkpoint_says_how_to_pass_its_weights(synthetic, tmp_path):
+    """pytorch/examples and Lightning save {'epoch': ..., 'state_dict': ...}: it was called damaged
+    ("its model name None is not a name"); the line now says how to pass its weights, and that works."""
+    weights = build_model("lenet", 6).backbone.state_dict()  # a bare network's, as --init takes them
+    torch.save({"epoch": 90, "arch": "lenet", "state_dict": weights}, tmp_path / "theirs.pt")
+    proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--epochs", 1, "--init", tmp_path / "theirs.pt"))
+    assert_one_line_error(proc, "theirs.pt: another project's checkpoint", "torch.save(checkpoint['state_dict']")
+    torch.save(torch.load(tmp_path / "theirs.pt", weights_only=True)["state_dict"], tmp_path / "weights.pt")
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--init", tmp_path / "weights.pt")) == 0
+
+
 def test_every_script_takes_a_run_directory_for_its_checkpoint(synthetic, trained, trained_all, tmp_path):
     """As testing.py always did: `--checkpoint runs/x` means runs/x/best.pt; a --fold all run where one
     checkpoint is needed is one line naming a fold's."""
