@@ -520,7 +520,7 @@ def _image_paths(args, ckpt) -> list[Path]:
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
-    paths = [p for p, _ in index_split(root, fold, args.split, ckpt["classes"])][: args.limit]
+    paths = [p for p, _ in index_split(root, fold, args.split)][: args.limit]  # every class's, also one it never saw
     if seen := photos_seen(ckpt, root, ckpt["classes"], paths):
         print(f"note: {seen} of these {len(paths)} photos of fold {fold}'s {args.split} split are photos the network "
               f"learned from (fold {ckpt['fold']}): maps of them say little about photos it has not seen")

@@ -146,6 +146,9 @@ def test_excluding_a_class_trains_without_it_and_tests_it_as_near_ood(synthetic,
     cowpox = {s: sum(1 for _, y in index_split(synthetic, 1, s) if y == 1) for s in ("Train", "Valid", "Test")}
     assert m["n"] == len(index_split(synthetic, 1, "Test")) - cowpox["Test"]
     assert m["ood"]["sets"]["near"]["knn"]["n_out"] == sum(cowpox.values())  # never seen: every split's photos
+    test = [p for p, _ in index_split(synthetic, 1, "Test")]  # gradcam.py explains them too (it left them out)
+    assert run_cli("gradcam.py", "--checkpoint", out, "--limit", len(test), "--out", tmp_path / "cam").returncode == 0
+    assert {p.name for p in (tmp_path / "cam").glob("*_gradcam.png")} == {f"{p.stem}_gradcam.png" for p in test}
     assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "x", "--exclude-class", "Flu")),
                           "--exclude-class Flu", "Chickenpox")
 
