@@ -615,8 +615,7 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: the same answer
         raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
     except UnidentifiedImageError:
-        what = HEIF_NOTE if _is_heif(source) else "not a JPEG, PNG, WebP, BMP, TIFF or GIF file"
-        raise DataError(f"{name}: not a readable image ({what})") from None
+        raise DataError(f"{name}: not a readable image ({_why_not_an_image(source)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
 
@@ -626,8 +625,10 @@ HEIF_NOTE = ("a HEIC, HEIF or AVIF image, as iPhones save by default; send it as
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
 
 
-def _is_heif(source) -> bool:
-    """An image in an ISO base media file (HEIC, HEIF, AVIF): an 'ftyp' box and its brand at bytes 4 to 12."""
+def _why_not_an_image(source) -> str:
+    """What a file Pillow found no image in is, from its first bytes: empty (a copy that failed), an
+    image in an ISO base media file (HEIC, HEIF, AVIF: an 'ftyp' box and its brand at bytes 4 to 12),
+    or something else."""
     try:
         if isinstance(source, (str, Path)):
             with open(source, "rb") as f:
@@ -636,8 +637,12 @@ def _is_heif(source) -> bool:
             source.seek(0)
             head = source.read(12)
     except (OSError, ValueError):
-        return False
-    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+        head = None
+    if head == b"":
+        return "an empty file, 0 bytes; was it copied or downloaded whole?"
+    if head and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return HEIF_NOTE
+    return "not a JPEG, PNG, WebP, BMP, TIFF or GIF file"
 
 
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")  # modes Image.reduce takes

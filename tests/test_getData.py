@@ -333,6 +333,10 @@ def test_an_iphone_photo_says_what_it_is_and_what_to_send(tmp_path):
             load_image(source, name=name)
     with pytest.raises(DataError, match="not a JPEG, PNG"):
         load_image(heic.replace(b"ftyp", b"free"), name="other")
+    (tmp_path / "copy.jpg").write_bytes(b"")  # a copy that failed: it was called not a JPEG
+    for source in (tmp_path / "copy.jpg", b""):
+        with pytest.raises(DataError, match=r"not a readable image \(an empty file, 0 bytes; was it copied"):
+            load_image(source)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
