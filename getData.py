@@ -358,12 +358,12 @@ def dataset_holding(path) -> Path | None:
                                                                             for s in SPLITS)), None)
 
 
-def outside_datasets(path) -> Path:
+def outside_datasets(path, flag: str = "--out") -> Path:
     """`path`, refused when it is or lies in a dataset: an output there becomes data (a figure written
     into a class folder is an image of that class to the next run, a folder in a split a new class)."""
     inside = dataset_holding(path)
     if inside is not None:
-        raise WriteError(f"--out {path}: inside the dataset {inside}, where outputs would become data; choose a "
+        raise WriteError(f"{flag} {path}: inside the dataset {inside}, where outputs would become data; choose a "
                          "folder outside it")
     return Path(path)
 
@@ -1087,7 +1087,7 @@ def make_synthetic(path, seed: int = 0) -> Path:
     Patient-grouped 5-fold split: fold k tests group k, validates on group k+1, trains on the rest,
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
-    path = check_folder(path)  # a file there, or a folder we cannot write in
+    path = outside_datasets(check_folder(path), "--synthetic")  # a file there, a folder we cannot write in
     if path.exists() and any(path.iterdir()):
         raise DataError(f"{path}: exists and is not an empty folder; choose another folder or delete it")
     rng = np.random.default_rng(seed)

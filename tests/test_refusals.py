@@ -142,7 +142,8 @@ def test_outputs_are_never_written_into_a_dataset(synthetic, trained, tmp_path, 
                          ("simclr.py", ["--data-root", synthetic, "--out", mpox / "simclr", "--epochs", 1]),
                          ("testing.py", ["--checkpoint", trained, "--out", mpox]),
                          ("gradcam.py", ["--checkpoint", trained, photo, "--out", mpox]),
-                         ("augment.py", ["--data-root", synthetic, "--out", synthetic / "fold2" / "aug"])):
+                         ("augment.py", ["--data-root", synthetic, "--out", synthetic / "fold2" / "aug"]),
+                         ("getData.py", ["--synthetic", synthetic / "fold1" / "Train" / "Extra"])):  # a new class
         assert_one_line_error(run_cli(script, *args), "inside the dataset", "where outputs would become data")
     assert sorted(synthetic.rglob("*")) == before
     data = tmp_path / "data"  # a download's layout: the folds a level below --data-root
