@@ -527,15 +527,13 @@ def list_images(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _is_image_file(p)) if folder.is_dir() else []
 
 
-def index_split(folds_root, fold: int, split: str, classes=None, extra_dirs=()) -> list[tuple[Path, int]]:
-    """(path, label) pairs for one fold and split; `extra_dirs` add <Class>/ folders (augmented copies)."""
+def index_split(folds_root, fold: int, split: str, classes=None) -> list[tuple[Path, int]]:
+    """(path, label) pairs for one fold and split."""
     if fold not in FOLDS:
         raise DataError(f"fold {fold} does not exist: MSLD v2.0 has folds 1..5")
     if split not in SPLITS:
         raise DataError(f"split {split!r} does not exist: use one of {', '.join(SPLITS)}")
-    classes = classes or list_classes(folds_root)
-    return (_labelled(Path(folds_root) / f"fold{fold}" / split, classes)
-            + [s for d in extra_dirs for s in augmented_samples(d, classes)])
+    return _labelled(Path(folds_root) / f"fold{fold}" / split, classes or list_classes(folds_root))
 
 
 def _labelled(folder: Path, classes) -> list[tuple[Path, int]]:
@@ -549,6 +547,9 @@ def augmented_samples(folder, classes) -> list[tuple[Path, int]]:
     d = Path(folder)
     if not d.is_dir():
         raise DataError(f"{d}: {_not_a_folder(d)}; give a folder that augment.py wrote (<Class>/ folders)")
+    if inside := dataset_holding(d):  # a split's photos, added to Train a second time (or another fold's)
+        raise DataError(f"{d}: a folder of the dataset {inside}, not augment.py's output; give a folder that "
+                        "augment.py wrote")
     if unknown := sorted({p.name for p in d.iterdir() if is_class_folder(p)} - set(classes)):
         raise DataError(f"{d}: expected class folders {classes}, found {unknown}")
     if not (samples := _labelled(d, classes)):
@@ -721,13 +722,14 @@ class MSLDDataset(torch.utils.data.Dataset):
                  return_path: bool = False, extra_dirs=(), classes=None):
         self.folds_root = usable_folds_root(data_root)
         self.classes = classes or list_classes(self.folds_root)
-        samples = index_split(self.folds_root, fold, split, self.classes, extra_dirs)
+        added = [s for d in extra_dirs for s in augmented_samples(d, self.classes)]  # augment.py's copies
+        samples = index_split(self.folds_root, fold, split, self.classes) + added
         if not samples:
             raise DataError(f"{self.folds_root}/fold{fold}/{split}: no images found")
-        if extra_dirs and (leaks := leaked_copies([p for p, _ in samples], [
+        if added and (leaks := leaked_copies([p for p, _ in added], [
                 (p, s) for s in ("Valid", "Test") for p, _ in index_split(self.folds_root, fold, s, self.classes)])):
-            raise DataError(f"{', '.join(map(str, extra_dirs))}: {len(leaks)} augmented copies of fold {fold}'s Valid "
-                            f"and Test photos ({leaks[0]}); add only fold {fold}'s copies, made by "
+            raise DataError(f"{', '.join(map(str, extra_dirs))}: {len(leaks)} of fold {fold}'s Valid and Test photos "
+                            f"or copies of them ({leaks[0]}); add only fold {fold}'s Train copies, made by "
                             f"`python augment.py --fold {fold}`")
         self.paths = [p for p, _ in samples]
         self.targets = torch.tensor([y for _, y in samples], dtype=torch.long)
@@ -921,21 +923,22 @@ def _check_prefixes(records):
     return _check("file-name prefix vs class folder", not items, f"{len(items)} mismatch(es)", items)
 
 
-def leaked_copies(train: list[Path], held_out: list[tuple[Path, str]]) -> list[str]:
-    """The augmented copies among a fold's Train files that augment.py made from one of the fold's
-    Valid or Test photos (a copy is named after its origin, NAME__augNN): the network would train on
-    the photos it is scored on. `held_out`: (path, split) of the fold's Valid and Test photos."""
+def leaked_copies(added: list[Path], held_out: list[tuple[Path, str]]) -> list[str]:
+    """The files added to a fold's Train (augmented copies) that are one of the fold's Valid or Test
+    photos, or a copy augment.py made of one (named after its origin, NAME__augNN): the network would
+    train on the photos it is scored on. `held_out`: (path, split) of the fold's Valid and Test photos."""
     origins = {origin_stem(p): split for p, split in held_out if AUG_TAG not in p.stem}
-    return [f"{p.name} in Train is a copy of {origins[origin_stem(p)]} image {origin_stem(p)}" for p in train
-            if AUG_TAG in p.stem and origin_stem(p) in origins]
+    return [f"{p.name} in Train is {'a copy of ' if AUG_TAG in p.stem else ''}{origins[origin_stem(p)]} image "
+            f"{origin_stem(p)}" for p in added if origin_stem(p) in origins]
 
 
 def _check_augmented(records):
     items = []
     for k in FOLDS:
         held_out = [(r["path"], r["split"]) for r in records if r["fold"] == k and r["split"] != "Train"]
-        train = [r["path"] for r in records if r["fold"] == k and r["split"] == "Train"]
-        items += [f"fold{k}: {leak}" for leak in leaked_copies(train, held_out)]
+        added = [r["path"] for r in records if r["fold"] == k and r["split"] == "Train"
+                 and (r.get("aug") or AUG_TAG in r["path"].stem)]  # an --aug-dir's files, and copies in Train
+        items += [f"fold{k}: {leak}" for leak in leaked_copies(added, held_out)]
     return _check("augmented copies of held-out images", not items,
                   f"{len(items)} augmented Train file(s) derive from Valid/Test images", items, fail_verdict="FAIL")
 

@@ -160,9 +160,20 @@ def test_an_aug_dir_that_is_not_augment_pys_output_is_one_line(synthetic, tmp_pa
     (empty / "Measles").mkdir(parents=True)
     (empty / "report.md").write_text("testing.py's output, say")
     for aug, fragment in ((tmp_path / "missing", "missing: no such folder; give a folder that augment.py wrote"),
-                          (strange, "found ['Flu']"), (empty, "not-augment-output: no images in <Class>/ folders")):
+                          (strange, "found ['Flu']"), (empty, "not-augment-output: no images in <Class>/ folders"),
+                          (synthetic / "fold1" / "Train", f"a folder of the dataset {synthetic}, not augment.py's")):
         assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--aug-dir", aug)), fragment)
         assert_one_line_error(run_cli("getData.py", "--data-root", synthetic, "--aug-dir", f"1={aug}"), fragment)
+
+
+def test_an_aug_dir_of_held_out_photos_themselves_is_refused_as_their_copies_are(synthetic, tmp_path):
+    """A copy of fold 2's Train split holds many of fold 1's Valid and Test photos, under their own
+    names: only augment.py's NAME__augNN copies were traced back, so fold 1 trained on its Test photos."""
+    theirs = shutil.copytree(synthetic / "fold2" / "Train", tmp_path / "fold2-train")
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--aug-dir", theirs)),
+                          "of fold 1's Valid and Test photos or copies of them", "in Train is Test image")
+    proc = run_cli("getData.py", "--data-root", synthetic, "--aug-dir", f"1={theirs}")
+    assert "[FAIL] augmented copies of held-out images" in proc.stdout, proc.stdout  # the audit says it too
 
 
 def test_outputs_never_go_into_a_training_runs_own_folder(synthetic, trained, trained_all, monkeypatch):

@@ -210,7 +210,8 @@ def test_aug_dir_copies_of_the_folds_held_out_photos_are_refused_as_the_audit_fa
     test_photo = index_split(synthetic, 2, "Test")[0][0]  # one of them planted, as another fold's copy would be
     shutil.copy(test_photo, aug / test_photo.parent.name / f"{test_photo.stem}__aug07.jpg")
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "r", "--fold", 2, "--epochs", 1, "--aug-dir", aug))
-    assert_one_line_error(proc, str(aug), "1 augmented copies", f"Test image {test_photo.stem}", "augment.py --fold 2")
+    assert_one_line_error(proc, str(aug), "1 of fold 2's Valid and Test photos or copies of them",
+                          f"a copy of Test image {test_photo.stem}", "augment.py --fold 2")
     assert not (tmp_path / "r").exists()
     fails = next(c for c in audit(synthetic, {2: aug})["checks"] if c["check"] == "augmented copies of held-out images")
     assert fails["verdict"] == "FAIL" and len(fails["items"]) == 1
