@@ -238,3 +238,16 @@ def test_risk_coverage_and_the_mpox_operating_point():
     t = op["threshold"]
     assert op["test_sensitivity"] == pytest.approx(np.mean(probs[y == 5, 5] >= t))
     assert op["test_specificity"] == pytest.approx(np.mean(probs[y != 5, 5] < t))
+
+
+def test_a_run_trained_from_a_relative_data_root_is_evaluated_from_any_folder(synthetic, tmp_path):
+    """The run recorded --data-root as typed: `--data-root mydata` in one folder, then testing.py from
+    another, said `mydata: no such folder`. It records the dataset's absolute path."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mydata").symlink_to(synthetic)
+    args = ["--data-root", "mydata", "--out", "run", "--epochs", 1, "--device", "cpu"]
+    assert run_cli("train.py", *args, cwd=work).returncode == 0
+    proc = run_cli("testing.py", "--checkpoint", work / "run", "--out", tmp_path / "t", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((work / "run" / "config.json").read_text())["data_root"] == str(work / "mydata")
