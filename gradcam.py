@@ -16,6 +16,7 @@ resolved arguments. The photos are only read.
 import copy
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,11 +227,17 @@ def overlay_names(paths) -> list[str]:
     return names
 
 
+def shown_name(path) -> str:
+    """A file's name as a figure can draw it: bytes that are not UTF-8 (which Python keeps as surrogates,
+    and matplotlib refuses with a traceback) shown as \\xNN."""
+    return os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")
+
+
 def write_figures(results: list[Explained], names, classes, out: Path, target=None) -> None:
     """One overlay per image, and grid.png of the first GRID_MAX."""
     for e, name, file in tqdm(list(zip(results, names, overlay_names(names))), desc="overlays", leave=False,
                               disable=None):  # a fifth of a second each: minutes for a folder of photos
-        save_figure(_figure(e, classes, target, Path(name).name), out / file)
+        save_figure(_figure(e, classes, target, shown_name(name)), out / file)
     shown = results[:GRID_MAX]
     cols = min(6, len(shown))
     rows = -(-len(shown) // cols)
@@ -244,7 +251,7 @@ def write_figures(results: list[Explained], names, classes, out: Path, target=No
         ax.imshow(e.overlay)
         ood = e.in_distribution is False
         ax.set_title(f"{'OOD ' if ood else ''}{classes[int(np.argmax(e.probs))]} {e.probs.max():.2f}\n"
-                     f"{Path(name).name}", fontsize=7, color="tab:red" if ood else "black")
+                     f"{shown_name(name)}", fontsize=7, color="tab:red" if ood else "black")
         if ood:  # a red frame: this photo is unlike the training photos, its map explains nothing useful
             ax.axis("on")
             ax.set_xticks([])

@@ -1,6 +1,7 @@
 import gc
 import hashlib
 import json
+import os
 import shutil
 import weakref
 
@@ -201,6 +202,17 @@ def test_many_large_photos_cost_what_their_overlays_need(trained, synthetic, tmp
     four = Image.open(tmp_path / "cam" / "grid.png").size
     run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos[:4], "--out", tmp_path / "four")
     assert four == Image.open(tmp_path / "four" / "grid.png").size  # four photos wide, one row
+
+
+def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthetic, tmp_path):
+    """A name of bytes that are not UTF-8 (a camera's, an old archive's) reached matplotlib's title as
+    surrogates: a TypeError traceback, and no overlay for any photo."""
+    odd = tmp_path / os.fsdecode(b"HEALTHY_08_\xff1.jpg")
+    shutil.copy(next((synthetic / "fold1" / "Test" / "Healthy").iterdir()), odd)
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", odd, "--out", tmp_path / "cam")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.listdir(os.fsencode(tmp_path / "cam")).count(b"HEALTHY_08_\xff1_gradcam.png") == 1  # its own bytes
+    assert gradcam.shown_name(odd) == "HEALTHY_08_\\xff1.jpg"
 
 
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
