@@ -428,10 +428,11 @@ def is_synthetic(folds_root: Path) -> bool:
 def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed=0) -> Path:
     """The main commands' data policy: use the dataset if one is found, else the synthetic set.
 
-    Only the default location falls back; an explicit path that holds no dataset is an error.
+    Only the default location falls back; an explicit path that holds no dataset is an error. The
+    path is absolute: a run records it, and testing.py finds the data from any folder.
     """
     try:
-        return usable_folds_root(data_root)
+        return Path(os.path.abspath(usable_folds_root(data_root)))
     except DataError:
         if str(data_root) != DEFAULTS["data_root"] or (Path(data_root).is_dir() and _found_any(data_root)):
             raise
@@ -442,7 +443,7 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
             raise DataError(f"{synthetic_root}: holds files but not the synthetic set; delete it, and the same "
                             "command writes the set again")
         make_synthetic(synthetic_root, seed=seed)
-    return Path(synthetic_root)
+    return Path(os.path.abspath(synthetic_root))
 
 
 def _is_image_file(p: Path) -> bool:

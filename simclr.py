@@ -15,7 +15,6 @@ Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, enco
 import contextlib
 import hashlib
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -245,9 +244,8 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
     _check_sizes(cfg, len(files), batch, len(index_split(folds_root, cfg["fold"], "Train", classes)))
     partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
-    config = dict(cfg, data_root=os.path.abspath(folds_root), classes=classes, n_images=len(files),  # from any folder
-                  world_size=rt.world, backend=rt.backend,
-                  patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
+    config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
+                  backend=rt.backend, patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
     size = resize_size(encoder.input_size)
     images = decode_all(files, size, desc="decode").to(rt.device)
     monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rt.rank == 0 else None

@@ -307,8 +307,7 @@ def setup_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime, u
     model = rt.module(build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"]))
     aug_device = rt.device if cfg["aug_device"] == "auto" else torch.device(cfg["aug_device"])
     data = FoldData(folds_root, fold, classes, model.input_size, rt, aug_device, cfg["aug_dir"] or ())
-    config = dict(cfg, fold=fold, data_root=os.path.abspath(folds_root),  # testing.py finds it from any folder
-                  classes=data.classes, train_images=len(data))
+    config = dict(cfg, fold=fold, data_root=str(folds_root), classes=data.classes, train_images=len(data))
     return model, data, FoldRun(out, config, data, rt, unit)
 
 

@@ -184,7 +184,7 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
 
 
 def test_many_large_photos_cost_what_their_overlays_need(trained, synthetic, tmp_path, monkeypatch):
-    """Photos were held whole at full size (20 16-megapixel PNGs: 2.1 GB at peak, 0.9 GB now) and
+    """Photos were held whole at full size (20 16-megapixel PNGs: 2.1 GB at peak, 0.94 GB now) and
     grid.png took every one (a folder of 2,184 photos: 1320 x 98280 pixels, more than Pillow opens)."""
     big = np.zeros((3000, 2000, 3), np.uint8)
     big[:, :1000] = 200
