@@ -496,7 +496,8 @@ def report_markdown(m: dict) -> str:
                if g["n_covered"] else ""))
     head = " | ".join(f"{k} {m[k]:.4f}" for k in SUMMARY_KEYS if k in m)
     rc = ["| threshold | coverage | accuracy on covered |", "|---|---|---|"] + [
-        f"| {r['threshold']} | {r['coverage']:.3f} | {r.get('accuracy', float('nan')):.3f} |"
+        f"| {r['threshold']} | {r['coverage']:.3f} | {r['accuracy']:.3f} |" if "accuracy" in r  # none covered: —
+        else f"| {r['threshold']} | {r['coverage']:.3f} | — |"
         for r in m["risk_coverage"]]
     op = m.get("mpox_operating_point") or {}
     mpox = (f"Mpox threshold for {op['target_sensitivity']:.0%} sensitivity on Valid: "
@@ -572,8 +573,8 @@ def ood_evaluation(model, reference: dict, test, probs, rt, batch_size: int, set
 def ood_markdown(ood: dict) -> str:
     g = ood["gate"]
     lines = [f"Out of distribution: the gate ({ood['score']} <= {ood['threshold']:.4f}, keeping 95% of Valid) turns "
-             f"away {g['rejected_share']:.1%} of these images; accuracy on the {g['n_kept']} it keeps "
-             f"{g.get('accuracy_kept', float('nan')):.4f}.", "",
+             f"away {g['rejected_share']:.1%} of these images" + (f"; accuracy on the {g['n_kept']} it keeps "
+             f"{g['accuracy_kept']:.4f}." if g["n_kept"] else "; it keeps none."), "",
              "| set | images | " + " | ".join(f"{s} AUROC | {s} FPR95" for s in SCORES) + " |",
              "|---" * (2 + 2 * len(SCORES)) + "|"]
     for name, by_score in ood["sets"].items():

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import warnings
 
@@ -76,6 +77,8 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
         rows = (d / "predictions.csv").read_text().strip().splitlines()
         assert len(rows) == m["n"] + 1 and rows[0].startswith("file,true,predicted,p_Chickenpox")
         assert m["split"] == "Test" and m["fold"] == k and m["gated"]["threshold"] == 0.3
+        report = (d / "report.md").read_text()  # a gate that covers no image: a dash, not 'nan' (2 epochs: none at 0.9)
+        assert "| 0.9 | 0.000 | — |" in report and not re.search(r"\bnan\b", report), report
     config = json.loads((out / "config.json").read_text())  # what made these outputs
     assert config["threshold"] == 0.3 and config["checkpoint"] == [str(trained_all)] and config["out"] == str(out)
     summary = (out / "summary.md").read_text()
