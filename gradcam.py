@@ -13,6 +13,7 @@ a random map and a centred blob; --sanity: cascading randomisation (Adebayo et a
 runs/NAME/gradcam/ (or --out, never a training run's own folder) with config.json, the command's
 resolved arguments. The photos are only read.
 """
+import collections
 import copy
 import io
 import math
@@ -496,7 +497,8 @@ def parse_args(argv=None):
                    "a --fold all run, that fold's network alone")
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--data-root", default=None, help="default: the dataset the checkpoint trained on")
-    p.add_argument("--limit", type=Number(int, 1), default=d["limit"], help="at most this many images of the split")
+    p.add_argument("--limit", type=Number(int, 1), default=d["limit"],
+                   help="at most this many images of the split, taken from each class in turn")
     p.add_argument("--layer", action="append", default=d["layer"], help="target module, e.g. layer3 or "
                    "backbone.layer3 (default: the model's); repeat it to compare layers with --faithfulness/--sanity "
                    "(default there: every layer offered, for a ResNet layer2, layer3 and layer4)")
@@ -527,11 +529,23 @@ def _image_paths(args, ckpt) -> list[Path]:
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
-    paths = [p for p, _ in index_split(root, fold, args.split)][: args.limit]  # every class's, also one it never saw
+    paths = spread_over_classes(index_split(root, fold, args.split), args.limit)  # also a class it never saw
     if seen := photos_seen(ckpt, root, ckpt["classes"], paths):
         print(f"note: {seen} of these {len(paths)} photos of fold {fold}'s {args.split} split are photos the network "
               f"learned from (fold {ckpt['fold']}): maps of them say little about photos it has not seen")
     return paths
+
+
+def spread_over_classes(pairs, limit: int) -> list[Path]:
+    """At most `limit` of the (path, label) pairs, taken from each class in turn (a class's first
+    photo, then its second, ...), in their listed order: the first 24 in file order were fold 1's
+    Chickenpox, Cowpox and HFMD photos, with no Mpox photo among them."""
+    place, seen = [], collections.Counter()  # each photo's place in its class: 0 for every class's first, ...
+    for _, label in pairs:
+        place.append(seen[label])
+        seen[label] += 1
+    chosen = sorted(range(len(pairs)), key=lambda i: (place[i], pairs[i][1]))[:limit]
+    return [pairs[i][0] for i in sorted(chosen)]
 
 
 def load_images(paths, input_size: int) -> list:

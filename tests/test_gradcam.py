@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 import gradcam
 from conftest import assert_one_line_error, run_cli, strict_json
-from getData import index_split, load_image, to_json
+from getData import index_split, list_classes, load_image, to_json
 from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
 from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 
@@ -172,15 +173,24 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     assert (np.asarray(left, float) - np.asarray(right, float)).std() > 5  # the overlay differs from the photo
     assert [hashlib.sha1(p.read_bytes()).hexdigest() for p in photos] == before  # originals untouched
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "1", "--split", "Test",
-                      "--limit", "5", "--out", tmp_path / "b")
+                      "--limit", "6", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
-    assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 5
+    assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 6
+    explained = [Path(ln.split(": ")[0]) for ln in proc.stdout.splitlines() if ln.startswith(str(synthetic))]
+    assert sorted(p.parent.name for p in explained) == list_classes(synthetic)  # one photo of each class, not 6 of one
     assert "note:" not in proc.stdout  # its own fold's Test: photos it never learned from
     learned = {p.name for p, _ in index_split(synthetic, 1, "Train")}
-    shown = [p for p, _ in index_split(synthetic, 2, "Valid")][:20]
+    shown = gradcam.spread_over_classes(index_split(synthetic, 2, "Valid"), 20)
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "2", "--split", "Valid",
                    "--limit", "20", "--out", tmp_path / "c")
     assert f"note: {sum(p.name in learned for p in shown)} of these 20 photos" in proc.stdout  # the folds share photos
+
+
+def test_a_limit_takes_each_class_in_turn():
+    pairs = [(Path(f"{c}{i}"), label) for label, (c, n) in enumerate([("a", 5), ("b", 3), ("c", 1)]) for i in range(n)]
+    assert gradcam.spread_over_classes(pairs, 6) == [Path(p) for p in ("a0", "a1", "a2", "b0", "b1", "c0")]
+    assert gradcam.spread_over_classes(pairs, 3) == [Path(p) for p in ("a0", "b0", "c0")]
+    assert gradcam.spread_over_classes(pairs, 100) == [p for p, _ in pairs]
 
 
 def test_many_large_photos_cost_what_their_overlays_need(trained, synthetic, tmp_path, monkeypatch):
