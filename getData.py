@@ -727,11 +727,8 @@ class MSLDDataset(torch.utils.data.Dataset):
         samples = index_split(self.folds_root, fold, split, self.classes) + added
         if not samples:
             raise DataError(f"{self.folds_root}/fold{fold}/{split}: no images found")
-        if added and (leaks := leaked_copies([p for p, _ in added], [
-                (p, s) for s in ("Valid", "Test") for p, _ in index_split(self.folds_root, fold, s, self.classes)])):
-            raise DataError(f"{', '.join(map(str, extra_dirs))}: {len(leaks)} of fold {fold}'s Valid and Test photos "
-                            f"or copies of them ({leaks[0]}); add only fold {fold}'s Train copies, made by "
-                            f"`python augment.py --fold {fold}`")
+        if split == "Train" or added:
+            refuse_leaks(self.folds_root, fold, self.classes, [p for p, _ in added], extra_dirs)
         self.paths = [p for p, _ in samples]
         self.targets = torch.tensor([y for _, y in samples], dtype=torch.long)
         self.fold, self.split, self.transform, self.return_path = fold, split, transform, return_path
@@ -931,6 +928,23 @@ def leaked_copies(added: list[Path], held_out: list[tuple[Path, str]]) -> list[s
     origins = {origin_stem(p): split for p, split in held_out if AUG_TAG not in p.stem}
     return [f"{p.name} in Train is {'a copy of ' if AUG_TAG in p.stem else ''}{origins[origin_stem(p)]} image "
             f"{origin_stem(p)}" for p in added if origin_stem(p) in origins]
+
+
+def refuse_leaks(folds_root: Path, fold: int, classes, added=(), extra_dirs=()) -> None:
+    """One line if a file added to fold `fold`'s Train is one of its Valid or Test photos or a copy of
+    one (the audit's FAIL, which every training script refuses): `added`, the files of the augment.py
+    output folders `extra_dirs`, and copies put in the Train folder itself (NAME__augNN)."""
+    copied_in = [p for p, _ in index_split(folds_root, fold, "Train", classes) if AUG_TAG in p.stem]
+    if not (added or copied_in):
+        return
+    held_out = [(p, s) for s in ("Valid", "Test") for p, _ in index_split(folds_root, fold, s, classes)]
+    for where, files, advice in (
+            (", ".join(map(str, extra_dirs)), added,
+             f"add only fold {fold}'s Train copies, made by `python augment.py --fold {fold}`"),
+            (Path(folds_root) / f"fold{fold}" / "Train", copied_in, "take them out of Train")):
+        if leaks := leaked_copies(files, held_out):
+            raise DataError(f"{where}: {len(leaks)} of fold {fold}'s Valid and Test photos or copies of them "
+                            f"({leaks[0]}); {advice}")
 
 
 def _check_augmented(records):
@@ -1400,6 +1414,8 @@ def run(args) -> None:
         atomic_write(args.report, to_json(report, indent=2, default=str))
     if not report["usable"]:
         raise DataError(f"dataset not usable: {report['problems'][0]}")
+    if failed := [c for c in report["checks"] if c["verdict"] == "FAIL"]:  # a leak: training refuses it too
+        raise DataError(f"{failed[0]['check']}: {failed[0]['detail']} ({failed[0]['items'][0]}); remove them")
 
 
 def main(argv=None) -> int:

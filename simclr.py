@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (SEED, DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
-                     list_classes, origin_stem, patient_id, resolve_data_root, resumable, run_main, to_json)
+                     list_classes, origin_stem, patient_id, refuse_leaks, resolve_data_root, resumable, run_main,
+                     to_json)
 from models import (INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime,
                     SaveClock, batch_indices, build_model, checkpoint_dict, claim_run_dir, distributed, embed,
                     epoch_generators, init_file, make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw,
@@ -107,6 +108,8 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
     include_test. Returns (files, the split of each file: Train, Valid, Test or extra, the number of
     extra files excluded as Test images)."""
     classes = list_classes(folds_root)
+    if not include_test:  # a Valid or Test photo copied into Train: what train.py refuses, refused here first
+        refuse_leaks(folds_root, fold, classes)
     splits = ["Train", "Valid"] + (["Test"] if include_test else [])
     files = [(p, s) for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
     test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]

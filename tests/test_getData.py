@@ -231,6 +231,27 @@ def test_audit_sees_augment_output_dirs(tmp_path, synthetic):
     assert leak["verdict"] == "FAIL" and "copy of Valid" in leak["items"][0]
 
 
+def test_a_leak_the_audit_fails_is_its_exit_status_and_training_refuses_it(tmp_path, synthetic):
+    """A copy of one of fold 2's Valid photos put in its Train folder by hand: the audit said FAIL and
+    exited 0, and train.py trained on the photo it was scored on."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    src = _first(data, 2, "Valid", "Cowpox")
+    shutil.copy(src, data / "fold2" / "Train" / "Cowpox" / f"{src.stem}__aug00.jpg")
+    proc = run_cli("getData.py", "--data-root", data)
+    assert_one_line_error(proc, "augmented copies of held-out images", f"{src.stem}__aug00.jpg in Train is a copy of "
+                          f"Valid image {src.stem}")
+    assert "[FAIL] augmented copies of held-out images" in proc.stdout  # the report first, as ever
+    assert_one_line_error(run_cli("train.py", "--data-root", data, "--fold", 2, "--epochs", 1, "--out", tmp_path / "r"),
+                          str(data / "fold2" / "Train"), "take them out of Train")
+    assert not (tmp_path / "r").exists()
+    assert_one_line_error(run_cli("simclr.py", "--data-root", data, "--fold", 2, "--out", tmp_path / "s"),
+                          str(data / "fold2" / "Train"), "take them out of Train")  # nor pretrains on them
+    assert not (tmp_path / "s").exists()
+    proc = run_cli("train.py", "--data-root", data, "--fold", 3, "--epochs", 1, "--out", tmp_path / "r3")
+    assert proc.returncode == 0, proc.stderr  # fold 3's Train holds no copy of its own Valid or Test photos
+
+
 def test_cli_report_json(tmp_path, synthetic):
     out = tmp_path / "r" / "audit.json"
     proc = run_cli("getData.py", "--data-root", synthetic, "--report", out)
