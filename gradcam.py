@@ -36,10 +36,11 @@ from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, ST
                     capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
                     photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
 
-DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=24, layer=None, target_class=None,
+DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
                 faithfulness=False, sanity=False, ood_score=None)
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
+SPLIT_LIMIT = 24  # images of a fold's split explained without --limit: a grid of four rows
 GRID_MAX = 48  # photos in grid.png (8 rows of 6): a folder of thousands made a 130-megapixel PNG
 
 
@@ -498,7 +499,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default=d["split"], choices=["Train", "Valid", "Test"])
     p.add_argument("--data-root", default=None, help="default: the dataset the checkpoint trained on")
     p.add_argument("--limit", type=Number(int, 1), default=d["limit"],
-                   help="at most this many images of the split, taken from each class in turn")
+                   help=f"at most this many images: of the split, taken from each class in turn (default: "
+                        f"{SPLIT_LIMIT}), or of those given, in their order (default: all)")
     p.add_argument("--layer", action="append", default=d["layer"], help="target module, e.g. layer3 or "
                    "backbone.layer3 (default: the model's); repeat it to compare layers with --faithfulness/--sanity "
                    "(default there: every layer offered, for a ResNet layer2, layer3 and layer4)")
@@ -524,12 +526,16 @@ def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
     if args.images:  # each image once, however often it was named (a file, and the folder holding it)
-        return each_once(q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p]))
+        paths = each_once(q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p]))
+        if args.limit and len(paths) > args.limit:  # asked for: it was ignored, and a folder took minutes
+            print(f"note: the first {args.limit} of the {len(paths)} images given (--limit)")
+        return paths[:args.limit]
     fold = args.fold or ckpt.get("fold")
     if fold is None:
         raise DataError("give image files, or --fold K to explain a fold's split")
     root = usable_folds_root(args.data_root or ckpt["config"].get("data_root") or "data")
-    paths = spread_over_classes(index_split(root, fold, args.split), args.limit)  # also a class it never saw
+    pairs = index_split(root, fold, args.split)  # every class's photos, also those of a class it was trained without
+    paths = spread_over_classes(pairs, args.limit or SPLIT_LIMIT)
     if seen := photos_seen(ckpt, root, ckpt["classes"], paths):
         print(f"note: {seen} of these {len(paths)} photos of fold {fold}'s {args.split} split are photos the network "
               f"learned from (fold {ckpt['fold']}): maps of them say little about photos it has not seen")
