@@ -196,14 +196,15 @@ FILE_PART = re.compile(r';\s*(filename\*?=|name="?(image|file)"?\s*(;|$))')
 
 
 def image_from_multipart(body: bytes, content_type: str) -> bytes:
-    """The first file part of a multipart/form-data body, in one linear pass over it: at most
-    MAX_PARTS parts are looked at (a body of 190,000 tiny fields must not cost minutes of CPU)."""
+    """The one file part of a multipart/form-data body, in one linear pass over it: at most MAX_PARTS
+    parts are looked at (a body of 190,000 tiny fields must not cost minutes of CPU), and a second
+    file among them is refused (it was ignored: two photos sent, one answer, no word of which)."""
     boundary = next((v.strip().strip('"') for k, _, v in (f.strip().partition("=") for f in content_type.split(";"))
                      if k.lower() == "boundary"), "")
     if not boundary:
         raise RequestError(400, "malformed multipart body: no boundary in Content-Type")
     delimiter = b"--" + boundary.encode("latin-1")
-    start = body.find(delimiter)
+    start, found = body.find(delimiter), None
     for _ in range(MAX_PARTS):
         if start < 0 or body[start + len(delimiter):start + len(delimiter) + 2] == b"--":
             break  # no (more) parts
@@ -214,11 +215,16 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
         headers = body[start + len(delimiter):head_end].decode("latin-1").lower()
         disposition = next((h for h in headers.split("\r\n") if h.startswith("content-disposition:")), "")
         if FILE_PART.search(disposition) and end > head_end + 4:
-            return body[head_end + 4:end]
+            if found is not None:
+                raise RequestError(400, "one photo per request: this body holds two or more; send each on its own")
+            found = body[head_end + 4:end]
         start = end + 2
     else:
-        raise RequestError(400, f"multipart body: no image among its first {MAX_PARTS} parts")
-    raise RequestError(400, "malformed multipart body: no file part (send the image as field 'image')")
+        if found is None:
+            raise RequestError(400, f"multipart body: no image among its first {MAX_PARTS} parts")
+    if found is None:
+        raise RequestError(400, "malformed multipart body: no file part (send the image as field 'image')")
+    return found
 
 
 class Busy(Exception):

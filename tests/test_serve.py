@@ -391,6 +391,9 @@ def test_the_image_is_found_in_a_multipart_body_however_it_is_named(server, synt
         body = (b"--xx\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--xx\r\nContent-Disposition: "
                 + disposition.encode() + b"\r\nContent-Type: image/jpeg\r\n\r\n" + image + b"\r\n--xx--\r\n")
         assert predict(server, body, 'multipart/form-data; boundary="xx"')[0] == 200, disposition
+    part = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n' + image + b"\r\n"
+    status, answer = predict(server, part + part + b"--xx--\r\n", "multipart/form-data; boundary=xx")
+    assert status == 400 and "one photo per request" in answer["error"]  # two photos got one answer, no word of which
 
 
 def test_a_slow_client_is_cut_off_at_the_deadline_while_others_are_served(server, synthetic):
