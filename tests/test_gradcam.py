@@ -214,6 +214,28 @@ def test_many_large_photos_cost_what_their_overlays_need(trained, synthetic, tmp
     assert four == Image.open(tmp_path / "four" / "grid.png").size  # four photos wide, one row
 
 
+def test_a_folder_is_explained_a_batch_at_a_time_after_every_file_is_read(trained, synthetic, tmp_path, monkeypatch):
+    """Every photo of a folder was decoded, explained and drawn before the first overlay was written:
+    2,184 photos held 1.8 GB. Now a batch at a time; a photo cut short still stops the run first."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:7]:
+        shutil.copy(p, folder)
+    whole = next(folder.iterdir()).read_bytes()
+    (folder / "zz_cut.jpg").write_bytes(whole[:len(whole) // 2])
+    args = ["--checkpoint", str(trained / "best.pt"), str(folder), "--batch-size", "2", "--device", "cpu"]
+    assert_one_line_error(run_cli("gradcam.py", *args, "--out", tmp_path / "cut"), "zz_cut.jpg", "not a readable image")
+    assert not list((tmp_path / "cut").glob("*.png"))  # the last file's fault is found before the first overlay
+    (folder / "zz_cut.jpg").unlink()
+    decoded, real = [], gradcam.load_images
+    monkeypatch.setattr(gradcam, "load_images", lambda paths, size: decoded.append(len(paths)) or real(paths, size))
+    monkeypatch.setattr(gradcam, "GRID_MAX", 3)
+    results = gradcam.run(gradcam.parse_args([*args, "--out", str(tmp_path / "cam")]))
+    assert decoded == [2, 2, 2, 1] and len(list((tmp_path / "cam").glob("*_gradcam.png"))) == 7
+    assert all(e.overlay is not None for e in results[:3]) and all(e.overlay is None for e in results[3:])
+    assert all(e.probs.shape == (6,) for e in results)  # what is printed of each
+
+
 def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthetic, tmp_path):
     """A name of bytes that are not UTF-8 (a camera's, an old archive's) reached matplotlib's title as
     surrogates: a TypeError traceback, and no overlay for any photo."""
