@@ -506,6 +506,11 @@ def list_classes(folds_root) -> list[str]:
              for d in (Path(folds_root) / f"fold{k}" / s).glob("*") if is_class_folder(d)}
     if not names:
         raise DataError(f"{folds_root}: no class folders under fold1..5/{{Train,Valid,Test}}/")
+    for name in names:  # a label is text: in figures, reports and JSON (testing.py's plots stopped with a traceback)
+        if name != os.fsencode(name).decode("utf-8", "replace"):
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise DataError(f"{folds_root}: class folder name '{shown}' is not UTF-8 text (an archive from another "
+                            "system, perhaps); rename it in every fold")
     return sorted(names)
 
 

@@ -221,6 +221,9 @@ def _broken(synthetic, tmp_path, how: str) -> Path:
             p.unlink()
     elif how == "class missing from a split":
         shutil.rmtree(root / "fold3" / "Test" / "Cowpox")
+    elif how == "class name not UTF-8":  # testing.py's figures stopped with a traceback from matplotlib
+        for split in root.glob("fold*/*"):
+            os.rename(split / "Measles", os.fsdecode(os.fsencode(split) + b"/Mea\xffsles"))
     elif how == "class in one fold only":
         (root / "fold4" / "Train" / "Extra").mkdir()
         shutil.copy(next(synthetic.rglob("*.jpg")), root / "fold4" / "Train" / "Extra" / "EXT_1_01.jpg")
@@ -229,7 +232,8 @@ def _broken(synthetic, tmp_path, how: str) -> Path:
 
 @pytest.mark.parametrize("how,names", [("empty class folder", "fold2/Valid: no images for class Measles"),
                                        ("class missing from a split", "fold3/Test: no images for class Cowpox"),
-                                       ("class in one fold only", "no images for class Extra")])
+                                       ("class in one fold only", "no images for class Extra"),
+                                       ("class name not UTF-8", "class folder name 'Mea\\xffsles' is not UTF-8 text")])
 def test_every_script_refuses_a_data_root_the_audit_refuses(synthetic, trained, tmp_path, how, names):
     """One verdict, the audit's (getData.structure_problems): no script adds a class without images."""
     root = _broken(synthetic, tmp_path, how)
