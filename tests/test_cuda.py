@@ -14,7 +14,7 @@ import train
 from augment import SIMCLR_OPS, TRAIN_OPS, TRIVIAL_TRAIN_OPS, BatchAugment
 from conftest import REPO, killed_on_call, run_cli, train_args
 from getData import load_image
-from models import load_classifier, predict, select_runtime
+from models import build_model, load_classifier, make_optimizer, param_groups, predict, select_runtime
 from testing import evaluate
 
 pytestmark = pytest.mark.cuda
@@ -120,3 +120,19 @@ def test_benchmark_on_cuda_reports_the_share_of_peak(monkeypatch):
     assert len(rows) == 4 and all(0 < r["peak_share"] < 1 for r in rows)
     bf16 = next(r for r in rows if r["precision"] == "bf16" and r["layout"] == "channels_last")
     assert bf16["full"] > 0 and bf16["bare"] > 0
+
+
+def test_adam_and_adamw_are_fused_on_cuda_and_step_as_on_the_cpu():
+    """One kernel per step for all parameters (foreach, PyTorch's default on CUDA, is a chain of them);
+    the same update as the CPU's, to float32 rounding."""
+    for name in ("adam", "adamw"):
+        nets = {d: build_model("lenet", 6).to(d) for d in ("cpu", "cuda")}
+        nets["cuda"].load_state_dict(nets["cpu"].state_dict())
+        for device, net in nets.items():
+            opt = make_optimizer(name, param_groups(net, 0.05), 1e-2)
+            assert bool(opt.param_groups[0].get("fused")) == (device == "cuda")
+            for p in net.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step()
+        for (k, a), b in zip(nets["cpu"].state_dict().items(), nets["cuda"].state_dict().values()):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-6, msg=k)

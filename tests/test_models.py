@@ -167,6 +167,7 @@ def test_no_weight_decay_on_norms_and_biases_for_every_optimizer():
             assert moved == (p.ndim > 1), (name, n)
         decay_all = make_optimizer(name, param_groups(net, 0.5, decay_all=True), lr=0.1)
         assert len(decay_all.param_groups) == 1 and decay_all.param_groups[0]["weight_decay"] == 0.5
+        assert not opt.param_groups[0].get("fused")  # on a CPU: the arithmetic README's figures came from
 
 
 def test_ema_follows_its_formula_and_copies_integer_buffers():
