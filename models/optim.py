@@ -80,8 +80,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
 def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """An optimizer by name over parameter groups that carry their own weight decay. Adam and AdamW
     on a GPU are fused, one kernel per step for all parameters (PyTorch's default there, foreach, is
-    a chain of them, and a step of this dataset's small batches is launch-bound, as nanoGPT found);
-    on a CPU they stay as they were, whose results README's figures are (fused differs in the last bits)."""
+    a chain of them, and a step of this dataset's small batches is launch-bound; nanoGPT does the same).
+    On a CPU they keep PyTorch's per-tensor arithmetic, README's figures' (fused differs in the last bits)."""
     fused = True if groups[0]["params"][0].is_cuda else None
     if name == "sgd":
         return torch.optim.SGD(groups, lr, momentum=0.9, nesterov=True)
