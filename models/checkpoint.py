@@ -193,8 +193,11 @@ def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None
     if k in flags:
         raise ModelError(f"{path}: --{k.replace('_', '-')} was {was!r}, now {now!r}; resume with the run's original "
                          "arguments")
+    if _same(saved.get("data_root"), config.get("data_root")):  # the same folder, changed since: --data-root is no help
+        raise ModelError(f"{path}: the dataset at {config['data_root']} has changed since the run began ({k} was "
+                         f"{was!r}, now {now!r}); put it back as it was, or start the run afresh with --overwrite")
     raise ModelError(f"{path}: the data differs from the run's ({k} was {was!r}, now {now!r}); resume with the "
-                     f"dataset it trained on (--data-root {ckpt['config'].get('data_root')})")
+                     f"dataset it trained on (--data-root {saved.get('data_root')})")
 
 
 def _same(was, now) -> bool:
