@@ -413,7 +413,10 @@ def fold_images(checkpoints: list, ckpts: list[dict], data_root, fold) -> FoldIm
     root, exclude = usable_folds_root(data_root), ckpt["config"].get("exclude_class")
     expected = [c for c in list_classes(root) if c != exclude]
     if expected != ckpt["classes"]:
-        raise DataError(f"{data_root}: classes {expected} differ from the checkpoint's {ckpt['classes']}")
+        trained_on = ckpt["config"].get("data_root")
+        raise DataError(f"{data_root}: classes {expected} differ from the checkpoint's {ckpt['classes']}; evaluate it "
+                        + (f"on the data it trained on (--data-root {trained_on})" if trained_on and
+                           Path(trained_on).resolve() != Path(data_root).resolve() else "on data with its classes"))
     return FoldImages(root, int(fold), ckpt["classes"], exclude)
 
 

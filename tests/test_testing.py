@@ -254,3 +254,14 @@ def test_a_run_trained_from_a_relative_data_root_is_evaluated_from_any_folder(sy
     proc = run_cli("testing.py", "--checkpoint", work / "run", "--out", tmp_path / "t", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((work / "run" / "config.json").read_text())["data_root"] == str(work / "mydata")
+
+
+def test_data_with_other_classes_is_one_line_that_names_the_data_it_trained_on(trained, synthetic, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(synthetic, other)
+    for split in other.glob("fold*/*"):
+        shutil.copytree(split / "Cowpox", split / "Extra")
+    proc = run_cli("testing.py", "--checkpoint", trained, "--data-root", other, "--out", tmp_path / "t")
+    assert_one_line_error(proc, "differ from the checkpoint's", f"evaluate it on the data it trained on (--data-root "
+                          f"{synthetic})")
+    assert not (tmp_path / "t").exists()
