@@ -442,7 +442,11 @@ def resolve_data_root(data_root, synthetic_root=DEFAULTS["synthetic_root"], seed
         if Path(synthetic_root).is_dir() and any(Path(synthetic_root).iterdir()):
             raise DataError(f"{synthetic_root}: holds files but not the synthetic set; delete it, and the same "
                             "command writes the set again")
-        make_synthetic(synthetic_root, seed=seed)
+        try:
+            make_synthetic(synthetic_root, seed=seed)
+        except (DataError, WriteError):  # two commands at once on a fresh clone: the other one wrote it first
+            if not _has_folds(Path(synthetic_root)):
+                raise
     return Path(os.path.abspath(synthetic_root))
 
 

@@ -619,3 +619,19 @@ def test_an_archive_that_is_not_msld_or_does_not_fit_is_refused_before_a_byte_is
     assert_one_line_error(run_cli("getData.py", "--extract", archive, "--data-root", tmp_path / "data"),
                           "msld.zip: extracting it takes", "free some space")
     assert not (tmp_path / "data").exists()
+
+
+def test_two_main_jobs_started_at_once_on_a_fresh_clone_share_the_synthetic_set(tmp_path, monkeypatch):
+    """Two terminals, `python train.py --fold 1` and `--fold 2`, on a fresh clone: both found no data and
+    wrote the synthetic set; the second to finish stopped with 'could not be written'."""
+    real, calls = getData.make_synthetic, []
+
+    def raced(path, seed=0):
+        calls.append(path)
+        real(path, seed)  # the other command, a moment earlier
+        return real(path, seed)  # this one, which finds the folder written
+    monkeypatch.setattr(getData, "make_synthetic", raced)
+    monkeypatch.chdir(tmp_path)
+    assert getData.resolve_data_root("data") == tmp_path / "data" / "synthetic" and len(calls) == 1
+    assert list_classes(tmp_path / "data" / "synthetic") == CLASSES
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["synthetic"]  # nothing half-written beside it
