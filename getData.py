@@ -18,6 +18,7 @@ import contextlib
 import copy
 import errno
 import hashlib
+import http.client
 import io
 import itertools
 import json
@@ -1243,11 +1244,18 @@ NOT_SKIN = dict(noise=_noise, flat=_flat, gradient=_gradient, checkerboard=_chec
 
 
 # ----------------------------------------------------------------------------- download
+def _request(url: str, headers: dict) -> urllib.request.Request:
+    try:
+        return urllib.request.Request(url, headers=headers)
+    except ValueError as e:  # urllib's word for a URL it cannot parse ("Invalid IPv6 URL")
+        raise DataError(f"{url}: not a URL that can be fetched ({e})") from None
+
+
 def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
     """Download `url` to `part`, resuming with an HTTP Range request after a broken transfer."""
     for attempt in range(retries + 1):
         have = part.stat().st_size if part.exists() else 0
-        req = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
+        req = _request(url, {**headers, **({"Range": f"bytes={have}-"} if have else {})})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 if have and resp.status != 206:  # server ignored the range: start again
@@ -1264,6 +1272,10 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
                 if total and part.stat().st_size < total:
                     raise ConnectionError(f"transfer ended at {part.stat().st_size} of {total} bytes")
                 return
+        except http.client.InvalidURL as e:  # a space or control character in it
+            raise DataError(f"{url}: not a URL that can be fetched ({e})") from None
+        except http.client.HTTPException as e:  # a transfer cut short mid-body (IncompleteRead), a garbled reply
+            error = e
         except urllib.error.HTTPError as e:
             if e.code == 416:  # range past the end: the part file is already complete
                 return
@@ -1367,6 +1379,13 @@ def download(url: str, data_root) -> Path:
     part = data_root / f".{name}.zip.part"
     with on_interrupt(f"the same command continues the download from {part}"):
         _fetch(url, part, headers)
+    if not zipfile.is_zipfile(part):  # a web page (a sign-in or error page): resuming it would fetch nothing more
+        with open(part, "rb") as f:
+            head = f.read(32)
+        part.unlink()
+        raise DataError(f"{url}: what came is not a zip file (it starts {head!r}"
+                        + (", a web page" if head.lstrip().lower().startswith((b"<!doctype", b"<html")) else "")
+                        + "); check that the URL gives the .zip itself")
     target = safe_extract(part, data_root / name)
     part.unlink()
     return target

@@ -500,6 +500,18 @@ def test_a_disk_that_fills_during_a_download_is_one_line_at_once(small_disk):
     assert len(srv.requests) == 1  # not tried again: that makes no room
 
 
+def test_a_web_page_instead_of_the_zip_and_a_malformed_url_are_one_line(tmp_path):
+    """A sign-in page came instead of the zip: 'delete .x.zip.part and download again', which fetched
+    the same page; and a URL urllib cannot parse was a ValueError traceback."""
+    with _Server(b"<!DOCTYPE html><html><body>Sign in</body></html>") as srv:
+        proc = run_cli("getData.py", "--download", f"{srv.url}/msld.zip", "--data-root", tmp_path / "d")
+    assert_one_line_error(proc, "msld.zip: what came is not a zip file (it starts b'<!DOCTYPE html>", "a web page")
+    assert list((tmp_path / "d").iterdir()) == []  # nothing to resume: the page is not kept
+    for url in ("http://[bad/x.zip", "http://127.0.0.1:1/a b.zip"):
+        assert_one_line_error(run_cli("getData.py", "--download", url, "--data-root", tmp_path / "e"),
+                              f"{url}: not a URL that can be fetched")
+
+
 def test_interrupted_download_resumes_with_range(tmp_path):
     payload = _zip_bytes({f"d/f{i}.bin": bytes(np.random.default_rng(i).integers(0, 255, 5000, np.uint8))
                           for i in range(20)})
