@@ -705,6 +705,15 @@ def prepare(im: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
+def check_images(paths, desc: str = "reading") -> None:
+    """Decode every image once, as small as its format allows, keeping none (threads: Pillow decodes
+    without the GIL): a file that is not a whole image is one line before any work that needs it."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for _ in tqdm(pool.map(lambda p: load_image(p, shrink_to=32), paths), total=len(paths), desc=desc,
+                      leave=False, disable=len(paths) < 200):
+            pass
+
+
 def decode_all(paths, size: int, workers: int | None = None, desc="decode") -> torch.Tensor:
     """Decode every image once into a uint8 tensor (N, 3, size, size). Threads: PIL frees the GIL."""
     paths = list(paths)

@@ -14,7 +14,6 @@ runs/NAME/gradcam/ (or --out, never a training run's own folder) with config.jso
 resolved arguments. The photos are only read.
 """
 import collections
-import concurrent.futures
 import copy
 import dataclasses
 import functools
@@ -32,8 +31,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, DataError, Number, Parser, atomic_write, each_once, images_in, index_split, load_image,
-                     prepare, run_main, to_json, usable_folds_root)
+from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_images, each_once, images_in, index_split,
+                     load_image, prepare, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
                     capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
                     photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
@@ -567,15 +566,6 @@ def spread_over_classes(pairs, limit: int) -> list[Path]:
     return [pairs[i][0] for i in sorted(chosen)]
 
 
-def check_images(paths, input_size: int) -> None:
-    """Decode every image once, keeping none (threads: Pillow decodes without the GIL): a file that is
-    not a whole image is one line before anything is written."""
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for _ in tqdm(pool.map(lambda p: load_image(p, shrink_to=input_size), paths), total=len(paths),
-                      desc="reading", leave=False, disable=len(paths) < 200):
-            pass
-
-
 def load_images(paths, input_size: int) -> list:
     """The photos, decoded no larger than the network's input and the overlay need: a folder of
     phone photos (12 megapixels, 36 MB each decoded) held whole took gigabytes."""
@@ -680,7 +670,7 @@ def run(args) -> list:
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
     out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam")  # and an --out in the way
     paths = _image_paths(args, ckpt)
-    check_images(paths, model.input_size)  # every file read once first: a bad one stops the run before any output
+    check_images(paths)  # every file read once first: a bad one stops the run before any output
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     explain = functools.partial(run_gradcam, model, rt=rt, target=target, layer=layer, alpha=args.alpha,
                                 cmap=args.cmap, batch_size=args.batch_size, reference=reference)

@@ -34,8 +34,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SEED, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, decode_all, images_in, is_synthetic, list_classes, not_skin_images, patient_id,
-                     prepare, run_main, synthetic_image, to_json, usable_folds_root)
+                     atomic_write, check_images, decode_all, images_in, is_synthetic, list_classes, not_skin_images,
+                     patient_id, prepare, run_main, synthetic_image, to_json, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model,
                     derived_seed, detection_metrics, embed, find_checkpoints, fit_temperature, gate_by,
                     load_checkpoint, load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores,
@@ -713,8 +713,10 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     `config` (the command's resolved arguments) is saved beside the outputs as config.json."""
     checkpoints = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     found = [find_checkpoints(c) for c in checkpoints]
-    # the photos of --ood-dir folders, listed once (one line now, not after the evaluation, if there are none)
+    # the photos of --ood-dir folders, listed and read once (one line now, not after the evaluation, if there are
+    # none or one is not a whole image)
     kw["ood_files"] = images_in(kw.pop("ood_dirs", None) or (), "--ood-dir")
+    check_images(kw["ood_files"], desc="--ood-dir")
     tag, single = "test" if len(found) == 1 else f"test-ensemble{len(found)}", all(None in f for f in found)
     if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")

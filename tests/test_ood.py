@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.covariance import LedoitWolf
 
+import testing
 import train
 from conftest import assert_one_line_error, run_cli, train_args
 from getData import NOT_SKIN, MSLDDataset, index_split, list_classes, not_skin_images
@@ -177,6 +178,17 @@ def test_ood_dir_photos_are_scored(trained, tmp_path, capsys):
     notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: --ood-dir")]
     assert notes == [f"note: --ood-dir {d}: 2 .heic, 1 .txt left out, not being JPEG, PNG, WebP, BMP, TIFF or GIF "
                      "files" for d in named_twice]  # said once for each folder named
+
+
+def test_a_broken_ood_dir_photo_is_one_line_before_the_evaluation(trained, tmp_path, monkeypatch):
+    """It was found after the whole Test split had been evaluated."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    not_skin_images(seed=9, per_kind=1)[0][1].save(folder / "ok.png")
+    (folder / "cut.jpg").write_bytes((folder / "ok.png").read_bytes()[:200])
+    monkeypatch.setattr(testing, "evaluate_fold", lambda *a, **k: pytest.fail("evaluated before the refusal"))
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained, "--ood-dir", folder, "--out", tmp_path / "t"),
+                          "cut.jpg: not a readable image")
 
 
 def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can(trained, tmp_path, capsys):
