@@ -395,7 +395,7 @@ def average_states(states: list[dict], weights) -> dict:
 
 def federated_round(model, data: FoldData, sites, loss_fn, aug, rt: Runtime, key: tuple, lr: float, *,
                     optimizer: str, weight_decay: float, decay_all: bool, local_epochs: int, batch_size: int,
-                    mu: float, sample_weights=None) -> dict:
+                    mu: float, mixup=0.0, cutmix=0.0, clip_grad=0.0, sample_weights=None) -> dict:
     """FedAvg / FedProx (McMahan et al. 2017; Li et al. 2020): every site trains a copy of the global
     model for `local_epochs` on its own images; the copies are averaged, weighted by site size.
     With mu > 0 (FedProx) each local loss adds (mu/2)||w - w_global||^2, keeping sites near the
@@ -411,7 +411,7 @@ def federated_round(model, data: FoldData, sites, loss_fn, aug, rt: Runtime, key
             continue  # a site too small for one batch sits this round out
         model.load_state_dict(global_state)
         opt = make_optimizer(optimizer, param_groups(model, weight_decay, decay_all), lr)
-        step = Step(model, opt, None, loss_fn, aug, extra_loss=prox)
+        step = Step(model, opt, None, loss_fn, aug, mixup, cutmix, clip_grad, extra_loss=prox)
         for e in range(local_epochs):
             r = train_epoch(step, data, rt, (*key, site + 1, e + 1), batch_size, indices=idx,
                             sample_weights=sample_weights)
@@ -435,7 +435,8 @@ def train_fold_federated(cfg: dict, fold: int, folds_root: Path, out: Path, rt: 
     start = run.start(cfg["resume"], model)  # sites build their own optimizers each round
     loss_fn, sample_weights = balancing(cfg["balance"], cfg["label_smoothing"], data, rt)
     aug = BatchAugment(model.input_size, TRAIN_AUGMENTS[cfg["augment"]])
-    local = {k: cfg[k] for k in ("optimizer", "weight_decay", "decay_all", "local_epochs", "batch_size")}
+    local = {k: cfg[k] for k in ("optimizer", "weight_decay", "decay_all", "local_epochs", "batch_size", "mixup",
+                                 "cutmix", "clip_grad")}
     mu = cfg["mu"] if cfg["federated"] == "fedprox" else 0.0
     for rnd in range(start, cfg["rounds"]):
         started = time.perf_counter()
@@ -669,6 +670,19 @@ def check_args(args) -> None:
         raise DataError("--resume and --overwrite: continue the run in --out, or replace it, not both")
     if args.federated and "RANK" in os.environ:
         raise DataError("--federated simulates every site in one process: run it without torchrun")
+    # a flag the run would not use is a mistake, said at once (each was ignored without a word)
+    _refuse_unused(args, ["clients", "rounds", "local_epochs", "mu", "partition", "alpha"], not args.federated,
+                   "sets up a --federated run; add --federated fedavg or fedprox, or leave it out")
+    _refuse_unused(args, ["epochs", "warmup_epochs", "ema", "compile"], args.federated,
+                   "is not used by --federated runs (a cosine over --rounds, --local-epochs per site); leave it out")
+    _refuse_unused(args, ["mu"], args.federated == "fedavg", "is FedProx's: use it with --federated fedprox")
+    _refuse_unused(args, ["alpha"], args.partition == "iid", "shapes --partition dirichlet: use it with that")
+
+
+def _refuse_unused(args, names: list[str], unused: bool, why: str) -> None:
+    """One line for the first of `names` given a value other than its default where it is `unused`."""
+    if given := unused and next((n for n in names if getattr(args, n) != DEFAULTS[n]), None):
+        raise DataError(f"--{given.replace('_', '-')} {why}")
 
 
 def run(args) -> list[dict]:

@@ -53,6 +53,10 @@ def test_fedprox_with_mu_zero_equals_fedavg_and_writes_the_usual_outputs(synthet
                         for d in ("avg", "prox", "prox1"))
     assert all(torch.equal(avg[k], prox[k]) for k in avg)
     assert not all(torch.equal(avg[k], prox1[k]) for k in avg)  # the proximal term does act
+    mixed = ("--mixup", 0.2, "--cutmix", 1.0, "--clip-grad", 0.5)  # the sites train with them (they were ignored)
+    assert train.main(train_args(synthetic, tmp_path / "mix", "--federated", "fedavg", *common, *mixed)) == 0
+    mix = torch.load(tmp_path / "mix" / "last.pt", weights_only=True)["state_dict"]
+    assert not all(torch.equal(avg[k], mix[k]) for k in avg)
     assert {p.name for p in (tmp_path / "avg").iterdir()} >= {"config.json", "history.csv", "curves.png", "best.pt",
                                                               "last.pt"}
     assert len((tmp_path / "avg" / "history.csv").read_text().strip().splitlines()) == 1 + 2  # a row per round
@@ -64,6 +68,16 @@ def test_federated_bad_arguments(synthetic, tmp_path):
     base = ("train.py", "--data-root", synthetic, "--out", tmp_path / "f", "--federated", "fedprox")
     assert_one_line_error(run_cli(*base, "--clients", 500), "--clients 500", "patients")
     assert_one_line_error(run_cli(*base, "--mu", -1), "--mu -1")
+    central = ("train.py", "--data-root", synthetic, "--out", tmp_path / "c")  # each was ignored without a word:
+    for args, said in (((*base, "--ema", 0.9), "--ema is not used by --federated runs"),  # a run of other settings
+                       ((*base, "--epochs", 5), "--epochs is not used by --federated runs"),
+                       ((*base, "--compile"), "--compile is not used by --federated runs"),
+                       ((*central, "--rounds", 3), "--rounds sets up a --federated run"),
+                       ((*central, "--partition", "dirichlet"), "--partition sets up a --federated run"),
+                       ((*central, "--federated", "fedavg", "--mu", 0.1), "--mu is FedProx's"),
+                       ((*base, "--alpha", 0.1), "--alpha shapes --partition dirichlet")):
+        assert_one_line_error(run_cli(*args), said)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
 
 
 # ----------------------------------------------------------------------------- SVM head
