@@ -652,6 +652,10 @@ def save_config(out: Path, args, rt: Runtime) -> None:
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:
+        overlays_only = ("target_class", "alpha", "cmap", "ood_score")  # each was ignored without a word
+        if given := next((n for n in overlays_only if getattr(args, n) != DEFAULTS[n]), None):
+            raise DataError(f"--{given.replace('_', '-')} shapes the overlays, which --faithfulness and --sanity do "
+                            "not draw (they explain each photo's predicted class); leave it out")
         return run_studies(args, rt)
     runs = networks(args)
     if len(runs) > 1:

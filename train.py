@@ -677,6 +677,7 @@ def check_args(args) -> None:
                    "is not used by --federated runs (a cosine over --rounds, --local-epochs per site); leave it out")
     _refuse_unused(args, ["mu"], args.federated == "fedavg", "is FedProx's: use it with --federated fedprox")
     _refuse_unused(args, ["alpha"], args.partition == "iid", "shapes --partition dirichlet: use it with that")
+    _refuse_unused(args, ["peak_tflops"], not args.benchmark, "is the benchmark's: use it with --benchmark")
 
 
 def _refuse_unused(args, names: list[str], unused: bool, why: str) -> None:

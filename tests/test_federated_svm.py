@@ -75,7 +75,8 @@ def test_federated_bad_arguments(synthetic, tmp_path):
                        ((*central, "--rounds", 3), "--rounds sets up a --federated run"),
                        ((*central, "--partition", "dirichlet"), "--partition sets up a --federated run"),
                        ((*central, "--federated", "fedavg", "--mu", 0.1), "--mu is FedProx's"),
-                       ((*base, "--alpha", 0.1), "--alpha shapes --partition dirichlet")):
+                       ((*base, "--alpha", 0.1), "--alpha shapes --partition dirichlet"),
+                       ((*central, "--peak-tflops", 100), "--peak-tflops is the benchmark's")):
         assert_one_line_error(run_cli(*args), said)
     assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
 
