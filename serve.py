@@ -42,7 +42,8 @@ from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCOR
 
 DEFAULTS = dict(checkpoint=None, runs="runs", host="127.0.0.1", port=8000, device="auto", precision="auto",
                 memory_format="auto", threshold=0.6, tta=False, max_bytes=10 * 2**20, max_batch=16, max_wait_ms=5.0,
-                timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024, ood_score=None)
+                timeout=10.0, deadline=30.0, max_connections=64, max_pixels=50_000_000, decode_mb=1024, ood_score=None,
+                requests=256)
 FLAG_VALUES = {"": True, "1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 TRUST_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity", "ece")
 
@@ -661,11 +662,14 @@ def parse_args(argv=None):
     limits.add_argument("--timeout", type=seconds, default=d["timeout"],
                         help="seconds a single read or write may stall before the client is dropped")
     p.add_argument("--benchmark", action="store_true", help="run the load test instead of serving")
-    p.add_argument("--requests", type=Number(int, 1), default=256, help="load test: requests per concurrency level")
+    p.add_argument("--requests", type=Number(int, 1), default=d["requests"],
+                   help="load test: requests per concurrency level")
     return p.parse_args(argv)
 
 
 def run(args) -> None:
+    if args.requests != DEFAULTS["requests"] and not args.benchmark:  # it was ignored without a word
+        raise UserError("--requests is the load test's: use it with --benchmark")
     checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
     load = functools.partial(Predictor, checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta,

@@ -517,6 +517,12 @@ def test_bad_serve_flags_are_one_line(trained, flag, value, capsys):
     assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", flag, value), f"{flag} {value}")
 
 
+def test_a_load_test_flag_without_the_load_test_is_one_line(trained):
+    """`--requests 100` without --benchmark was ignored without a word: the server started."""
+    assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--requests", 100),
+                          "--requests is the load test's: use it with --benchmark")
+
+
 def raw_reply(srv, data: bytes) -> bytes:
     with socket.create_connection(srv.server_address[:2], timeout=10) as s:
         s.sendall(data)
