@@ -685,6 +685,13 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
+    # a flag of the other mode, or --factor beside --balance, was ignored without a word
+    writer, bench = ("out", "factor", "balance", "ops", "seed"), ("size", "augment", "batch_size")
+    if unused := [n for n in (writer if args.benchmark else bench) if getattr(args, n) not in (DEFAULTS.get(n), False)]:
+        why = "by --benchmark, which times train.py's pipelines" if args.benchmark else "without --benchmark"
+        raise DataError(f"--{unused[0].replace('_', '-')} is not used {why}; leave it out")
+    if args.balance and args.factor != DEFAULTS["factor"]:
+        raise DataError("--factor is not used by --balance, which tops every class up to the largest; give one")
     if args.benchmark:
         rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers, args.augment)
         print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}, "

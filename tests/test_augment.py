@@ -292,3 +292,15 @@ def test_benchmark_prints_the_input_pipeline_table(synthetic):
             or "DataLoader" in line}
     assert float(rows["DataLoader + PIL decode + torchvision v2"]) > 0
     assert float(rows["uint8 cache on CPU + BatchAugment"]) > 0 and "--augment trivial" in proc.stdout
+
+
+def test_a_flag_of_the_other_mode_is_one_line(synthetic, tmp_path):
+    """The writer's flags with --benchmark, the benchmark's without it, and --factor beside --balance were
+    each ignored without a word."""
+    for args, said in ((("--benchmark", "--factor", 2), "--factor is not used by --benchmark"),
+                       (("--benchmark", "--out", tmp_path / "a"), "--out is not used by --benchmark"),
+                       (("--size", 112, "--out", tmp_path / "b"), "--size is not used without --benchmark"),
+                       (("--augment", "trivial", "--out", tmp_path / "c"), "--augment is not used without --benchmark"),
+                       (("--balance", "--factor", 3, "--out", tmp_path / "d"), "--factor is not used by --balance")):
+        assert_one_line_error(run_cli("augment.py", "--data-root", synthetic, *args), said)
+    assert not list(tmp_path.iterdir())
