@@ -537,6 +537,8 @@ def parse_args(argv=None):
 def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
+    if args.images and args.split != DEFAULTS["split"]:  # it was ignored without a word
+        raise DataError(f"--split {args.split} picks a fold's photos, and photos are given; leave one out")
     if args.images:  # each image once, however often it was named (a file, and the folder holding it)
         paths = each_once(q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p]))
         if args.limit and len(paths) > args.limit:  # asked for: it was ignored, and a folder took minutes

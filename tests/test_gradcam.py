@@ -382,6 +382,8 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in (tmp_path / "four").iterdir() if p.is_dir()] == ["fold4"]
     assert json.loads((tmp_path / "four" / "fold4" / "faithfulness.json").read_text())["n"] == 3
+    assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained, synthetic / "fold1" / "Test" / "Cowpox",
+                                  "--split", "Valid", "--out", tmp_path / "y"), "--split Valid picks a fold's photos")
     for flag, value in (("--target-class", "Cowpox"), ("--cmap", "viridis"), ("--alpha", 0.8)):  # ignored before
         assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained, "--sanity", flag, value, "--out",
                                       tmp_path / "x"), f"{flag} shapes the overlays, which --faithfulness and")
