@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder,
-                     check_space, decode_all, index_split, list_classes, load_image, outside_datasets, run_main,
-                     spawned_deaf_to_ctrl_c, to_json, usable_folds_root)
+                   check_space, decode_all, index_split, list_classes, load_image, outside_datasets, refuse_unused,
+                   run_main, spawned_deaf_to_ctrl_c, to_json, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -686,12 +686,13 @@ def parse_args(argv=None):
 
 def run(args) -> None:
     # a flag of the other mode, or --factor beside --balance, was ignored without a word
-    writer, bench = ("out", "factor", "balance", "ops", "seed"), ("size", "augment", "batch_size")
-    if unused := [n for n in (writer if args.benchmark else bench) if getattr(args, n) not in (DEFAULTS.get(n), False)]:
-        why = "by --benchmark, which times train.py's pipelines" if args.benchmark else "without --benchmark"
-        raise DataError(f"--{unused[0].replace('_', '-')} is not used {why}; leave it out")
-    if args.balance and args.factor != DEFAULTS["factor"]:
-        raise DataError("--factor is not used by --balance, which tops every class up to the largest; give one")
+    if args.benchmark:
+        refuse_unused(args, DEFAULTS, ["out", "factor", "balance", "ops", "seed"],
+                      "is not used by --benchmark, which times train.py's pipelines; leave it out")
+    else:
+        refuse_unused(args, DEFAULTS, ["size", "augment", "batch_size"], "is the benchmark's: use it with --benchmark")
+    if args.balance:
+        refuse_unused(args, DEFAULTS, ["factor"], "is not used by --balance, which tops every class up to the largest")
     if args.benchmark:
         rows = benchmark(args.data_root, args.fold, args.size, args.batch_size, args.workers, args.augment)
         print(f"\ninput pipeline, fold {args.fold} Train, {args.size}x{args.size}, batch {args.batch_size}, "

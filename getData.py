@@ -226,6 +226,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
+def refuse_unused(args, defaults: dict, names, why: str) -> None:
+    """One line for the first of `names` given (a value other than its default, or a `store_true`
+    flag set) where the command would not use it: ignored without a word, it ran other settings than
+    the user meant (a federated run without the MixUp asked for)."""
+    given = [n for n in names if getattr(args, n) != defaults.get(n) and getattr(args, n) is not False]
+    if given:
+        value = getattr(args, given[0])
+        raise DataError(f"--{given[0].replace('_', '-')}{'' if value is True else f' {value}'} {why}")
+
+
 # ----------------------------------------------------------------------------- writing files
 def check_folder(path) -> Path:
     """Refuse now, creating nothing, a folder path that a file stands in the way of, or whose nearest

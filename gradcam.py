@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_images, each_once, images_in, index_split,
-                     load_image, prepare, run_main, to_json, usable_folds_root)
+                   load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
                     capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
                     photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
@@ -537,8 +537,8 @@ def parse_args(argv=None):
 def _image_paths(args, ckpt) -> list[Path]:
     """The images given (files, or folders of them), else the --split of --fold (default: the
     checkpoint's own fold), at most --limit of them."""
-    if args.images and args.split != DEFAULTS["split"]:  # it was ignored without a word
-        raise DataError(f"--split {args.split} picks a fold's photos, and photos are given; leave one out")
+    if args.images:  # it was ignored without a word
+        refuse_unused(args, DEFAULTS, ["split"], "picks a fold's photos, and photos are given; leave one out")
     if args.images:  # each image once, however often it was named (a file, and the folder holding it)
         paths = each_once(q for p in map(Path, args.images) for q in (images_in([p]) if p.is_dir() else [p]))
         if args.limit and len(paths) > args.limit:  # asked for: it was ignored, and a folder took minutes
@@ -654,10 +654,8 @@ def save_config(out: Path, args, rt: Runtime) -> None:
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:
-        overlays_only = ("target_class", "alpha", "cmap", "ood_score")  # each was ignored without a word
-        if given := next((n for n in overlays_only if getattr(args, n) != DEFAULTS[n]), None):
-            raise DataError(f"--{given.replace('_', '-')} shapes the overlays, which --faithfulness and --sanity do "
-                            "not draw (they explain each photo's predicted class); leave it out")
+        refuse_unused(args, DEFAULTS, ["target_class", "alpha", "cmap", "ood_score"], "shapes the overlays, which "
+                      "--faithfulness and --sanity do not draw (they explain each photo's predicted class); omit it")
         return run_studies(args, rt)
     runs = networks(args)
     if len(runs) > 1:

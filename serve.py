@@ -34,7 +34,8 @@ from urllib.parse import parse_qs, urlparse, urlsplit
 import numpy as np
 import torch
 
-from getData import DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, run_main, to_json
+from getData import (DataError, ImageTooLarge, Number, Parser, UserError, load_image, prepare, refuse_unused,
+                     run_main, to_json)
 from gradcam import DISPLAY_SIZE, GradCAM, display_crop, overlay_png
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError,
                     capture_features, device_logits, find_checkpoint, gate, gate_by, load_classifier, probabilities,
@@ -668,8 +669,8 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
-    if args.requests != DEFAULTS["requests"] and not args.benchmark:  # it was ignored without a word
-        raise UserError("--requests is the load test's: use it with --benchmark")
+    if not args.benchmark:  # it was ignored without a word
+        refuse_unused(args, DEFAULTS, ["requests"], "is the load test's: use it with --benchmark")
     checkpoint = find_checkpoint(args.checkpoint) if args.checkpoint else newest_checkpoint(DEFAULTS["runs"])
     rt = select_runtime(args.device, args.precision, args.memory_format)
     load = functools.partial(Predictor, checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta,

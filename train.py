@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
+                   refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
 from models import (EMA, INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
                     Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
                     derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
@@ -670,20 +670,16 @@ def check_args(args) -> None:
         raise DataError("--resume and --overwrite: continue the run in --out, or replace it, not both")
     if args.federated and "RANK" in os.environ:
         raise DataError("--federated simulates every site in one process: run it without torchrun")
-    # a flag the run would not use is a mistake, said at once (each was ignored without a word)
-    _refuse_unused(args, ["clients", "rounds", "local_epochs", "mu", "partition", "alpha"], not args.federated,
-                   "sets up a --federated run; add --federated fedavg or fedprox, or leave it out")
-    _refuse_unused(args, ["epochs", "warmup_epochs", "ema", "compile"], args.federated,
-                   "is not used by --federated runs (a cosine over --rounds, --local-epochs per site); leave it out")
-    _refuse_unused(args, ["mu"], args.federated == "fedavg", "is FedProx's: use it with --federated fedprox")
-    _refuse_unused(args, ["alpha"], args.partition == "iid", "shapes --partition dirichlet: use it with that")
-    _refuse_unused(args, ["peak_tflops"], not args.benchmark, "is the benchmark's: use it with --benchmark")
-
-
-def _refuse_unused(args, names: list[str], unused: bool, why: str) -> None:
-    """One line for the first of `names` given a value other than its default where it is `unused`."""
-    if given := unused and next((n for n in names if getattr(args, n) != DEFAULTS[n]), None):
-        raise DataError(f"--{given.replace('_', '-')} {why}")
+    for names, unused, why in (  # a flag the run would not use: each was ignored without a word
+            (["clients", "rounds", "local_epochs", "mu", "partition", "alpha"], not args.federated,
+             "sets up a --federated run; add --federated fedavg or fedprox, or leave it out"),
+            (["epochs", "warmup_epochs", "ema", "compile"], args.federated,
+             "is not used by --federated runs (a cosine over --rounds, --local-epochs per site); leave it out"),
+            (["mu"], args.federated == "fedavg", "is FedProx's: use it with --federated fedprox"),
+            (["alpha"], args.partition == "iid", "shapes --partition dirichlet: use it with that"),
+            (["peak_tflops"], not args.benchmark, "is the benchmark's: use it with --benchmark")):
+        if unused:
+            refuse_unused(args, DEFAULTS, names, why)
 
 
 def run(args) -> list[dict]:

@@ -297,10 +297,10 @@ def test_benchmark_prints_the_input_pipeline_table(synthetic):
 def test_a_flag_of_the_other_mode_is_one_line(synthetic, tmp_path):
     """The writer's flags with --benchmark, the benchmark's without it, and --factor beside --balance were
     each ignored without a word."""
-    for args, said in ((("--benchmark", "--factor", 2), "--factor is not used by --benchmark"),
-                       (("--benchmark", "--out", tmp_path / "a"), "--out is not used by --benchmark"),
-                       (("--size", 112, "--out", tmp_path / "b"), "--size is not used without --benchmark"),
-                       (("--augment", "trivial", "--out", tmp_path / "c"), "--augment is not used without --benchmark"),
-                       (("--balance", "--factor", 3, "--out", tmp_path / "d"), "--factor is not used by --balance")):
+    for args, said in ((("--benchmark", "--factor", 2), "--factor 2 is not used by --benchmark"),
+                       (("--benchmark", "--out", tmp_path / "a"), f"--out {tmp_path / 'a'} is not used by"),
+                       (("--size", 112, "--out", tmp_path / "b"), "--size 112 is the benchmark's"),
+                       (("--augment", "trivial", "--out", tmp_path / "c"), "--augment trivial is the benchmark's"),
+                       (("--balance", "--factor", 3, "--out", tmp_path / "d"), "--factor 3 is not used by --balance")):
         assert_one_line_error(run_cli("augment.py", "--data-root", synthetic, *args), said)
     assert not list(tmp_path.iterdir())

@@ -69,14 +69,14 @@ def test_federated_bad_arguments(synthetic, tmp_path):
     assert_one_line_error(run_cli(*base, "--clients", 500), "--clients 500", "patients")
     assert_one_line_error(run_cli(*base, "--mu", -1), "--mu -1")
     central = ("train.py", "--data-root", synthetic, "--out", tmp_path / "c")  # each was ignored without a word:
-    for args, said in (((*base, "--ema", 0.9), "--ema is not used by --federated runs"),  # a run of other settings
-                       ((*base, "--epochs", 5), "--epochs is not used by --federated runs"),
-                       ((*base, "--compile"), "--compile is not used by --federated runs"),
-                       ((*central, "--rounds", 3), "--rounds sets up a --federated run"),
-                       ((*central, "--partition", "dirichlet"), "--partition sets up a --federated run"),
-                       ((*central, "--federated", "fedavg", "--mu", 0.1), "--mu is FedProx's"),
-                       ((*base, "--alpha", 0.1), "--alpha shapes --partition dirichlet"),
-                       ((*central, "--peak-tflops", 100), "--peak-tflops is the benchmark's")):
+    for args, said in (((*base, "--ema", 0.9), "--ema 0.9 is not used by --federated runs"),  # a run of other settings
+                       ((*base, "--epochs", 5), "--epochs 5 is not used by --federated runs"),
+                       ((*base, "--compile"), "--compile default is not used by --federated runs"),
+                       ((*central, "--rounds", 3), "--rounds 3 sets up a --federated run"),
+                       ((*central, "--partition", "dirichlet"), "--partition dirichlet sets up a --federated run"),
+                       ((*central, "--federated", "fedavg", "--mu", 0.1), "--mu 0.1 is FedProx's"),
+                       ((*base, "--alpha", 0.1), "--alpha 0.1 shapes --partition dirichlet"),
+                       ((*central, "--peak-tflops", 100), "--peak-tflops 100.0 is the benchmark's")):
         assert_one_line_error(run_cli(*args), said)
     assert not (tmp_path / "f").exists() and not (tmp_path / "c").exists()
 

@@ -386,7 +386,7 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
                                   "--split", "Valid", "--out", tmp_path / "y"), "--split Valid picks a fold's photos")
     for flag, value in (("--target-class", "Cowpox"), ("--cmap", "viridis"), ("--alpha", 0.8)):  # ignored before
         assert_one_line_error(run_cli("gradcam.py", "--checkpoint", trained, "--sanity", flag, value, "--out",
-                                      tmp_path / "x"), f"{flag} shapes the overlays, which --faithfulness and")
+                                      tmp_path / "x"), f"{flag} {value} shapes the overlays, which --faithfulness")
 
 
 def test_bad_layers_and_empty_image_lists_are_one_line(trained, tmp_path):

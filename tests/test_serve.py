@@ -520,7 +520,7 @@ def test_bad_serve_flags_are_one_line(trained, flag, value, capsys):
 def test_a_load_test_flag_without_the_load_test_is_one_line(trained):
     """`--requests 100` without --benchmark was ignored without a word: the server started."""
     assert_one_line_error(run_cli("serve.py", "--checkpoint", trained / "best.pt", "--requests", 100),
-                          "--requests is the load test's: use it with --benchmark")
+                          "--requests 100 is the load test's: use it with --benchmark")
 
 
 def raw_reply(srv, data: bytes) -> bytes:
