@@ -598,10 +598,12 @@ def ood_summary_table(folds: dict[int, dict]) -> str:
             r = [f["sets"][name][s]["fpr95"] for f in folds.values() if name in f["sets"]]
             lines.append(f"| {name} | {s} | {mean_std(a, 3)} | {mean_std(r, 3)} |")
     gates = [f["gate"] for f in folds.values()]
-    rejected, kept = ([g.get(k, np.nan) for g in gates] for k in ("rejected_share", "accuracy_kept"))
+    rejected = [g["rejected_share"] for g in gates]
+    kept = [g["accuracy_kept"] for g in gates if "accuracy_kept" in g]  # a fold whose gate keeps none has none
     kinds = list(first["kinds"])
     lines += ["", f"The gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test images; accuracy on "
-              f"those it keeps {mean_std(kept, 3)} ({len(folds)} fold{'s' * (len(folds) > 1)}, mean ± std).", "",
+              f"those it keeps {mean_std(kept, 3) if kept else '—'} ({len(folds)} fold{'s' * (len(folds) > 1)}, "
+              "mean ± std).", "",
               "AUROC by kind of non-skin picture (mean over folds):", "",
               "| score | " + " | ".join(kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{np.mean([f['kinds'][k][s]['auroc'] for f in folds.values()]):.2f}"

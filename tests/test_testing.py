@@ -265,3 +265,14 @@ def test_data_with_other_classes_is_one_line_that_names_the_data_it_trained_on(t
     assert_one_line_error(proc, "differ from the checkpoint's", f"evaluate it on the data it trained on (--data-root "
                           f"{synthetic})")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_gate_that_keeps_no_image_reads_as_such_not_as_nan():
+    """A network whose gate turns every Test image away: 'accuracy on the 0 it keeps nan', and 'nan ± nan'
+    over the folds."""
+    by_score = {s: dict(auroc=0.5, fpr95=1.0, n_out=8, n_in=5) for s in testing.SCORES}
+    ood = dict(score="knn", threshold=0.3, gate=dict(rejected_share=1.0, n_kept=0, n=5), sets={"not_skin": by_score},
+               kinds={"noise": by_score})
+    text = testing.ood_markdown(ood) + testing.ood_summary_table({1: ood, 2: ood})
+    assert "turns away 100.0% of these images; it keeps none." in text and "accuracy on those it keeps —" in text
+    assert not re.search(r"\bnan\b", text), text
