@@ -185,8 +185,7 @@ def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_
                    partners=None) -> dict:
     net.train()
     order_gen, view_gen = epoch_generators(key, rt.rank)
-    # Under DDP every rank needs the same batch shape for the gather; alone, a smaller last batch is fine.
-    batches = list(batch_indices(len(images), batch_size, order_gen, drop_last=rt.world > 1))
+    batches = list(batch_indices(len(images), batch_size, order_gen, drop_last=rt.world > 1))  # see steps_per_epoch
     total, count, start = torch.zeros((), device=rt.device), 0, time.perf_counter()  # summed on device: no sync
     for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if rt.rank else None):
         idx = shard(idx, rt)
@@ -203,6 +202,15 @@ def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_
         dist.all_reduce(stats)  # the mean over every rank's anchors: all ranks see the same loss
     total, count = stats.tolist()
     return dict(loss=total / max(count, 1), images_per_s=count / (time.perf_counter() - start))
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """The optimizer steps of pretrain_epoch, which the cosine schedule spans to reach 0 at the end. Under
+    DDP every rank needs the same batch shape for the gather: a last partial batch is dropped. Alone,
+    it is kept, unless it is one image (no negatives)."""
+    if world > 1:
+        return n // batch_size
+    return -(-n // batch_size) - (n % batch_size == 1)
 
 
 def pretrain_step(net, images, aug, idx, pair, gen, rt: Runtime, temperature: float) -> torch.Tensor:
@@ -253,7 +261,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     images = decode_all(files, size, desc="decode").to(rt.device)
     monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rt.rank == 0 else None
     opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"]), cfg["lr"])
-    steps = -(-len(files) // batch)
+    steps = steps_per_epoch(len(files), batch, rt.world)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
     start, history, knn_start = _start(out, config, files, excluded, encoder, model, opt, sched, monitor, rt)
     net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)

@@ -239,10 +239,11 @@ def _torchrun(nproc, *args, timeout=300):
 
 def test_torchrun_two_processes_pretrain_the_real_simclr_module(synthetic, tmp_path):
     """Two gloo processes on the real SimCLR module (backbone + projector): it trains, and a global
-    batch that does not divide by the ranks (7 on 2) is shared out equally, 3 images each."""
+    batch that does not divide by the ranks (7 on 2) is shared out equally, 3 images each. The
+    schedule spans the steps taken (149 images: 24 batches of 6, not 25) and ends at 0."""
     out = tmp_path / "odd"
     proc = _torchrun(2, "simclr.py", "--data-root", synthetic, "--model", "lenet", "--epochs", 2, "--batch-size", 7,
-                     "--device", "cpu", "--eval-every", 1, "--out", out)
+                     "--warmup-epochs", 0, "--device", "cpu", "--eval-every", 1, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     last = torch.load(out / "last.pt", weights_only=True)
@@ -251,6 +252,16 @@ def test_torchrun_two_processes_pretrain_the_real_simclr_module(synthetic, tmp_p
     assert len(losses) == 2 and all(np.isfinite(losses))
     # every rank drops the same share of a 7-image batch, never a different one (that would hang)
     assert losses[1] < math.log(2 * 6 - 1) + 0.5  # a global batch of 6: the loss is read over 12 views
+    assert config["n_images"] % 6 and last["scheduler"]["_last_lr"] == [0.0, 0.0]
+
+
+def test_the_schedule_ends_at_zero_when_a_last_batch_of_one_is_skipped(synthetic, tmp_path):
+    n = len(unlabeled_files(synthetic, 1)[0])
+    batch = next(b for b in range(3, n) if n % b == 1)  # one image left over: no negatives, no step
+    assert simclr.main(["--data-root", str(synthetic), "--epochs", "1", "--batch-size", str(batch), "--warmup-epochs",
+                        "0", "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
+    last = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert last["scheduler"]["last_epoch"] == n // batch and last["scheduler"]["_last_lr"] == [0.0, 0.0]
 
 
 def test_a_batch_smaller_than_two_per_rank_is_a_one_line_error(synthetic, tmp_path):
