@@ -622,6 +622,9 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
     name = name or (str(source) if isinstance(source, (str, Path)) else "image")
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
+    elif isinstance(source, (str, Path)) and _a_pipe_or_device(source):  # opening a pipe waits for a writer,
+        # and a second read (each photo is read twice: checked, then decoded) finds it empty
+        raise DataError(f"{name}: a pipe or a device, not a file; save the photo to a file and give its path")
     try:
         with Image.open(source, formats=IMAGE_FORMATS) as im:
             if im.width * im.height > max_pixels:
@@ -640,6 +643,11 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
         raise DataError(f"{name}: not a readable image ({_why_not_an_image(source)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
+
+
+def _a_pipe_or_device(path) -> bool:
+    """Whether `path` is there but is neither a file nor a folder: a named pipe, `<(curl ...)`, /dev/zero."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
 
 
 HEIF_NOTE = ("a HEIC, HEIF or AVIF image, as iPhones save by default; send it as JPEG or PNG (iPhone: Settings > "

@@ -340,6 +340,30 @@ def test_load_image_rejects_bad_files(tmp_path):
         load_image(bomb, name="bomb.png")
 
 
+def test_a_pipe_or_a_device_is_one_line_not_a_wait_or_an_empty_file(tmp_path):
+    """A named pipe blocked in open() until a writer came, for ever; `<(curl ...)` (a pipe too) read
+    empty at its second read and was called an empty file; /dev/zero was read as an image."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    said = []
+    reader = threading.Thread(target=lambda: said.append(_error_of(load_image, fifo)), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # still waiting for a writer: give it one, so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert said == [f"{fifo}: a pipe or a device, not a file; save the photo to a file and give its path"]
+    assert _error_of(load_image, "/dev/zero").startswith("/dev/zero: a pipe or a device")
+
+
+def _error_of(fn, *args) -> str:
+    try:
+        fn(*args)
+    except DataError as e:
+        return str(e)
+    return "no error"
+
+
 def test_an_iphone_photo_says_what_it_is_and_what_to_send(tmp_path):
     """HEIC (an iPhone's default) and AVIF are not among the formats read: the line names them and
     says what to send, for a file and for uploaded bytes alike; other unknown bytes stay generic."""
