@@ -601,9 +601,10 @@ def ood_summary_table(folds: dict[int, dict]) -> str:
     rejected = [g["rejected_share"] for g in gates]
     kept = [g["accuracy_kept"] for g in gates if "accuracy_kept" in g]  # a fold whose gate keeps none has none
     kinds = list(first["kinds"])
+    over = f"; the accuracy over the {len(kept)} that keep any" if 0 < len(kept) < len(folds) else ""
     lines += ["", f"The gate ({first['score']}) turns away {mean_std(rejected, 3)} of the Test images; accuracy on "
               f"those it keeps {mean_std(kept, 3) if kept else '—'} ({len(folds)} fold{'s' * (len(folds) > 1)}, "
-              "mean ± std).", "",
+              f"mean ± std{over}).", "",
               "AUROC by kind of non-skin picture (mean over folds):", "",
               "| score | " + " | ".join(kinds) + " |", "|---" * (1 + len(kinds)) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{np.mean([f['kinds'][k][s]['auroc'] for f in folds.values()]):.2f}"
@@ -663,7 +664,7 @@ def fold_summary(name: str, head: str, folds: dict[int, FoldResult], out: Path, 
     gated = [dict(fold=k, coverage=m["gated"]["coverage"], **{f"covered_{key}": m["gated"][key]
                                                               for key in ("accuracy", "balanced_accuracy")
                                                               if key in m["gated"]}) for k, m in metrics.items()]
-    gate_keys = [k for k in gated[0] if k != "fold" and all(k in g for g in gated)]
+    gate_keys = ["coverage", "covered_accuracy", "covered_balanced_accuracy"]  # none where a fold's gate keeps none
     distinct = distinct_metrics(folds, classes, positive, resamples, seed)
     entries = sum(len(r.y) for r in folds.values())
     mpox = distinct.get("mpox_sensitivity", np.nan)  # none for a network trained without Mpox

@@ -202,11 +202,22 @@ def mean_std(values, digits: int = 4) -> str:
 
 
 def mean_std_table(rows: list[dict], keys, label: str = "fold") -> str:
-    """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs."""
-    keys = [k for k in keys if all(k in r for r in rows)]
+    """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs. A run without
+    a figure (a confidence gate that keeps no image has no accuracy) shows '—', and the mean is over
+    the runs that have it, said as 'k of n' (the column used to vanish for every run)."""
+    keys = [k for k in keys if any(k in r for r in rows)]
     lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r[label]} | " + " | ".join(f"{r[k]}" if isinstance(r[k], int) else f"{r[k]:.4f}"
-                                                    for k in keys) + " |")  # an epoch is not 2.0000
-    lines.append("| mean ± std | " + " | ".join(mean_std([r[k] for r in rows]) for k in keys) + " |")
+        lines.append(f"| {r[label]} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    means = []
+    for k in keys:
+        values = [r[k] for r in rows if k in r]
+        means.append(mean_std(values) + (f" ({len(values)} of {len(rows)})" if len(values) < len(rows) else ""))
+    lines.append("| mean ± std | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value}" if isinstance(value, int) else f"{value:.4f}"  # an epoch is not 2.0000

@@ -63,6 +63,9 @@ def test_mean_std_table():
     rows = [{"fold": 1, "accuracy": 0.5, "best_epoch": 3}, {"fold": 2, "accuracy": 0.7, "best_epoch": 4}]
     table = mean_std_table(rows, ["accuracy", "best_epoch"])
     assert "| 2 | 0.7000 | 4 |" in table and "| 0.6000 ± 0.1414 | 3.5000 ± 0.7071 |" in table  # sample std, ddof=1
+    rows.append({"fold": 3, "best_epoch": 5})  # a fold without the figure: a dash, and the mean says over which
+    table = mean_std_table(rows, ["accuracy", "best_epoch"])
+    assert "| 3 | — | 5 |" in table and "| 0.6000 ± 0.1414 (2 of 3) | 4.0000 ± 1.0000 |" in table
 
 
 def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
