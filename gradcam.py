@@ -20,6 +20,7 @@ import functools
 import io
 import math
 import os
+import re
 from pathlib import Path
 
 import matplotlib
@@ -35,7 +36,7 @@ from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_image
                    load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
                     capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
-                    photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
+                    photos_seen, reference_for, replacing, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -591,20 +592,21 @@ def run_studies(args, rt) -> dict:
     the folds."""
     runs, results = networks(args), {}
     root = output_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam",
-                         "gradcam")
-    for fold, path in runs.items():
-        model, ckpt = load_classifier(path, rt)
-        layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
-        images = load_images(_image_paths(args, ckpt), model.input_size)
-        out = root / (f"fold{fold}" if fold else "")
-        faith = faithfulness(model, images, rt, layers, args.batch_size) if args.faithfulness else None
-        sanity = randomisation(model, images, rt, layers, args.batch_size) if args.sanity else None
-        write_studies(out, f"{ckpt['model']} fold {ckpt.get('fold')} at {model.input_size} px", faith, sanity)
-        results[fold] = dict(faithfulness=faith, sanity=sanity and tables(sanity))
-    if len(runs) > 1:
-        atomic_write(root / "summary.md", studies_summary(results))
-        print(studies_summary(results))
-    save_config(root, args, rt)
+                         "gradcam", is_output)
+    with replacing(root) as folder:  # root's earlier outputs go whole, once these are all written
+        for fold, path in runs.items():
+            model, ckpt = load_classifier(path, rt)
+            layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
+            images = load_images(_image_paths(args, ckpt), model.input_size)
+            faith = faithfulness(model, images, rt, layers, args.batch_size) if args.faithfulness else None
+            sanity = randomisation(model, images, rt, layers, args.batch_size) if args.sanity else None
+            write_studies(folder / (f"fold{fold}" if fold else ""),
+                          f"{ckpt['model']} fold {ckpt.get('fold')} at {model.input_size} px", faith, sanity)
+            results[fold] = dict(faithfulness=faith, sanity=sanity and tables(sanity))
+        if len(runs) > 1:
+            atomic_write(folder / "summary.md", studies_summary(results))
+            print(studies_summary(results))
+        save_config(folder, args, rt, root)
     done = " and ".join(s for s, asked in (("faithfulness", args.faithfulness), ("sanity", args.sanity)) if asked)
     print(f"wrote the {done} results to {root}/")
     return results
@@ -646,9 +648,19 @@ def studies_summary(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_config(out: Path, args, rt: Runtime) -> None:
-    """The command's resolved arguments beside its outputs, so a figure can be traced to what made it."""
-    atomic_write(out / "config.json", to_json(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
+def save_config(folder: Path, args, rt: Runtime, out: Path) -> None:
+    """The command's resolved arguments beside its outputs (written in `folder`, which becomes `out`), so
+    a figure can be traced to what made it."""
+    atomic_write(folder / "config.json", to_json(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
+
+
+OUTPUTS = re.compile(r".+_gradcam\.png|grid\.png|config\.json|summary\.md|explains\.md|faithfulness\.(json|png)"
+                     r"|sanity\.json|sanity_.+\.png|fold[1-5]")
+
+
+def is_output(name: str) -> bool:
+    """A name gradcam.py writes in its --out folder (output_folder refuses a folder holding others)."""
+    return OUTPUTS.fullmatch(name) is not None
 
 
 def run(args) -> list:
@@ -672,17 +684,18 @@ def run(args) -> list:
     if args.layer and len(args.layer) > 1:
         raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
-    out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam")  # and an --out in the way
+    out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam", is_output)  # and an --out in the way
     paths = _image_paths(args, ckpt)
     check_images(paths)  # every file read once first: a bad one stops the run before any output
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     explain = functools.partial(run_gradcam, model, rt=rt, target=target, layer=layer, alpha=args.alpha,
                                 cmap=args.cmap, batch_size=args.batch_size, reference=reference)
-    results = write_overlays(explain, paths, model.input_size, args.batch_size, classes, out, target)
-    write_grid(results, [str(p) for p in paths], classes, out)
+    with replacing(out) as folder:  # out's earlier overlays go whole, once these are all written
+        results = write_overlays(explain, paths, model.input_size, args.batch_size, classes, folder, target)
+        write_grid(results, [str(p) for p in paths], classes, folder)
+        save_config(folder, args, rt, out)
     for e, p in zip(results, paths):
         print(f"{p}: {_caption(e, classes)}")
-    save_config(out, args, rt)
     first = f" (the first {GRID_MAX})" if len(results) > GRID_MAX else ""
     print(f"wrote {_count(len(results), 'overlay')} and grid.png{first} to {out}/")
     return results

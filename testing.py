@@ -21,6 +21,7 @@ the distinct Test images), pooled plots; and config.json, the command's resolved
 import csv
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,8 @@ from getData import (FOLDS, POSITIVE_CLASS, SEED, SPLITS, SYNTHETIC_PATIENTS, Da
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model,
                     derived_seed, detection_metrics, embed, find_checkpoints, fit_temperature, gate_by,
                     load_checkpoint, load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores,
-                    output_folder, photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure,
-                    select_runtime)
+                    output_folder, photos_seen, predict_logits, probabilities, reference_for, replacing, resize_size,
+                    save_figure, select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -724,14 +725,24 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
     refuse_repeated_members(checkpoints, found)
-    out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag)
-    if single:
-        result = evaluate_fold([f[None] for f in found], out, **kw)
-    else:
-        result = evaluate_folds(checkpoints, found, out, **kw)
-    if config is not None:
-        atomic_write(out / "config.json", to_json(dict(config, out=str(out)), indent=2, default=str))
+    out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag, is_output)
+    with replacing(out) as folder:  # out's earlier outputs go whole, once these are all written
+        if single:
+            result = evaluate_fold([f[None] for f in found], folder, **kw)
+        else:
+            result = evaluate_folds(checkpoints, found, folder, **kw)
+        if config is not None:
+            atomic_write(folder / "config.json", to_json(dict(config, out=str(out)), indent=2, default=str))
     return result
+
+
+OUTPUTS = re.compile(r"config\.json|report\.md|metrics\.json|predictions\.csv|heads\.md|summary(_svm)?\.(md|json)"
+                     r"|(confusion|roc|reliability|risk_coverage|ood)(_pooled)?(_svm)?\.png|svm|fold[1-5]")
+
+
+def is_output(name: str) -> bool:
+    """A name testing.py writes in its --out folder (output_folder refuses a folder holding others)."""
+    return OUTPUTS.fullmatch(name) is not None
 
 
 def refuse_repeated_members(checkpoints: list, found: list[dict]) -> None:

@@ -122,16 +122,57 @@ def _replace_or_restore(top: Path, asides: list[Path], before: set | None) -> No
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def output_folder(path, default_name: str) -> Path:
+def output_folder(path, default_name: str, ours) -> Path:
     """Where testing.py or gradcam.py writes (--out): a folder that can be written, outside every
-    dataset, and not a training run's own directory (or one of its folds), whose config.json and
-    summary.md it would replace."""
+    dataset, not a training run's own directory (or one of its folds), whose config.json and
+    summary.md it would replace, and holding nothing but what `ours(name)` says the script writes
+    (its earlier outputs, which `replacing` replaces whole: a folder of the user's own files is
+    refused, not emptied)."""
     path = outside_datasets(check_folder(path))
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
            for name in TRAINING_ONLY):
         raise WriteError(f"--out {path}: a training run's folder, whose files these outputs would replace; choose "
                          f"another, e.g. {path / default_name} (the default)")
+    if path.is_dir() and (theirs := sorted(p.name for p in path.iterdir() if p.name not in JUNK and not ours(p.name))):
+        more = f" and {len(theirs) - 1} more" if len(theirs) > 1 else ""
+        raise WriteError(f"--out {path}: holds {theirs[0]}{more}, which this script does not write, and its outputs "
+                         "replace the folder's contents; choose a new or empty folder")
     return path
+
+
+JUNK = (".DS_Store", "Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed
+
+
+@contextlib.contextmanager
+def replacing(out: Path):
+    """A new folder beside `out` to write a command's outputs in, which takes `out`'s place (its
+    earlier outputs gone) once every file is written. Written straight into `out`, two commands'
+    outputs mixed: one stopped half-way left new folds beside old ones, and a file only the earlier
+    command wrote (heads.md of an --svm evaluation; the fold folders of a 5-fold one that a --fold K
+    one does not write) stayed beside the new ones that config.json describes."""
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # the folder a link names stays a link's
+    make_folder(out.parent)
+    new = out.parent / f".{out.name}.writing-{os.getpid()}-{time.monotonic_ns()}"
+    new.mkdir()  # not mkdtemp: the outputs get the umask's permissions, not 0700
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _swap_in(new, out)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        if os.path.lexists(out):
+            out.rename(old)
+        new.rename(out)
+    except OSError as e:  # a mount point, or another command's outputs landed there in between
+        if old.exists() and not os.path.lexists(out):
+            old.rename(out)
+        raise WriteError(f"--out {out}: could not be replaced ({e.strerror}); the outputs are in {new}") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_if_unused(path: Path, made: list[Path]) -> None:

@@ -176,6 +176,13 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
                       "--limit", "6", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 6
+    # into a folder of earlier overlays: they go (the grid and config.json describe these), a user's own file stays
+    one = ("gradcam.py", "--checkpoint", trained / "best.pt", photos[0], "--out", tmp_path / "b")
+    assert run_cli(*one).returncode == 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {f"{photos[0].stem}_gradcam.png", "grid.png", "config.json"}
+    (tmp_path / "b" / "thesis.docx").write_bytes(b"mine")
+    assert_one_line_error(run_cli(*one), "holds thesis.docx, which this script does not write")
+    assert (tmp_path / "b" / "thesis.docx").read_bytes() == b"mine"
     explained = [Path(ln.split(": ")[0]) for ln in proc.stdout.splitlines() if ln.startswith(str(synthetic))]
     assert sorted(p.parent.name for p in explained) == list_classes(synthetic)  # one photo of each class, not 6 of one
     assert "note:" not in proc.stdout  # its own fold's Test: photos it never learned from

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, killed_on_call, run_cli
 from getData import MSLDDataset, index_split
 from models import ModelError, mean_std_table, resize_size
 import testing
@@ -279,3 +279,30 @@ def test_a_gate_that_keeps_no_image_reads_as_such_not_as_nan():
     text = testing.ood_markdown(ood) + testing.ood_summary_table({1: ood, 2: ood})
     assert "turns away 100.0% of these images; it keeps none." in text and "accuracy on those it keeps —" in text
     assert not re.search(r"\bnan\b", text), text
+
+
+def _files(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_evaluation_replaces_the_last_one_whole_and_a_stopped_one_changes_nothing(trained_all, tmp_path,
+                                                                                        monkeypatch):
+    """Written straight into --out, a file only the earlier evaluation wrote (the SVM's of an --svm one,
+    the other folds of a 5-fold one) stayed beside the new outputs, and one stopped at fold 2 left a
+    new fold beside old ones."""
+    out = tmp_path / "eval"
+    assert run_cli("testing.py", "--checkpoint", trained_all, "--fold", 1, "--svm", "--out", out).returncode == 0
+    assert {"summary_svm.json", "fold1"} <= {p.name for p in out.iterdir()}
+    assert {"heads.md", "svm"} <= {p.name for p in (out / "fold1").iterdir()}
+    assert run_cli("testing.py", "--checkpoint", trained_all, "--fold", 2, "--out", out).returncode == 0
+    assert {p.name for p in out.iterdir() if p.is_dir()} == {"fold2"} and not (out / "summary_svm.json").exists()
+    assert json.loads((out / "config.json").read_text())["out"] == str(out)
+    before = _files(out)
+    revive = killed_on_call(monkeypatch, testing, "evaluate_fold", 2)  # after fold 1's outputs are written
+    assert run_cli("testing.py", "--checkpoint", trained_all, "--out", out).returncode == 130
+    revive()
+    assert _files(out) == before and [p.name for p in tmp_path.iterdir()] == ["eval"]  # nothing half-written
+    (out / "my notes.txt").write_text("mine")  # a folder of the user's own files is refused, not emptied
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained_all, "--out", out),
+                          f"--out {out}: holds my notes.txt, which this script does not write")
+    assert (out / "my notes.txt").read_text() == "mine"
