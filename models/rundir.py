@@ -140,7 +140,7 @@ def output_folder(path, default_name: str, ours) -> Path:
     return path
 
 
-JUNK = (".DS_Store", "Thumbs.db", "desktop.ini")  # what a file browser leaves in a folder it showed
+JUNK = (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints")  # what a file browser or Jupyter leaves
 
 
 @contextlib.contextmanager

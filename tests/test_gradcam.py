@@ -178,6 +178,7 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
     assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 6
     # into a folder of earlier overlays: they go (the grid and config.json describe these), a user's own file stays
     one = ("gradcam.py", "--checkpoint", trained / "best.pt", photos[0], "--out", tmp_path / "b")
+    (tmp_path / "b" / ".ipynb_checkpoints").mkdir()  # Jupyter's, once a figure was opened there: not the user's
     assert run_cli(*one).returncode == 0
     assert {p.name for p in (tmp_path / "b").iterdir()} == {f"{photos[0].stem}_gradcam.png", "grid.png", "config.json"}
     (tmp_path / "b" / "thesis.docx").write_bytes(b"mine")
