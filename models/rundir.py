@@ -6,8 +6,10 @@ state, so plotting is safe from any thread and needs no display.
 """
 import contextlib
 import csv
+import glob
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -152,6 +154,9 @@ def replacing(out: Path):
     one does not write) stayed beside the new ones that config.json describes."""
     out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # the folder a link names stays a link's
     make_folder(out.parent)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.writing-*"):  # of a command killed outright (kill -9)
+        if (pid := re.fullmatch(r".*\.writing-(\d+)-\d+", stale.name)) and not _alive(int(pid[1])):
+            shutil.rmtree(stale, ignore_errors=True)
     new = out.parent / f".{out.name}.writing-{os.getpid()}-{time.monotonic_ns()}"
     new.mkdir()  # not mkdtemp: the outputs get the umask's permissions, not 0700
     try:
@@ -160,6 +165,18 @@ def replacing(out: Path):
         shutil.rmtree(new, ignore_errors=True)
         raise
     _swap_in(new, out)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # where os.kill(pid, 0) would end the process: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _swap_in(new: Path, out: Path) -> None:
