@@ -208,10 +208,20 @@ class _ShowDefaults(argparse.HelpFormatter):
         return not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
 
 
+def _not_empty(text: str) -> str:
+    """A text value, refused when empty: `--out "$OUT"` with OUT unset meant the current folder as a
+    path (simclr.py --extra and testing.py --ood-dir searched it for images) or the default elsewhere."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty value (an unset shell variable?); give one or leave "
+                                         "the flag out")
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """Every script's argument parser: a mistake is one 'error:' line (argparse's usage line is left
-    to --help), prefixes of long flags are not guessed, and a bare `type=int` or `type=float` means
-    a finite Number, so that no numeric flag escapes the check (argparse's type registry)."""
+    to --help), prefixes of long flags are not guessed, a bare `type=int` or `type=float` means a
+    finite Number, so that no numeric flag escapes the check (argparse's type registry), and no text
+    value is empty."""
 
     def __init__(self, doc: str, script: str):
         """`doc`: the script's docstring (its first paragraph describes it); `script`: its __file__."""
@@ -219,6 +229,7 @@ class Parser(argparse.ArgumentParser):
                          formatter_class=_ShowDefaults)
         self.register("type", int, Number(int))
         self.register("type", float, Number(float))
+        self.register("type", None, _not_empty)  # every flag without a type of its own
 
     def error(self, message):
         # "argument --lr: nan: not a finite number; ..." -> "--lr nan: not a finite number; ...", the project's form
@@ -1425,7 +1436,7 @@ def parse_args(argv=None):
     p.add_argument("--report", help="also write the audit as JSON to this file")
     p.add_argument("--aug-dir", action="append", default=[], metavar="K=PATH",
                    help="augment.py output folder to audit as part of fold K's Train (repeatable)")
-    p.add_argument("--synthetic", nargs="?", const="", metavar="PATH",
+    p.add_argument("--synthetic", nargs="?", const=True, metavar="PATH",
                    help=f"write the synthetic demo dataset to PATH (default: --data-root if given, else "
                         f"{DEFAULTS['synthetic_root']})")
     p.add_argument("--seed", type=SEED, default=DEFAULTS["seed"])
@@ -1446,7 +1457,8 @@ def _aug_dirs(specs) -> dict:
 
 def run(args) -> None:
     if args.synthetic is not None:  # `--synthetic --data-root X` writes to X, where the user will look for it
-        make_synthetic(args.synthetic or args.data_root or DEFAULTS["synthetic_root"], seed=args.seed)
+        where = (args.data_root or DEFAULTS["synthetic_root"]) if args.synthetic is True else args.synthetic
+        make_synthetic(where, seed=args.seed)
         return
     data_root = args.data_root or DEFAULTS["data_root"]
     if args.download:

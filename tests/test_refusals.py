@@ -55,6 +55,20 @@ def test_every_number_of_every_script_is_checked_by_one_type(script, monkeypatch
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_no_text_flag_takes_an_empty_value(script, monkeypatch, capsys):
+    """`--out "$OUT"` with OUT unset: an empty path meant the current folder (simclr.py --extra and
+    testing.py --ood-dir searched it for images, `--aug-dir ''` named its folders as missing classes)."""
+    texts = [a for a in _parser(SCRIPTS[script], monkeypatch)._actions
+             if a.option_strings and a.type is None and a.nargs != 0 and a.dest != "help"]
+    assert texts
+    monkeypatch.undo()
+    for action in texts:
+        with pytest.raises(SystemExit):
+            SCRIPTS[script].parse_args([action.option_strings[0], ""])
+        assert capsys.readouterr().err.startswith(f"error: {action.option_strings[0]} '': an empty value"), action.dest
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_names_every_default_worth_saying(script, monkeypatch):
     """--help shows what a flag does when it is left out: its default, unless that is nothing (None,
     off, empty) or the help text already says it in words."""
