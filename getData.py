@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import copy
 import errno
+import glob
 import hashlib
 import http.client
 import io
@@ -97,6 +98,9 @@ def _terminated(signum, frame):
     raise Terminated
 
 
+NAME_MAX = 255  # bytes in one file or folder name: ext4, XFS, Btrfs, APFS (NTFS: 255 UTF-16 units)
+
+
 def run_main(body, *args) -> int:
     """Every script's main(): run `body`; a user mistake is one 'error:' line and exit status 2."""
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is shown escaped
@@ -112,6 +116,11 @@ def run_main(body, *args) -> int:
         if not e.quiet:
             sys.stderr.write(f"error: {one_line(str(e))}\n")  # one write: under torchrun, ranks' never interleave
         return 2
+    except OSError as e:  # a path given with a name longer than file systems take: every look at it raises
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        sys.stderr.write(f"error: {one_line(too_long(e))}\n")
+        return 2
     except KeyboardInterrupt as e:  # Ctrl-C is a choice, not a crash: what was saved stays (atomic writes)
         stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says it
@@ -120,6 +129,12 @@ def run_main(body, *args) -> int:
     finally:
         if takes_sigterm:
             signal.signal(signal.SIGTERM, before)
+
+
+def too_long(e: OSError) -> str:
+    """What ENAMETOOLONG means to a user, for the path it names."""
+    return f"{e.filename}: a name in this path is longer than the {NAME_MAX} bytes a file system takes; choose a " \
+           "shorter one"
 
 
 def one_line(message: str) -> str:
@@ -289,14 +304,17 @@ def atomic_path(path, folder: bool = False):
 
     A crash or an exception leaves the previous `path` (or nothing), never half an output; a write
     that fails (a full disk) is one line naming `path`. The temporary name is unique, so two
-    processes writing the same file never write into each other's. A folder target may exist if it
-    is empty. A link, a device or a named pipe (`--report /dev/null`, `/dev/stdout`) is written
-    through, as the shell's `>` would: a temporary renamed over it would replace the link or the
-    device node itself (as root, /dev/null).
+    processes writing the same file never write into each other's. A folder target that exists is
+    replaced whole (callers refuse one holding what is not theirs first), so nothing of the earlier
+    contents stays beside the new; a folder a link names stays the link's. A link, a device or a
+    named pipe (`--report /dev/null`, `/dev/stdout`) is written through, as the shell's `>` would: a
+    temporary renamed over it would replace the link or the device node itself (as root, /dev/null).
     """
     path = Path(path)
     if path.is_dir() and not folder:
         raise WriteError(f"{path}: is a folder; cannot write a file there")
+    if folder and path.is_symlink():
+        path = path.resolve()
     if not folder and (path.is_symlink() or (path.exists() and not path.is_file())):
         try:
             yield path
@@ -313,11 +331,12 @@ def atomic_path(path, folder: bool = False):
         raise _not_written(path, e) from None
     try:
         yield tmp
-        if folder and path.exists():
-            path.rmdir()  # empty (callers refuse non-empty targets first)
-        os.replace(tmp, path)
+        _replace(tmp, path) if folder and path.exists() else os.replace(tmp, path)
     except OSError as e:
         raise _not_written(path, e) from None
+    except UserError as e:  # a file inside the temporary folder not written: named where it was going
+        e.args = tuple(str(a).replace(str(tmp), str(path)) for a in e.args)
+        raise
     finally:
         if folder:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -325,15 +344,48 @@ def atomic_path(path, folder: bool = False):
             tmp.unlink(missing_ok=True)
 
 
+def _replace(new: Path, folder: Path) -> None:
+    """os.replace for a folder that holds files: the old one set aside, the new one put in its place,
+    the old one deleted (or put back, if the new one cannot take its place)."""
+    aside = _temporary_beside(folder, True)
+    os.replace(folder, aside / "old")
+    try:
+        os.replace(new, folder)
+    except OSError:
+        os.replace(aside / "old", folder)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _temporary_beside(path: Path, folder: bool) -> Path:
+    """A new hidden file or folder beside `path`, named after it (shortened, so that a name near the
+    file system's 255 bytes still leaves room) and after this process: a folder that one killed
+    outright (kill -9) left half-written is deleted when the next one is made beside it."""
+    name = f".{os.fsencode(path.name)[:64].decode(errors='ignore')}."
     if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        for stale in path.parent.glob(f"{glob.escape(name)}*"):
+            if (pid := re.fullmatch(r"(\d+)-\w{8}", stale.name[len(name):])) and not _running(int(pid[1])):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}{os.getpid()}-", dir=path.parent))
     else:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, tmp_name = tempfile.mkstemp(prefix=f"{name}{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(handle)
-        tmp = Path(name)
+        tmp = Path(tmp_name)
     tmp.chmod((0o777 if folder else 0o666) & ~UMASK)  # as open() and mkdir() would have made it, not private
     return tmp
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # where os.kill(pid, 0) would end the process: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _not_written(path: Path, e: OSError) -> WriteError:

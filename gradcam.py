@@ -32,11 +32,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from getData import (FOLDS, DataError, Number, Parser, atomic_write, check_images, each_once, images_in, index_split,
-                   load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
+from getData import (FOLDS, DataError, Number, Parser, atomic_path, atomic_write, check_images, each_once, images_in,
+                     index_split, load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
                     capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
-                    photos_seen, reference_for, replacing, resize_size, save_figure, select_runtime, to_input)
+                    photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -222,10 +222,11 @@ def overlay_names(paths) -> list[str]:
     b/x.png) get x_gradcam.png and x-2_gradcam.png rather than one overwriting the other."""
     used, names = set(), []
     for path in map(Path, paths):
-        name, k = f"{path.stem}_gradcam.png", 1
+        stem = os.fsdecode(os.fsencode(path.stem)[:200])  # with the suffix, within a file name's 255 bytes
+        name, k = f"{stem}_gradcam.png", 1
         while name in used:
             k += 1
-            name = f"{path.stem}-{k}_gradcam.png"
+            name = f"{stem}-{k}_gradcam.png"
         used.add(name)
         names.append(name)
     return names
@@ -593,7 +594,7 @@ def run_studies(args, rt) -> dict:
     runs, results = networks(args), {}
     root = output_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam",
                          "gradcam", is_output)
-    with replacing(root) as folder:  # root's earlier outputs go whole, once these are all written
+    with atomic_path(root, folder=True) as folder:  # root's earlier outputs go whole, once these are all written
         for fold, path in runs.items():
             model, ckpt = load_classifier(path, rt)
             layers = [GradCAM(model, layer).layer_name for layer in (args.layer or model.cam_candidates)]
@@ -690,7 +691,7 @@ def run(args) -> list:
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     explain = functools.partial(run_gradcam, model, rt=rt, target=target, layer=layer, alpha=args.alpha,
                                 cmap=args.cmap, batch_size=args.batch_size, reference=reference)
-    with replacing(out) as folder:  # out's earlier overlays go whole, once these are all written
+    with atomic_path(out, folder=True) as folder:  # out's earlier overlays go whole, once these are all written
         results = write_overlays(explain, paths, model.input_size, args.batch_size, classes, folder, target)
         write_grid(results, [str(p) for p in paths], classes, folder)
         save_config(folder, args, rt, out)

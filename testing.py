@@ -35,13 +35,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from getData import (FOLDS, POSITIVE_CLASS, SEED, SPLITS, SYNTHETIC_PATIENTS, DataError, MSLDDataset, Number, Parser,
-                     atomic_write, check_images, decode_all, images_in, is_synthetic, list_classes, not_skin_images,
-                     patient_id, prepare, run_main, synthetic_image, to_json, usable_folds_root)
+                     atomic_path, atomic_write, check_images, decode_all, images_in, is_synthetic, list_classes,
+                     not_skin_images, patient_id, prepare, run_main, synthetic_image, to_json, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model,
                     derived_seed, detection_metrics, embed, find_checkpoints, fit_temperature, gate_by,
                     load_checkpoint, load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores,
-                    output_folder, photos_seen, predict_logits, probabilities, reference_for, replacing, resize_size,
-                    save_figure, select_runtime)
+                    output_folder, photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure,
+                    select_runtime)
 
 DEFAULTS = dict(checkpoint=None, data_root=None, fold=None, split="Test", threshold=0.6, out=None, batch_size=64,
                 device="auto", precision="auto", memory_format="auto", svm=False, tta=False, bootstrap=1000, seed=0,
@@ -726,7 +726,7 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
     refuse_repeated_members(checkpoints, found)
     out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag, is_output)
-    with replacing(out) as folder:  # out's earlier outputs go whole, once these are all written
+    with atomic_path(out, folder=True) as folder:  # out's earlier outputs go whole, once these are all written
         if single:
             result = evaluate_fold([f[None] for f in found], folder, **kw)
         else:

@@ -15,6 +15,7 @@ Writes runs/NAME/{config.json, history.csv, curves.png, last.pt, best.pt} (foldK
 import concurrent.futures
 import contextlib
 import copy
+import errno
 import json
 import math
 import multiprocessing
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                   refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json)
+                     refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json, too_long)
 from models import (EMA, INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
                     Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
                     derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
@@ -726,7 +727,7 @@ def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> 
                     check_resumable(load_checkpoint(out / "last.pt", lazy=True), flags, RUNTIME_KEYS, DEFAULTS,
                                     out / "last.pt")
     except (OSError, ValueError) as e:  # an unreadable config.json, --out at a file: one line too
-        raise DataError(str(e)) from None
+        raise DataError(too_long(e) if getattr(e, "errno", None) == errno.ENAMETOOLONG else str(e)) from None
 
 
 def fit_fold(cfg: dict, fold: int, folds_root: Path, out: Path, rt: Runtime) -> dict:

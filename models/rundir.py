@@ -6,10 +6,8 @@ state, so plotting is safe from any thread and needs no display.
 """
 import contextlib
 import csv
-import glob
 import io
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -128,8 +126,8 @@ def output_folder(path, default_name: str, ours) -> Path:
     """Where testing.py or gradcam.py writes (--out): a folder that can be written, outside every
     dataset, not a training run's own directory (or one of its folds), whose config.json and
     summary.md it would replace, and holding nothing but what `ours(name)` says the script writes
-    (its earlier outputs, which `replacing` replaces whole: a folder of the user's own files is
-    refused, not emptied)."""
+    (its earlier outputs, which getData.atomic_path replaces whole: a folder of the user's own files
+    is refused, not emptied)."""
     path = outside_datasets(check_folder(path))
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
            for name in TRAINING_ONLY):
@@ -143,53 +141,6 @@ def output_folder(path, default_name: str, ours) -> Path:
 
 
 JUNK = (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints")  # what a file browser or Jupyter leaves
-
-
-@contextlib.contextmanager
-def replacing(out: Path):
-    """A new folder beside `out` to write a command's outputs in, which takes `out`'s place (its
-    earlier outputs gone) once every file is written. Written straight into `out`, two commands'
-    outputs mixed: one stopped half-way left new folds beside old ones, and a file only the earlier
-    command wrote (heads.md of an --svm evaluation; the fold folders of a 5-fold one that a --fold K
-    one does not write) stayed beside the new ones that config.json describes."""
-    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # the folder a link names stays a link's
-    make_folder(out.parent)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.writing-*"):  # of a command killed outright (kill -9)
-        if (pid := re.fullmatch(r".*\.writing-(\d+)-\d+", stale.name)) and not _alive(int(pid[1])):
-            shutil.rmtree(stale, ignore_errors=True)
-    new = out.parent / f".{out.name}.writing-{os.getpid()}-{time.monotonic_ns()}"
-    new.mkdir()  # not mkdtemp: the outputs get the umask's permissions, not 0700
-    try:
-        yield new
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    _swap_in(new, out)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # where os.kill(pid, 0) would end the process: assume it runs
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        if os.path.lexists(out):
-            out.rename(old)
-        new.rename(out)
-    except OSError as e:  # a mount point, or another command's outputs landed there in between
-        if old.exists() and not os.path.lexists(out):
-            old.rename(out)
-        raise WriteError(f"--out {out}: could not be replaced ({e.strerror}); the outputs are in {new}") from None
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_if_unused(path: Path, made: list[Path]) -> None:

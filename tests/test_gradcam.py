@@ -257,16 +257,21 @@ def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthet
 
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
-    name in different folders each keep their overlay."""
+    name in different folders each keep their overlay; a photo whose name is near a file system's 255
+    bytes gets an overlay whose name is within them (`NAME_gradcam.png` was not, nor its temporary)."""
     photos = sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:2]
     for folder, photo in zip("ab", photos):
         (tmp_path / folder).mkdir()
         shutil.copy(photo, tmp_path / folder / "x.jpg")
-    given = [tmp_path / "a", tmp_path / "a" / "x.jpg", tmp_path / "b"]
+    long = tmp_path / "c" / ("é" * 123 + ".jpg")  # 250 bytes
+    long.parent.mkdir()
+    shutil.copy(photos[0], long)
+    given = [tmp_path / "a", tmp_path / "a" / "x.jpg", tmp_path / "b", long]
     assert gradcam.main(["--checkpoint", str(trained / "best.pt"), *map(str, given), "--out", str(tmp_path / "out"),
                          "--device", "cpu"]) == 0
     overlays = {p.name: Image.open(p).tobytes() for p in (tmp_path / "out").glob("*_gradcam.png")}
-    assert sorted(overlays) == ["x-2_gradcam.png", "x_gradcam.png"]
+    assert sorted(overlays)[:2] == ["x-2_gradcam.png", "x_gradcam.png"] and len(overlays) == 3
+    assert sorted(overlays)[2].startswith("é" * 100) and len(os.fsencode(sorted(overlays)[2])) <= 255
     assert overlays["x_gradcam.png"] != overlays["x-2_gradcam.png"]  # a's photo and b's, not one drawn twice
 
 

@@ -577,3 +577,15 @@ def test_a_folder_that_is_not_ours_is_one_line_naming_the_nearest_folder(tmp_pat
         getData.make_folder(theirs / "run" / "fold1")
     assert list(theirs.iterdir()) == []
     assert getData.check_folder(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+
+
+def test_a_name_longer_than_a_file_system_takes_is_one_line(synthetic, trained, tmp_path):
+    """Python raises ENAMETOOLONG at the first look at such a path (even whether it exists): a
+    traceback from wherever that was, or the system's bare '[Errno 36]'."""
+    long = tmp_path / ("a" * 300)
+    for script, args in (("train.py", train_args(synthetic, long, "--epochs", 1)), ("train.py", ["--data-root", long]),
+                         ("testing.py", ["--checkpoint", long]),
+                         ("testing.py", ["--checkpoint", trained, "--out", long]),
+                         ("gradcam.py", ["--checkpoint", trained, long / "x.jpg"])):
+        assert_one_line_error(run_cli(script, *args), "a name in this path is longer than the 255 bytes")
+    assert list(tmp_path.iterdir()) == []

@@ -298,7 +298,7 @@ def test_an_evaluation_replaces_the_last_one_whole_and_a_stopped_one_changes_not
     assert {p.name for p in out.iterdir() if p.is_dir()} == {"fold2"} and not (out / "summary_svm.json").exists()
     assert json.loads((out / "config.json").read_text())["out"] == str(out)
     before = _files(out)
-    (tmp_path / ".eval.writing-999999999-1").mkdir()  # what one killed outright (kill -9) leaves: swept next time
+    (tmp_path / ".eval.999999999-abcdefgh").mkdir()  # what one killed outright (kill -9) leaves: swept next time
     revive = killed_on_call(monkeypatch, testing, "evaluate_fold", 2)  # after fold 1's outputs are written
     assert run_cli("testing.py", "--checkpoint", trained_all, "--out", out).returncode == 130
     revive()
