@@ -331,7 +331,10 @@ def atomic_path(path, folder: bool = False):
         raise _not_written(path, e) from None
     try:
         yield tmp
-        _replace(tmp, path) if folder and path.exists() else os.replace(tmp, path)
+        if folder and path.exists():
+            _replace(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         raise _not_written(path, e) from None
     except UserError as e:  # a file inside the temporary folder not written: named where it was going
