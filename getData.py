@@ -306,15 +306,19 @@ def atomic_path(path, folder: bool = False):
     that fails (a full disk) is one line naming `path`. The temporary name is unique, so two
     processes writing the same file never write into each other's. A folder target that exists is
     replaced whole (callers refuse one holding what is not theirs first), so nothing of the earlier
-    contents stays beside the new; a folder a link names stays the link's. A link, a device or a
+    contents stays beside the new; a folder a link names stays the link's, and the current folder is
+    refused. A link, a device or a
     named pipe (`--report /dev/null`, `/dev/stdout`) is written through, as the shell's `>` would: a
     temporary renamed over it would replace the link or the device node itself (as root, /dev/null).
     """
     path = Path(path)
     if path.is_dir() and not folder:
         raise WriteError(f"{path}: is a folder; cannot write a file there")
-    if folder and path.is_symlink():
-        path = path.resolve()
+    if folder:
+        path = path.resolve()  # a folder a link names stays the link's; `.` has a name and a parent
+        if Path.cwd().is_relative_to(path):  # a shell there would be left in a deleted folder
+            raise WriteError(f"{path}: the current folder, or one holding it, which the outputs would replace; "
+                             "choose a folder elsewhere, or a new one inside it")
     if not folder and (path.is_symlink() or (path.exists() and not path.is_file())):
         try:
             yield path
@@ -351,12 +355,13 @@ def _replace(new: Path, folder: Path) -> None:
     """os.replace for a folder that holds files: the old one set aside, the new one put in its place,
     the old one deleted (or put back, if the new one cannot take its place)."""
     aside = _temporary_beside(folder, True)
-    os.replace(folder, aside / "old")
     try:
-        os.replace(new, folder)
-    except OSError:
-        os.replace(aside / "old", folder)
-        raise
+        os.replace(folder, aside / "old")
+        try:
+            os.replace(new, folder)
+        except OSError:
+            os.replace(aside / "old", folder)
+            raise
     finally:
         shutil.rmtree(aside, ignore_errors=True)
 

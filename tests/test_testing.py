@@ -307,3 +307,7 @@ def test_an_evaluation_replaces_the_last_one_whole_and_a_stopped_one_changes_not
     assert_one_line_error(run_cli("testing.py", "--checkpoint", trained_all, "--out", out),
                           f"--out {out}: holds my notes.txt, which this script does not write")
     assert (out / "my notes.txt").read_text() == "mine"
+    (tmp_path / "here").mkdir()  # replaced, the current folder would leave a shell there in a deleted folder
+    assert_one_line_error(run_cli("testing.py", "--checkpoint", trained_all, "--out", ".", cwd=tmp_path / "here"),
+                          "the current folder")
+    assert list((tmp_path / "here").iterdir()) == []
