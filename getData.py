@@ -307,9 +307,9 @@ def atomic_path(path, folder: bool = False):
     processes writing the same file never write into each other's. A folder target that exists is
     replaced whole (callers refuse one holding what is not theirs first), so nothing of the earlier
     contents stays beside the new; a folder a link names stays the link's, and the current folder is
-    refused. A link, a device or a
-    named pipe (`--report /dev/null`, `/dev/stdout`) is written through, as the shell's `>` would: a
-    temporary renamed over it would replace the link or the device node itself (as root, /dev/null).
+    refused. A link, a device or a named pipe (`--report /dev/null`, `/dev/stdout`) is written
+    through, as the shell's `>` would: a temporary renamed over it would replace the link or the
+    device node itself (as root, /dev/null).
     """
     path = Path(path)
     if path.is_dir() and not folder:
