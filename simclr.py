@@ -27,9 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
-from getData import (SEED, DataError, Number, Parser, atomic_write, decode_all, each_once, images_in, index_split,
-                     list_classes, origin_stem, patient_id, refuse_leaks, resolve_data_root, resumable, run_main,
-                     to_json)
+from getData import (SEED, DataError, Number, Parser, atomic_write, decode_all, images_in, index_split, list_classes,
+                     origin_stem, patient_id, refuse_leaks, resolve_data_root, resumable, run_main, to_json)
 from models import (INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime,
                     SaveClock, batch_indices, build_model, checkpoint_dict, claim_run_dir, distributed, embed,
                     epoch_generators, init_file, make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw,
@@ -101,12 +100,14 @@ def _sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -> tuple[list[Path], list[str], int]:
+def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -> tuple[list[Path], list[str], dict]:
     """Train + Valid images of the fold, plus every image under the --extra folders.
 
     The fold's Test images are excluded (by name, augmented copies included, and by content) unless
-    include_test. Returns (files, the split of each file: Train, Valid, Test or extra, the number of
-    extra files excluded as Test images)."""
+    include_test, and so is an --extra file whose content is in the set already: an --extra holding
+    the dataset (MSLD's folds share their photos) gave each photo several times, each copy a false
+    negative of the others in NT-Xent. Returns (files, the split of each file: Train, Valid, Test or
+    extra, how many --extra files were left out: {"test": ..., "repeated": ...})."""
     classes = list_classes(folds_root)
     if not include_test:  # a Valid or Test photo copied into Train: what train.py refuses, refused here first
         refuse_leaks(folds_root, fold, classes)
@@ -114,14 +115,17 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
     files = [(p, s) for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
     test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]
     test_names, test_hashes = {p.stem for p in test}, {_sha1(p) for p in test}
-    excluded = 0
+    seen, left_out = {_sha1(p) for p, _ in files}, dict(test=0, repeated=0)
     for p in images_in(extra or (), "--extra"):
-        if not include_test and (origin_stem(p) in test_names or _sha1(p) in test_hashes):
-            excluded += 1
+        digest = _sha1(p)
+        if not include_test and (origin_stem(p) in test_names or digest in test_hashes):
+            left_out["test"] += 1
+        elif digest in seen:
+            left_out["repeated"] += 1
         else:
+            seen.add(digest)
             files.append((p, "extra"))
-    unique = each_once(files, path=lambda file: file[0])  # an --extra that contains the dataset: counted once
-    return [p for p, _ in unique], [s for _, s in unique], excluded
+    return [p for p, _ in files], [s for _, s in files], left_out
 
 
 def patient_partners(files, splits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +256,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     refuse_init_that_saw(cfg["init"], folds_root, cfg["fold"], classes)
     encoder = build_model(cfg["model"], len(classes), cfg["init"], cfg["input_size"])
     model = rt.module(SimCLR(encoder.backbone, encoder.num_features, cfg["proj_dim"]))
-    files, splits, excluded = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
+    files, splits, left_out = unlabeled_files(folds_root, cfg["fold"], cfg["extra"], cfg["include_test"])
     _check_sizes(cfg, len(files), batch, len(index_split(folds_root, cfg["fold"], "Train", classes)))
     partners = patient_partners(files, splits) if cfg["positives"] == "patient" else None
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
@@ -263,7 +267,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"]), cfg["lr"])
     steps = steps_per_epoch(len(files), batch, rt.world)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg["epochs"] * steps, cfg["warmup_epochs"] * steps))
-    start, history, knn_start = _start(out, config, files, excluded, encoder, model, opt, sched, monitor, rt)
+    start, history, knn_start = _start(out, config, files, left_out, encoder, model, opt, sched, monitor, rt)
     net, aug = rt.wrap(model), BatchAugment(encoder.input_size, SIMCLR_OPS)
     clock = SaveClock(cfg["save_every"])
     for epoch in range(start, cfg["epochs"]):
@@ -289,7 +293,7 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     return history[-1] if history else {}
 
 
-def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, sched, monitor, rt: Runtime):
+def _start(out: Path, config: dict, files, left_out: dict, encoder, model, opt, sched, monitor, rt: Runtime):
     """(first epoch, history, k-NN of the initial encoder): from last.pt with --resume, else a new run."""
     if config["resume"] and (out / "last.pt").is_file():
         ckpt = resume(out / "last.pt", config, RUNTIME_KEYS, DEFAULTS, encoder, opt, sched, projector=model.projector)
@@ -300,8 +304,9 @@ def _start(out: Path, config: dict, files, excluded: int, encoder, model, opt, s
     atomic_write(out / "files.txt", "".join(f"{p}\n" for p in files))
     knn_start = monitor(encoder, rt)
     pairs = f"; {config['patient_pairs']} with another photo of their patient" if config["patient_pairs"] else ""
-    print(f"simclr: {len(files)} unlabeled images ({excluded} --extra files left out as fold {config['fold']} "
-          f"Test images{pairs}); k-NN of the initial encoder: {knn_start:.3f}")
+    repeated = f", {left_out['repeated']} as images already in the set" if left_out["repeated"] else ""
+    print(f"simclr: {len(files)} unlabeled images ({left_out['test']} --extra files left out as fold {config['fold']} "
+          f"Test images{repeated}{pairs}); k-NN of the initial encoder: {knn_start:.3f}")
     return 0, [], knn_start
 
 

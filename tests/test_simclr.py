@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 import simclr
@@ -145,15 +147,20 @@ def test_unlabeled_images_leave_out_the_test_split(synthetic, tmp_path):
     test_img = index_split(synthetic, 1, "Test")[0][0]
     shutil.copy(test_img, extra / "renamed.jpg")  # same content, other name
     shutil.copy(test_img, extra / f"{test_img.stem}__aug01.jpg")  # an augmented copy, by name
-    shutil.copy(index_split(synthetic, 1, "Train")[0][0], extra / "other.jpg")
-    files, splits, excluded = unlabeled_files(synthetic, 1, [tmp_path / "extra"])
+    shutil.copy(index_split(synthetic, 1, "Train")[0][0], extra / "copy.jpg")  # in the set already: a false negative
+    Image.new("RGB", (40, 30), (200, 120, 90)).save(extra / "other.jpg")
+    shutil.copy(extra / "other.jpg", extra / "other again.jpg")
+    files, splits, left_out = unlabeled_files(synthetic, 1, [tmp_path / "extra"])
     train_valid = len(index_split(synthetic, 1, "Train")) + len(index_split(synthetic, 1, "Valid"))
-    assert len(files) == train_valid + 1 and excluded == 2
+    assert len(files) == train_valid + 1 and left_out == {"test": 2, "repeated": 2}
+    everything, _, left_out = unlabeled_files(synthetic, 1, [synthetic])  # the dataset: its folds share photos
+    assert left_out["repeated"] > 0
+    assert len({hashlib.sha1(p.read_bytes()).digest() for p in everything}) == len(everything)
     assert not {p.name for p, _ in index_split(synthetic, 1, "Test")} & {p.name for p in files}
     with_test, _, _ = unlabeled_files(synthetic, 1, [tmp_path / "extra"], include_test=True)
     assert splits.count("extra") == 1 and splits[:len(index_split(synthetic, 1, "Train"))] == ["Train"] * len(
         index_split(synthetic, 1, "Train"))
-    assert len(with_test) == len(files) + len(index_split(synthetic, 1, "Test")) + 2
+    assert len(with_test) == len(files) + len(index_split(synthetic, 1, "Test"))  # their copies: repeats now
 
 
 def _mean_knn(synthetic, init):
