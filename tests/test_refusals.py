@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import augment
 import getData
@@ -219,7 +220,7 @@ def test_file_names_that_are_not_utf8_are_kept_as_they_are(synthetic, tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
     name = os.fsdecode(b"photo-\xff\xfe.jpg")  # bytes no encoding can show: Python keeps them as surrogates
-    shutil.copy(next(synthetic.rglob("*.jpg")), extra / name)
+    Image.new("RGB", (40, 30), (180, 110, 90)).save(extra / name, "JPEG")  # a photo of its own: no repeat of one
     out = tmp_path / "s"
     assert simclr.main(["--data-root", str(synthetic), "--extra", str(extra), "--epochs", "1", "--device", "cpu",
                         "--out", str(out)]) == 0
