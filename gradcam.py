@@ -44,6 +44,9 @@ DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, 
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, also for LeNet's 32x32 input
 SPLIT_LIMIT = 24  # images of a fold's split explained without --limit: a grid of four rows
 GRID_MAX = 48  # photos in grid.png (8 rows of 6): a folder of thousands made a 130-megapixel PNG
+# what the script writes in --out; output_folder refuses a folder holding anything else
+OUTPUTS = re.compile(r".+_gradcam\.png|grid\.png|config\.json|summary\.md|explains\.md|faithfulness\.(json|png)"
+                     r"|sanity\.json|sanity_.+\.png|fold[1-5]")
 
 
 class GradCAM:
@@ -593,7 +596,7 @@ def run_studies(args, rt) -> dict:
     the folds."""
     runs, results = networks(args), {}
     root = output_folder(args.out or (runs[None].parent if None in runs else Path(args.checkpoint)) / "gradcam",
-                         "gradcam", is_output)
+                         "gradcam", OUTPUTS)
     with atomic_path(root, folder=True) as folder:  # root's earlier outputs go whole, once these are all written
         for fold, path in runs.items():
             model, ckpt = load_classifier(path, rt)
@@ -655,13 +658,6 @@ def save_config(folder: Path, args, rt: Runtime, out: Path) -> None:
     atomic_write(folder / "config.json", to_json(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
 
 
-OUTPUTS = re.compile(r".+_gradcam\.png|grid\.png|config\.json|summary\.md|explains\.md|faithfulness\.(json|png)"
-                     r"|sanity\.json|sanity_.+\.png|fold[1-5]")
-
-
-def is_output(name: str) -> bool:
-    """A name gradcam.py writes in its --out folder (output_folder refuses a folder holding others)."""
-    return OUTPUTS.fullmatch(name) is not None
 
 
 def run(args) -> list:
@@ -685,7 +681,7 @@ def run(args) -> list:
     if args.layer and len(args.layer) > 1:
         raise DataError("--layer: overlays are drawn for one layer; give several with --faithfulness or --sanity")
     layer = GradCAM(model, args.layer[0] if args.layer else None).layer_name  # a bad --layer fails before any work
-    out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam", is_output)  # and an --out in the way
+    out = output_folder(args.out or checkpoint.parent / "gradcam", "gradcam", OUTPUTS)  # and an --out in the way
     paths = _image_paths(args, ckpt)
     check_images(paths)  # every file read once first: a bad one stops the run before any output
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)

@@ -113,12 +113,15 @@ def unlabeled_files(folds_root: Path, fold: int, extra=(), include_test=False) -
         refuse_leaks(folds_root, fold, classes)
     splits = ["Train", "Valid"] + (["Test"] if include_test else [])
     files = [(p, s) for s in splits for p, _ in index_split(folds_root, fold, s, classes)]  # Train, Valid first
-    test = [p for p, _ in index_split(folds_root, fold, "Test", classes)]
+    left_out = dict(test=0, repeated=0)
+    if not extra:  # nothing to compare: the set's files are not read twice
+        return [p for p, _ in files], [s for _, s in files], left_out
+    test = [] if include_test else [p for p, _ in index_split(folds_root, fold, "Test", classes)]
     test_names, test_hashes = {p.stem for p in test}, {_sha1(p) for p in test}
-    seen, left_out = {_sha1(p) for p, _ in files}, dict(test=0, repeated=0)
-    for p in images_in(extra or (), "--extra"):
+    seen = {_sha1(p) for p, _ in files}
+    for p in images_in(extra, "--extra"):
         digest = _sha1(p)
-        if not include_test and (origin_stem(p) in test_names or digest in test_hashes):
+        if origin_stem(p) in test_names or digest in test_hashes:
             left_out["test"] += 1
         elif digest in seen:
             left_out["repeated"] += 1

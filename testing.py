@@ -54,6 +54,9 @@ CI_KEYS = ["accuracy", "balanced_accuracy", "f1_macro", "mpox_sensitivity"]
 ECE_BINS = 15  # equal-width bins on the top-class probability (Guo et al. 2017)
 GATES = (0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the risk-coverage table's thresholds; 0.6 is Mpox-AISM's
 MPOX_SENSITIVITY = 0.95
+# what the script writes in --out; output_folder refuses a folder holding anything else
+OUTPUTS = re.compile(r"config\.json|report\.md|metrics\.json|predictions\.csv|heads\.md|summary(_svm)?\.(md|json)"
+                     r"|(confusion|roc|reliability|risk_coverage|ood)(_pooled)?(_svm)?\.png|svm|fold[1-5]")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -725,7 +728,7 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     if not single and any(None in f for f in found):
         raise ModelError("--checkpoint: give checkpoints of single folds, or --fold all run directories, not both")
     refuse_repeated_members(checkpoints, found)
-    out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag, is_output)
+    out = output_folder(out or (found[0][None].parent if single else Path(checkpoints[0])) / tag, tag, OUTPUTS)
     with atomic_path(out, folder=True) as folder:  # out's earlier outputs go whole, once these are all written
         if single:
             result = evaluate_fold([f[None] for f in found], folder, **kw)
@@ -736,13 +739,6 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     return result
 
 
-OUTPUTS = re.compile(r"config\.json|report\.md|metrics\.json|predictions\.csv|heads\.md|summary(_svm)?\.(md|json)"
-                     r"|(confusion|roc|reliability|risk_coverage|ood)(_pooled)?(_svm)?\.png|svm|fold[1-5]")
-
-
-def is_output(name: str) -> bool:
-    """A name testing.py writes in its --out folder (output_folder refuses a folder holding others)."""
-    return OUTPUTS.fullmatch(name) is not None
 
 
 def refuse_repeated_members(checkpoints: list, found: list[dict]) -> None:

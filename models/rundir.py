@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -122,18 +123,20 @@ def _replace_or_restore(top: Path, asides: list[Path], before: set | None) -> No
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def output_folder(path, default_name: str, ours) -> Path:
+def output_folder(path, default_name: str, ours: re.Pattern) -> Path:
     """Where testing.py or gradcam.py writes (--out): a folder that can be written, outside every
     dataset, not a training run's own directory (or one of its folds), whose config.json and
-    summary.md it would replace, and holding nothing but what `ours(name)` says the script writes
-    (its earlier outputs, which getData.atomic_path replaces whole: a folder of the user's own files
+    summary.md it would replace, and holding nothing but names `ours` matches (what the script writes:
+    its earlier outputs, which getData.atomic_path replaces whole; a folder of the user's own files
     is refused, not emptied)."""
     path = outside_datasets(check_folder(path))
     if any((folder / name).is_file() for folder in (path, *(path / f"fold{k}" for k in FOLDS))
            for name in TRAINING_ONLY):
         raise WriteError(f"--out {path}: a training run's folder, whose files these outputs would replace; choose "
                          f"another, e.g. {path / default_name} (the default)")
-    if path.is_dir() and (theirs := sorted(p.name for p in path.iterdir() if p.name not in JUNK and not ours(p.name))):
+    theirs = sorted(p.name for p in path.iterdir() if p.name not in JUNK and not ours.fullmatch(p.name)) \
+        if path.is_dir() else []
+    if theirs:
         more = f" and {len(theirs) - 1} more" if len(theirs) > 1 else ""
         raise WriteError(f"--out {path}: holds {theirs[0]}{more}, which this script does not write, and its outputs "
                          "replace the folder's contents; choose a new or empty folder")
@@ -214,13 +217,13 @@ def mean_std_table(rows: list[dict], keys, label: str = "fold") -> str:
     """Markdown table: one row per run plus mean ± std (sample std, ddof=1) over runs. A run without
     a figure (a confidence gate that keeps no image has no accuracy) shows '—', and the mean is over
     the runs that have it, said as 'k of n' (the column used to vanish for every run)."""
-    keys = [k for k in keys if any(k in r for r in rows)]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     lines = [f"| {label} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r[label]} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
     means = []
     for k in keys:
-        values = [r[k] for r in rows if k in r]
+        values = [r[k] for r in rows if r.get(k) is not None]
         means.append(mean_std(values) + (f" ({len(values)} of {len(rows)})" if len(values) < len(rows) else ""))
     lines.append("| mean ± std | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
