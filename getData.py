@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections import Counter, defaultdict
@@ -1349,6 +1350,13 @@ def _request(url: str, headers: dict) -> urllib.request.Request:
         raise DataError(f"{url}: not a URL that can be fetched ({e})") from None
 
 
+def _continues(resp, have: int) -> bool:
+    """Whether a reply to `Range: bytes=have-` holds the bytes from `have` on: a 206 whose Content-Range
+    says so (RFC 9110 14.4). A 206 of another range appended to the part file would corrupt it."""
+    return resp.status == 206 and re.fullmatch(rf"bytes {have}-\d+/(\d+|\*)",
+                                               resp.headers.get("Content-Range", "").strip()) is not None
+
+
 def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
     """Download `url` to `part`, resuming with an HTTP Range request after a broken transfer."""
     for attempt in range(retries + 1):
@@ -1356,7 +1364,10 @@ def _fetch(url: str, part: Path, headers: dict, retries: int = 4) -> None:
         req = _request(url, {**headers, **({"Range": f"bytes={have}-"} if have else {})})
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
-                if have and resp.status != 206:  # server ignored the range: start again
+                if have and not _continues(resp, have):  # the range ignored (200: the whole file), or another
+                    part.unlink()
+                    if resp.status != 200:
+                        continue  # ask again, for the whole file
                     have = 0
                 # resp.length: http.client's reading of Content-Length (None when absent or not a number)
                 check_space(url, resp.length or 0, part, "downloading the rest of it" if have else "downloading it")
@@ -1473,7 +1484,8 @@ def download(url: str, data_root) -> Path:
     else:
         if not url.startswith(("http://", "https://")):
             raise DataError(f"{url}: not an http(s) URL; pass --download https://.../file.zip or --download kaggle")
-        name = Path(urllib.request.url2pathname(url.split("?")[0].rsplit("/", 1)[-1])).stem or "dataset"
+        name = Path(urllib.parse.unquote(url.split("?")[0].rsplit("/", 1)[-1])).stem
+        name = "dataset" if name in ("", ".", "..") or "\0" in name else name  # what a folder can be named
     part = data_root / f".{name}.zip.part"
     with on_interrupt(f"the same command continues the download from {part}"):
         _fetch(url, part, headers)

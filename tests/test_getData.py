@@ -455,10 +455,11 @@ def _zip_bytes(members: dict) -> bytes:
 class _Server:
     """A local HTTP server for one payload; `cut_first` drops the first response half-way."""
 
-    def __init__(self, payload: bytes, cut_first=False, need_auth=None, length=None):
-        """`length`: the Content-Length header to send instead of the payload's (a lie, or no number)."""
+    def __init__(self, payload: bytes, cut_first=False, need_auth=None, length=None, range_from=None):
+        """`length`: the Content-Length header to send instead of the payload's (a lie, or no number);
+        `range_from`: answer a Range request with the bytes from there on instead (a server's bug)."""
         self.payload, self.cut_first, self.need_auth, self.requests = payload, cut_first, need_auth, []
-        self.length = length
+        self.length, self.range_from = length, range_from
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -470,9 +471,13 @@ class _Server:
                 if outer.need_auth and self.headers.get("Authorization") != outer.need_auth:
                     self.send_error(401)
                     return
-                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else 0
-                body = outer.payload[start:]
-                self.send_response(206 if start else 200)
+                start = int(self.headers["Range"].split("=")[1].rstrip("-")) if "Range" in self.headers else None
+                if start is not None and outer.range_from is not None:
+                    start = outer.range_from
+                body = outer.payload[start or 0:]
+                self.send_response(200 if start is None else 206)
+                if start is not None:
+                    self.send_header("Content-Range", f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")
                 self.send_header("Content-Length", outer.length or str(len(body)))
                 self.end_headers()
                 if outer.cut_first and len(outer.requests) == 1:
@@ -543,6 +548,24 @@ def test_interrupted_download_resumes_with_range(tmp_path):
         target = getData.download(f"{srv.url}/big.zip", tmp_path)
     assert len(srv.requests) == 2 and "Range" in srv.requests[1][1]
     assert sorted(p.name for p in (target / "d").iterdir()) == sorted(f"f{i}.bin" for i in range(20))
+
+
+def test_a_resumed_download_that_gets_another_range_starts_again(tmp_path):
+    """A server that answers `Range: bytes=N-` with a 206 of other bytes (here from 0): appended to the
+    part file they made a corrupt zip, deleted as "not a zip" after the whole download."""
+    payload = _zip_bytes({f"d/f{i}.bin": bytes(np.random.default_rng(i).integers(0, 255, 5000, np.uint8))
+                          for i in range(20)})
+    with _Server(payload, cut_first=True, range_from=0) as srv:
+        target = getData.download(f"{srv.url}/big.zip", tmp_path)
+    assert len(srv.requests) == 3 and "Range" in srv.requests[1][1] and "Range" not in srv.requests[2][1]
+    assert sorted(p.name for p in (target / "d").iterdir()) == sorted(f"f{i}.bin" for i in range(20))
+
+
+def test_a_url_whose_file_name_is_no_folder_name_downloads_as_dataset(tmp_path):
+    payload = _zip_bytes({"FOLDS/readme.txt": b"x"})
+    with _Server(payload) as srv:
+        for i, name in enumerate(("..", "%2e%2e", "a%00b.zip", "")):
+            assert getData.download(f"{srv.url}/{name}", tmp_path / str(i)) == tmp_path / str(i) / "dataset"
 
 
 def test_ctrl_c_during_a_download_says_the_same_command_continues_it(tmp_path, monkeypatch):
