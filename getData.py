@@ -1486,7 +1486,9 @@ def download(url: str, data_root) -> Path:
             raise DataError(f"{url}: not an http(s) URL; pass --download https://.../file.zip or --download kaggle")
         name = Path(urllib.parse.unquote(url.split("?")[0].rsplit("/", 1)[-1])).stem
         name = "dataset" if name in ("", ".", "..") or "\0" in name else name  # what a folder can be named
-    part = data_root / f".{name}.zip.part"
+    part, target = data_root / f".{name}.zip.part", data_root / name
+    if target.exists():  # said now, not after the whole download
+        raise DataError(f"{target}: already exists (downloaded before?); remove it or choose another --data-root")
     with on_interrupt(f"the same command continues the download from {part}"):
         _fetch(url, part, headers)
     if not zipfile.is_zipfile(part):  # a web page (a sign-in or error page): resuming it would fetch nothing more
@@ -1496,7 +1498,7 @@ def download(url: str, data_root) -> Path:
         raise DataError(f"{url}: what came is not a zip file (it starts {head!r}"
                         + (", a web page" if head.lstrip().lower().startswith((b"<!doctype", b"<html")) else "")
                         + "); check that the URL gives the .zip itself")
-    target = safe_extract(part, data_root / name)
+    safe_extract(part, target)
     part.unlink()
     return target
 

@@ -506,6 +506,9 @@ def test_download_and_extract(tmp_path):
     assert target == tmp_path / "msld"
     assert (target / "FOLDS/fold1/Train/Cowpox/CWP_01_01.jpg").read_bytes() == b"x" * 1000
     assert [p.name for p in tmp_path.iterdir()] == ["msld"]  # no part file, no temp folder left
+    with _Server(payload) as srv, pytest.raises(DataError, match="msld: already exists .downloaded before.."):
+        getData.download(f"{srv.url}/msld.zip", tmp_path)  # again: refused before the download, not after it
+    assert srv.requests == []
 
 
 def test_a_download_larger_than_the_disk_is_refused_before_a_byte_is_written(tmp_path):
