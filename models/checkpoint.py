@@ -194,8 +194,10 @@ def check_resumable(ckpt: dict, config: dict, runtime_keys, flags, path) -> None
         raise ModelError(f"{path}: --{k.replace('_', '-')} was {was!r}, now {now!r}; resume with the run's original "
                          "arguments")
     if _same(saved.get("data_root"), config.get("data_root")):  # the same folder, changed since: --data-root is no help
-        raise ModelError(f"{path}: the dataset at {config['data_root']} has changed since the run began ({k} was "
-                         f"{was!r}, now {now!r}); put it back as it was, or start the run afresh with --overwrite")
+        also = "".join(f" or in its --{f.replace('_', '-')} folders" for f in ("extra", "aug_dir") if config.get(f))
+        raise ModelError(f"{path}: the images in {config['data_root']}{also} have changed since the run began ({k} "
+                         f"was {was!r}, now {now!r}); put them back as they were, or start the run afresh with "
+                         "--overwrite")
     raise ModelError(f"{path}: the data differs from the run's ({k} was {was!r}, now {now!r}); resume with the "
                      f"dataset it trained on (--data-root {saved.get('data_root')})")
 

@@ -428,7 +428,7 @@ def test_resume_on_other_data_or_of_another_kind_of_run_is_one_line(synthetic, t
     assert_one_line_error(proc, "the data differs", "train_images", f"--data-root {synthetic}")
     assert "--train-images" not in proc.stderr
     proc = run_cli("train.py", *train_args(other, tmp_path / "on-other", "--epochs", 2, "--save-every", 0, "--resume"))
-    assert_one_line_error(proc, f"the dataset at {other} has changed since the run began", "train_images",
+    assert_one_line_error(proc, f"the images in {other} have changed since the run began", "train_images",
                           "--overwrite")  # not "resume with the dataset it trained on (--data-root <the same>)"
     proc = run_cli("train.py", *train_args(synthetic, out, "--epochs", 2, "--save-every", 0, "--resume",
                                            "--fold", "all"))

@@ -226,6 +226,20 @@ def test_resume_matches_an_uninterrupted_run(synthetic, tmp_path, monkeypatch):
     assert [h["loss"] for h in full["history"]] == [h["loss"] for h in cut["history"]]
 
 
+def test_resume_after_the_extra_folder_changed_names_that_folder(synthetic, tmp_path):
+    """The run's images changed in its --extra folder, not in --data-root, which the line named alone."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), np.uint8)).save(extra / f"{i}.png")
+    args = ["--data-root", synthetic, "--extra", extra, "--epochs", 1, "--device", "cpu", "--out", tmp_path / "r"]
+    assert simclr.main([str(a) for a in args]) == 0
+    (extra / "0.png").rename(extra / "0.png.bak")
+    assert_one_line_error(run_cli("simclr.py", *args, "--resume"),
+                          f"the images in {synthetic} or in its --extra folders have changed since the run began "
+                          "(n_images was")
+
+
 def test_bad_arguments(synthetic, tmp_path):
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--temperature", "0"), "--temperature")
     assert_one_line_error(run_cli("simclr.py", "--data-root", synthetic, "--extra", tmp_path / "nope",
