@@ -56,7 +56,11 @@ class RequestError(Exception):
 
 
 def newest_checkpoint(runs) -> Path:
-    found = sorted(Path(runs).rglob("best.pt"), key=lambda p: p.stat().st_mtime) if Path(runs).is_dir() else []
+    """The most recently written best.pt under `runs`, in no hidden folder (an overwritten run set
+    aside, `.replaced-by-*`, or a notebook's `.ipynb_checkpoints`: not what a user has trained last)."""
+    runs = Path(runs)
+    found = sorted((p for p in runs.rglob("best.pt") if not any(d.startswith(".") for d in p.relative_to(runs).parts)),
+                   key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
     if not found:
         raise ModelError(f"no trained checkpoint under {runs}/: run `python train.py` first, or pass --checkpoint")
     return found[-1]

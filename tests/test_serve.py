@@ -205,6 +205,16 @@ def test_cli_without_checkpoint_says_what_to_run(tmp_path):
                           "run `python train.py` first")
 
 
+def test_without_checkpoint_it_serves_the_newest_best_pt_outside_hidden_folders(tmp_path):
+    """An overwritten run set aside (`.replaced-by-*`, left by a kill -9) or a notebook's copy is no
+    run a user trained last, however new its file."""
+    for age, where in enumerate(("old", "new/fold2", ".replaced-by-1/fold1", ".ipynb_checkpoints")):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "best.pt").write_bytes(b"")
+        os.utime(tmp_path / where / "best.pt", (1e9 + age, 1e9 + age))
+    assert serve.newest_checkpoint(tmp_path) == tmp_path / "new" / "fold2" / "best.pt"
+
+
 # ----------------------------------------------------------------------------- browser
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
