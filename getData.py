@@ -94,7 +94,22 @@ class Terminated(KeyboardInterrupt):
     (temporary files removed, helper processes stopped) and one line, exit status 143."""
 
 
+# The stop a signal asked for (KeyboardInterrupt or Terminated), kept beyond the exception it raises:
+# Python runs a handler wherever the main thread is, a finalizer (`__del__`) included, which drops what
+# it raises. The run then goes on and fails in its own way (under torchrun, the next collective finds
+# the other ranks gone: "Connection closed by peer"); on_interrupt then reports the stop, not that.
+_stop_asked: type | None = None
+
+
+def _interrupted(signum, frame):
+    global _stop_asked
+    _stop_asked = KeyboardInterrupt
+    raise KeyboardInterrupt
+
+
 def _terminated(signum, frame):
+    global _stop_asked
+    _stop_asked = Terminated
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one cannot cut the unwinding short
     raise Terminated
 
@@ -107,9 +122,13 @@ def run_main(body, *args) -> int:
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is shown escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    global _stop_asked
+    _stop_asked, main = None, threading.current_thread() is threading.main_thread()
     # Not under torchrun, which ends every rank with SIGTERM when one fails: they stay silent, it reports
-    takes_sigterm = threading.current_thread() is threading.main_thread() and "TORCHELASTIC_RUN_ID" not in os.environ
+    takes_sigterm = main and "TORCHELASTIC_RUN_ID" not in os.environ
     before = signal.signal(signal.SIGTERM, _terminated) if takes_sigterm else None
+    takes_sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not if ignored (nohup)
+    before_sigint = signal.signal(signal.SIGINT, _interrupted) if takes_sigint else None
     try:
         body(*args)
         return 0
@@ -130,6 +149,8 @@ def run_main(body, *args) -> int:
     finally:
         if takes_sigterm:
             signal.signal(signal.SIGTERM, before)
+        if takes_sigint:
+            signal.signal(signal.SIGINT, before_sigint)
 
 
 def too_long(e: OSError) -> str:
@@ -146,11 +167,16 @@ def one_line(message: str) -> str:
 
 @contextlib.contextmanager
 def on_interrupt(how_to_go_on: str):
-    """Ctrl-C (or SIGTERM) inside: run_main's one line says how to go on."""
+    """Ctrl-C (or SIGTERM) inside: run_main's one line says how to go on. An error after a stop whose
+    exception a finalizer swallowed is that stop's consequence, and reported as the stop."""
     try:
         yield
     except KeyboardInterrupt as e:
         raise type(e)(how_to_go_on) from None
+    except Exception:
+        if _stop_asked is None:
+            raise
+        raise _stop_asked(how_to_go_on) from None
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import zipfile
 from pathlib import Path
@@ -584,6 +585,31 @@ def test_ctrl_c_during_a_download_says_the_same_command_continues_it(tmp_path, m
         done = run_cli("getData.py", "--download", f"{srv.url}/big.zip", "--data-root", tmp_path)
     assert done.returncode == 0 and (tmp_path / "big" / "FOLDS" / "readme.txt").read_bytes() == b"x" * 5000
     assert "Range" in srv.requests[1][1]  # continued, not started again
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed KeyboardInterrupt
+@pytest.mark.parametrize("sig, line, status", [(signal.SIGINT, "interrupted", 130),
+                                              (signal.SIGTERM, "terminated", 143)])
+def test_a_stop_that_a_finalizer_swallowed_is_still_the_stop(capsys, sig, line, status):
+    """Python runs a signal's handler wherever the main thread is, a `__del__` included (tqdm's, seen),
+    which drops what it raises: under torchrun one rank then went on into a collective with the other
+    ranks gone, and printed gloo's "Connection closed by peer" traceback instead of its one line."""
+    class Bar:
+        def __del__(self):
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs here, and its exception goes nowhere
+                pass
+
+    def body():
+        with getData.on_interrupt("the same command continues it"):
+            Bar()
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:547] Connection closed by peer")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        assert getData.run_main(body) == status
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{line}: the same command continues it"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
 def test_zip_slip_is_refused_and_nothing_is_left(tmp_path):
