@@ -605,11 +605,16 @@ def test_a_stop_that_a_finalizer_swallowed_is_still_the_stop(capsys, sig, line, 
             Bar()
             raise RuntimeError("[gloo/transport/tcp/pair.cc:547] Connection closed by peer")
 
-    with pytest.MonkeyPatch.context() as m:
-        m.delenv("TORCHELASTIC_RUN_ID", raising=False)
-        assert getData.run_main(body) == status
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (this suite may ignore it)
+    try:
+        handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+        with pytest.MonkeyPatch.context() as m:
+            m.delenv("TORCHELASTIC_RUN_ID", raising=False)
+            assert getData.run_main(body) == status
+        assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # given back
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{line}: the same command continues it"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
 
 def test_zip_slip_is_refused_and_nothing_is_left(tmp_path):
