@@ -39,6 +39,18 @@ def test_real_dataset_preferred_over_synthetic(tmp_path, synthetic):
     assert find_folds_root(tmp_path) == real
 
 
+def test_a_fold_all_run_is_no_dataset(tmp_path, synthetic, trained_all):
+    """A --fold all run holds fold1..5 too: given as --data-root it was read as a dataset ("no class
+    folders under fold1..5/"), and beside a dataset, alphabetically first, taken for it."""
+    for root in (trained_all, trained_all.parent):
+        with pytest.raises(DataError, match=f"{trained_all}: a --fold all run of train.py .its checkpoints"):
+            find_folds_root(root)
+    (tmp_path / "a-run").symlink_to(trained_all, target_is_directory=True)
+    real = tmp_path / "zz" / "FOLDS"
+    shutil.copytree(synthetic, real, ignore=shutil.ignore_patterns(getData.SYNTHETIC_MARKER))
+    assert find_folds_root(tmp_path) == real
+
+
 def test_missing_fold_and_unknown_layout_are_clear_errors(tmp_path, synthetic):
     with pytest.raises(DataError, match="no MSLD v2.0 layout"):
         find_folds_root(tmp_path)
