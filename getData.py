@@ -499,10 +499,10 @@ def find_folds_root(data_root) -> Path:
     bases = [root] + sorted(p for p in root.iterdir() if p.is_dir())
     found = [p for b in bases for p in _layouts(b) if _has_folds(p)]
     runs = [p for p in found if (p / "fold1" / "config.json").is_file()]  # train.py --fold all's: fold1..5 too
-    if runs and runs == found:
+    found = [p for p in found if p not in runs]
+    if runs and not found:
         raise DataError(f"{runs[0]}: a --fold all run of train.py (its checkpoints, not photos); give --data-root "
                         "the folder that holds MSLD v2.0")
-    found = [p for p in found if p not in runs]
     if not found:
         partial = [p for b in bases for p in _layouts(b) if (p / "fold1").is_dir()]
         if partial:

@@ -658,8 +658,6 @@ def save_config(folder: Path, args, rt: Runtime, out: Path) -> None:
     atomic_write(folder / "config.json", to_json(dict(vars(args), out=str(out), runtime=rt.describe()), indent=2))
 
 
-
-
 def run(args) -> list:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     if args.faithfulness or args.sanity:

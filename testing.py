@@ -739,8 +739,6 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
     return result
 
 
-
-
 def refuse_repeated_members(checkpoints: list, found: list[dict]) -> None:
     """An ensemble that names one network twice (`runs/a` and `runs/a/best.pt`) would count it twice."""
     first = {}
