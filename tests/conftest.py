@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests import the top-level scripts as modules
@@ -23,9 +24,15 @@ REAL_DATA = REPO.parent / "shared" / "data"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped on machines without one)")
+    config.addinivalue_line("markers", "figures: draws its figures (the others get a blank PNG of the same size)")
     # torch 2.11 warns about its own torch.utils.mkldnn when torch.compile first imports it (2.14 does
     # not): not ours to fix, and a warning from this project's code should stand alone in the summary.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--draw-figures", action="store_true",
+                     help="every test draws its figures (by default only those marked `figures` do)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,6 +43,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def figures_built_not_drawn(request, monkeypatch):
+    """Every figure is built, artist by artist, but only the tests marked `figures` draw it; the others
+    get a blank PNG of the figure's size. Laying out and drawing costs matplotlib 0.1 to 0.3 s a figure
+    (text, mostly): about 400 figures, half a minute of the suite, for tests that read numbers and files.
+    A bad argument to a plot still raises as the figure is built; what only drawing shows (a title
+    matplotlib cannot lay out, what is drawn) is for the tests marked `figures`, which between them
+    draw every kind of figure the scripts write and check that it is drawn (`drawn`); `pytest
+    --draw-figures` draws them all. Session fixtures (the trained runs' curves.png) are set up before
+    this, and draw theirs."""
+    if request.node.get_closest_marker("figures") or request.config.getoption("draw_figures"):
+        return
+    from matplotlib.figure import Figure
+
+    def blank(fig, file, dpi=100, **kwargs):
+        Image.new("1", tuple((fig.get_size_inches() * dpi).round().astype(int)), 1).save(file, "PNG")  # 3 ms
+    monkeypatch.setattr(Figure, "tight_layout", lambda fig, *args, **kwargs: None)
+    monkeypatch.setattr(Figure, "savefig", blank)
+
+
+def drawn(png: Path) -> bool:
+    """Whether a figure was drawn: lines, text and colours, not one blank page."""
+    return len(Image.open(png).convert("L").getcolors()) > 10  # grey levels
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import gradcam
-from conftest import assert_one_line_error, run_cli, strict_json
+from conftest import assert_one_line_error, drawn, run_cli, strict_json
 from getData import index_split, list_classes, load_image, to_json
 from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
 from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
@@ -156,7 +156,8 @@ def test_overlay_png_for_serve(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no files written
 
 
-def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
+@pytest.mark.figures
+def test_cli_draws_an_overlay_per_photo_and_a_grid(trained, synthetic, tmp_path):
     photos = sorted((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())[:2]
     before = [hashlib.sha1(p.read_bytes()).hexdigest() for p in photos]
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", *photos, "--out", tmp_path / "a",
@@ -172,15 +173,20 @@ def test_cli_files_and_fold_split(trained, synthetic, tmp_path):
                                                 (figure.width // 2, 0, figure.width, figure.height)))
     assert (np.asarray(left, float) - np.asarray(right, float)).std() > 5  # the overlay differs from the photo
     assert [hashlib.sha1(p.read_bytes()).hexdigest() for p in photos] == before  # originals untouched
+    assert drawn(tmp_path / "a" / "grid.png")
+
+
+def test_cli_explains_a_folds_split_and_replaces_its_own_earlier_overlays(trained, synthetic, tmp_path):
+    photo = min((synthetic / "fold1" / "Test" / "Monkeypox").iterdir())
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--fold", "1", "--split", "Test",
                       "--limit", "6", "--out", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "b").glob("*_gradcam.png"))) == 6
     # into a folder of earlier overlays: they go (the grid and config.json describe these), a user's own file stays
-    one = ("gradcam.py", "--checkpoint", trained / "best.pt", photos[0], "--out", tmp_path / "b")
+    one = ("gradcam.py", "--checkpoint", trained / "best.pt", photo, "--out", tmp_path / "b")
     (tmp_path / "b" / ".ipynb_checkpoints").mkdir()  # Jupyter's, once a figure was opened there: not the user's
     assert run_cli(*one).returncode == 0
-    assert {p.name for p in (tmp_path / "b").iterdir()} == {f"{photos[0].stem}_gradcam.png", "grid.png", "config.json"}
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {f"{photo.stem}_gradcam.png", "grid.png", "config.json"}
     (tmp_path / "b" / "thesis.docx").write_bytes(b"mine")
     assert_one_line_error(run_cli(*one), "holds thesis.docx, which this script does not write")
     assert (tmp_path / "b" / "thesis.docx").read_bytes() == b"mine"
@@ -244,6 +250,7 @@ def test_a_folder_is_explained_a_batch_at_a_time_after_every_file_is_read(traine
     assert all(e.probs.shape == (6,) for e in results)  # what is printed of each
 
 
+@pytest.mark.figures
 def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthetic, tmp_path):
     """A name of bytes that are not UTF-8 (a camera's, an old archive's) reached matplotlib's title as
     surrogates: a TypeError traceback, and no overlay for any photo."""
@@ -252,9 +259,11 @@ def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthet
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", odd, "--out", tmp_path / "cam")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.listdir(os.fsencode(tmp_path / "cam")).count(b"HEALTHY_08_\xff1_gradcam.png") == 1  # its own bytes
+    assert drawn(tmp_path / "cam" / "grid.png")  # titled with the name
     assert gradcam.shown_name(odd) == "HEALTHY_08_\\xff1.jpg"
 
 
+@pytest.mark.figures  # the overlays' pixels tell the photos apart
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
     name in different folders each keep their overlay; a photo whose name is near a file system's 255
@@ -374,6 +383,7 @@ def test_randomising_the_network_drops_the_maps_correlation(trained_resnet, synt
     assert again["layers"] == result["layers"]  # seeded: the same new weights every time
 
 
+@pytest.mark.figures
 def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, synthetic, tmp_path):
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--faithfulness", "--sanity", "--limit", 6,
                    "--out", tmp_path / "one")
@@ -381,6 +391,7 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     assert {p.name for p in (tmp_path / "one").iterdir()} == {"faithfulness.json", "faithfulness.png", "sanity.json",
                                                               "sanity_relu2.png", "explains.md", "config.json"}
     assert json.loads((tmp_path / "one" / "config.json").read_text())["limit"] == 6
+    assert drawn(tmp_path / "one" / "faithfulness.png") and drawn(tmp_path / "one" / "sanity_relu2.png")
     faith = json.loads((tmp_path / "one" / "faithfulness.json").read_text())
     assert faith["n"] == 6 and set(faith["maps"]) == {"gradcam relu2", "random", "centre"}
     assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1

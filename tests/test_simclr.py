@@ -1,3 +1,4 @@
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -20,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import simclr
 import train
-from conftest import (REPO, assert_one_line_error, interrupt_when, killed_on_call, run_cli, start_as_from_a_terminal,
-                      train_args)
+from conftest import (REPO, assert_one_line_error, drawn, interrupt_when, killed_on_call, run_cli,
+                      start_as_from_a_terminal, train_args)
 from getData import index_split, patient_id
 from models import LARS, ModelError, batch_indices, build_model, embed, resize_size, select_runtime
 from simclr import Monitor, knn_accuracy, nt_xent, patient_partners, second_images, unlabeled_files
@@ -173,12 +174,14 @@ def _mean_knn(synthetic, init):
     return float(np.mean(accs))
 
 
+@pytest.mark.figures
 def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
     out = tmp_path / "simclr"
     assert simclr.main(["--data-root", str(synthetic), "--out", str(out), "--epochs", "60", "--eval-every", "20",
                         "--device", "cpu"]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "files.txt", "history.csv", "loss.png", "last.pt",
                                                "encoder.pt"}
+    assert drawn(out / "loss.png")
     config = json.loads((out / "config.json").read_text())
     assert len((out / "files.txt").read_text().splitlines()) == config["n_images"] == \
         len(index_split(synthetic, 1, "Train")) + len(index_split(synthetic, 1, "Valid"))
@@ -253,7 +256,7 @@ def test_bad_arguments(synthetic, tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun, shards, patients
 def _torchrun(nproc, *args, timeout=300):
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -322,9 +325,12 @@ def test_what_rank0_refuses_stops_every_rank_with_its_one_line(synthetic, tmp_pa
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "config.json").write_text("{}")
-    for script, args, message in (("train.py", ["--data-root", tmp_path / "missing"], "no such folder"),
-                                  ("simclr.py", ["--data-root", synthetic, "--out", busy], "holds a run already")):
-        proc = _torchrun(2, script, *args, "--epochs", 1, "--device", "cpu", timeout=120)
+    cases = (("train.py", ["--data-root", tmp_path / "missing"], "no such folder"),
+             ("simclr.py", ["--data-root", synthetic, "--out", busy], "holds a run already"))
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # both at once: each is mostly a torch import per process
+        procs = list(pool.map(lambda case: _torchrun(2, case[0], *case[1], "--epochs", 1, "--device", "cpu",
+                                                     timeout=120), cases))
+    for (script, _, message), proc in zip(cases, procs):
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
         assert "Connection reset" not in proc.stderr and f'{script}", line' not in proc.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import assert_one_line_error, killed_on_call, run_cli
+from conftest import assert_one_line_error, drawn, killed_on_call, run_cli
 from getData import MSLDDataset, index_split
 from models import ModelError, mean_std_table, resize_size
 import testing
@@ -68,6 +68,7 @@ def test_mean_std_table():
     assert "| 3 | — | 5 |" in table and "| 0.6000 ± 0.1414 (2 of 3) | 4.0000 ± 1.0000 |" in table
 
 
+@pytest.mark.figures
 def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     out = tmp_path / "eval"
     proc = run_cli("testing.py", "--checkpoint", trained_all, "--out", out, "--threshold", "0.3")
@@ -99,11 +100,12 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])  # the calibrated probabilities
     y = np.array([CLASSES.index(r["true"]) for r in rows])
     assert calibration_bins(y, probs)[0] == pytest.approx(m["ece"], abs=1e-4)
-    for name in ("reliability.png", "risk_coverage.png"):
-        assert (out / "fold1" / name).read_bytes().startswith(b"\x89PNG")
+    figures = {p.name for p in (out / "fold1").glob("*.png")}
+    assert figures == {"confusion.png", "roc.png", "reliability.png", "risk_coverage.png", "ood.png"}, figures
+    assert all(drawn(out / "fold1" / name) for name in figures)
     numbers = json.loads((out / "summary.json").read_text())
     assert numbers["distinct"]["n"] == numbers["distinct"]["entries"]  # the synthetic Test sets are disjoint
-    assert (out / "confusion_pooled.png").stat().st_size > 0
+    assert drawn(out / "confusion_pooled.png")
     pooled = json.loads((out / "summary.json").read_text())["pooled_confusion"]
     assert np.sum(pooled) == sum(json.loads((out / f"fold{k}" / "metrics.json").read_text())["n"] for k in range(1, 6))
 
