@@ -488,7 +488,7 @@ def _layouts(base: Path):
 def find_folds_root(data_root) -> Path:
     """Return the folder holding fold1..fold5 under `data_root` (or one level below it).
 
-    Real datasets win over the synthetic one when both are present.
+    Real datasets win over the synthetic one when both are present; two of one kind are refused.
     """
     root = Path(data_root)
     if root.is_file() and (hint := _zip_hint(root)):
@@ -517,7 +517,14 @@ def find_folds_root(data_root) -> Path:
                         "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/')"
                         f"{_zip_hint(root) or '; check --data-root or run `python getData.py --synthetic`'}")
     real = [p for p in found if not is_synthetic(p)]
-    return (real or found)[0]
+    unique = {}
+    for p in real or found:
+        unique.setdefault(p.resolve(), p)  # a dataset reached twice (two layouts, a link) is one
+    chosen = list(unique.values())
+    if len(chosen) > 1:  # two downloads (a second unzip, a copy): which one a run used must not hang on a name
+        raise DataError(f"{root}: holds {len(chosen)} datasets ({', '.join(map(str, chosen))}); give --data-root "
+                        "the one to use, or move the other away")
+    return chosen[0]
 
 
 def _zip_hint(root: Path) -> str:
@@ -835,13 +842,17 @@ def check_images(paths, desc: str = "reading") -> None:
             pass
 
 
-def decode_all(paths, size: int, workers: int | None = None, desc="decode") -> torch.Tensor:
-    """Decode every image once into a uint8 tensor (N, 3, size, size). Threads: PIL frees the GIL."""
+def decode_all(paths, size: int, workers: int | None = None, desc="decode", shrink=False) -> torch.Tensor:
+    """Decode every image once into a uint8 tensor (N, 3, size, size). Threads: PIL frees the GIL.
+
+    `shrink`: decode each image as small as its format allows (load_image's `shrink_to`), for the
+    users' own photos (a phone's 12 megapixels cost 48 MB a thread, and seconds, at full size). The
+    dataset's photos are decoded whole, as every figure in README was made."""
     paths = list(paths)
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
 
     def work(i):
-        out[i] = prepare(load_image(paths[i]), size)
+        out[i] = prepare(load_image(paths[i], shrink_to=size if shrink else None), size)
 
     workers = workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -265,7 +265,9 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
     config = dict(cfg, data_root=str(folds_root), classes=classes, n_images=len(files), world_size=rt.world,
                   backend=rt.backend, patient_pairs=int((partners[1] > 0).sum()) if partners else 0)
     size = resize_size(encoder.input_size)
-    images = decode_all(files, size, desc="decode").to(rt.device)
+    own = len(files) - splits.count("extra")  # the set's files come first, as README's figures decoded them
+    images = torch.cat([decode_all(files[:own], size, desc="decode"),
+                        decode_all(files[own:], size, desc="--extra", shrink=True)]).to(rt.device)
     monitor = Monitor.for_fold(folds_root, cfg["fold"], size, cfg["knn_k"], images) if rt.rank == 0 else None
     opt = make_optimizer(cfg["optimizer"], param_groups(model, cfg["weight_decay"]), cfg["lr"])
     steps = steps_per_epoch(len(files), batch, rt.world)

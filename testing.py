@@ -544,7 +544,7 @@ def ood_sets(test_images: torch.Tensor, size: int, real_data: bool, exclude_imag
         sets["synthetic_lesions"] = {"all": torch.stack([prepare(synthetic_image(c, rng), size)
                                                          for c in SYNTHETIC_PATIENTS for _ in range(8)])}
     if ood_files:
-        sets["ood_dir"] = {"all": decode_all(ood_files, size, desc="--ood-dir")}
+        sets["ood_dir"] = {"all": decode_all(ood_files, size, desc="--ood-dir", shrink=True)}
     if exclude_images is not None:
         sets["near"] = {"all": exclude_images}
     return sets

@@ -39,6 +39,21 @@ def test_real_dataset_preferred_over_synthetic(tmp_path, synthetic):
     assert find_folds_root(tmp_path) == real
 
 
+def test_two_datasets_of_one_kind_are_refused_not_picked_by_name(tmp_path, synthetic):
+    """A second unzip beside the first ("MSLD v2.0 (1)"): the alphabetically first was used without a word,
+    so which data a run saw hung on folder names. One dataset reached twice (two layouts, a link) is one."""
+    first = tmp_path / "MSLD v2.0" / "Original Images" / "FOLDS"
+    shutil.copytree(synthetic, first, ignore=shutil.ignore_patterns(getData.SYNTHETIC_MARKER))
+    (tmp_path / "link").symlink_to(tmp_path / "MSLD v2.0", target_is_directory=True)
+    assert find_folds_root(tmp_path) == first and find_folds_root(tmp_path / "MSLD v2.0") == first
+    second = tmp_path / "MSLD v2.0 (1)" / "FOLDS"
+    shutil.copytree(first, second)
+    both = f"{tmp_path}: holds 2 datasets ({first}, {second}); give --data-root"
+    with pytest.raises(DataError, match=re.escape(both)):
+        find_folds_root(tmp_path)
+    assert_one_line_error(run_cli("train.py", "--data-root", tmp_path, "--epochs", "1"), "holds 2 datasets")
+
+
 def test_a_fold_all_run_is_no_dataset(tmp_path, synthetic, trained_all):
     """A --fold all run holds fold1..5 too: given as --data-root it was read as a dataset ("no class
     folders under fold1..5/"), and beside a dataset, alphabetically first, taken for it."""
@@ -447,6 +462,24 @@ def test_dataset_cache_matches_uncached_and_returns_paths(synthetic):
     x, y = cached[3]
     assert isinstance(img, Image.Image) and label == y and Path(path).parent.name == CLASSES[y]
     assert torch.equal(x, getData.prepare(img, 40))
+
+
+def test_users_photos_are_decoded_small_and_the_datasets_whole(tmp_path, monkeypatch):
+    """testing.py --ood-dir and simclr.py --extra decoded a phone's 12-megapixel photos whole (48 MB and
+    more a thread) to keep 128 x 128 of them; the dataset's photos stay decoded whole, as README's figures."""
+    half = np.zeros((3000, 4000, 3), np.uint8)
+    half[:, :2000] = (200, 120, 90)  # left half skin-coloured: the picture must survive the shrinking
+    Image.fromarray(half).save(tmp_path / "phone.jpg", quality=90)
+    Image.fromarray(half[:2000, :3000]).save(tmp_path / "scan.png")  # no DCT scaling: reduced after decoding
+    decoded, prepare = [], getData.prepare
+    monkeypatch.setattr(getData, "prepare", lambda im, size: (decoded.append(im.size), prepare(im, size))[1])
+    paths = [tmp_path / "phone.jpg", tmp_path / "scan.png"]
+    small = getData.decode_all(paths, 40, shrink=True)
+    assert all(40 <= min(wh) < 80 for wh in decoded), decoded
+    decoded.clear()
+    whole = getData.decode_all(paths, 40)
+    assert sorted(decoded) == [(3000, 2000), (4000, 3000)]  # (threads finish in any order)
+    assert (small.float() - whole.float()).abs().mean() < 2  # the same picture, grey levels 0..255
 
 
 def test_dataset_bad_fold_and_split(synthetic):
