@@ -488,7 +488,7 @@ def _layouts(base: Path):
 def find_folds_root(data_root) -> Path:
     """Return the folder holding fold1..fold5 under `data_root` (or one level below it).
 
-    Real datasets win over the synthetic one when both are present; two of one kind are refused.
+    Real datasets win over the synthetic one when both are present (`_the_one`).
     """
     root = Path(data_root)
     if root.is_file() and (hint := _zip_hint(root)):
@@ -516,15 +516,19 @@ def find_folds_root(data_root) -> Path:
         raise DataError(f"{root}: no MSLD v2.0 layout found (expected "
                         "'Original Images/Original Images/FOLDS/fold1..5/{Train,Valid,Test}/<Class>/')"
                         f"{_zip_hint(root) or '; check --data-root or run `python getData.py --synthetic`'}")
-    real = [p for p in found if not is_synthetic(p)]
+    return _the_one(root, found)
+
+
+def _the_one(root: Path, found: list[Path]) -> Path:
+    """Of the datasets found under `root`, the one to use: a real one over the synthetic set. Two of
+    one kind (a second unzip, a copy) are refused: which data a run saw must not hang on folder names."""
     unique = {}
-    for p in real or found:
+    for p in [p for p in found if not is_synthetic(p)] or found:
         unique.setdefault(p.resolve(), p)  # a dataset reached twice (two layouts, a link) is one
-    chosen = list(unique.values())
-    if len(chosen) > 1:  # two downloads (a second unzip, a copy): which one a run used must not hang on a name
-        raise DataError(f"{root}: holds {len(chosen)} datasets ({', '.join(map(str, chosen))}); give --data-root "
-                        "the one to use, or move the other away")
-    return chosen[0]
+    if len(unique) > 1:
+        raise DataError(f"{root}: holds {len(unique)} datasets ({', '.join(map(str, unique.values()))}); give "
+                        "--data-root the one to use, or move the other away")
+    return next(iter(unique.values()))
 
 
 def _zip_hint(root: Path) -> str:
