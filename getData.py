@@ -114,6 +114,14 @@ def _terminated(signum, frame):
     raise Terminated
 
 
+def stop_if_asked() -> None:
+    """Raise the stop a signal asked for, if a finalizer swallowed it: a training loop calls this once a
+    step, so a Ctrl-C that landed in a `__del__` still stops the run within a step (it went on to the
+    end, or to a second Ctrl-C)."""
+    if _stop_asked is not None:
+        raise _stop_asked()
+
+
 NAME_MAX = 255  # bytes in one file or folder name: ext4, XFS, Btrfs, APFS (NTFS: 255 UTF-16 units)
 
 
@@ -147,6 +155,7 @@ def run_main(body, *args) -> int:
             sys.stderr.write(f"\n{stopped}{''.join(f': {a}' for a in e.args)}\n")
         return 143 if isinstance(e, Terminated) else 130  # the shell's status for SIGTERM, SIGINT
     finally:
+        _stop_asked = None  # this run's: a caller of the functions after main() (a notebook, a test) is not stopped
         if takes_sigterm:
             signal.signal(signal.SIGTERM, before)
         if takes_sigint:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from augment import SIMCLR_OPS, BatchAugment
 from getData import (SEED, DataError, Number, Parser, atomic_write, decode_all, images_in, index_split, list_classes,
-                     origin_stem, patient_id, refuse_leaks, resolve_data_root, resumable, run_main, to_json)
+                     origin_stem, patient_id, refuse_leaks, resolve_data_root, resumable, run_main, stop_if_asked,
+                     to_json)
 from models import (INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, Runtime,
                     SaveClock, batch_indices, build_model, checkpoint_dict, claim_run_dir, distributed, embed,
                     epoch_generators, init_file, make_optimizer, param_groups, per_rank_batch, refuse_init_that_saw,
@@ -195,6 +196,7 @@ def pretrain_epoch(net, images, aug, opt, sched, rt: Runtime, key: tuple, batch_
     batches = list(batch_indices(len(images), batch_size, order_gen, drop_last=rt.world > 1))  # see steps_per_epoch
     total, count, start = torch.zeros((), device=rt.device), 0, time.perf_counter()  # summed on device: no sync
     for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if rt.rank else None):
+        stop_if_asked()
         idx = shard(idx, rt)
         if len(idx) < 2:
             continue  # one image has no negatives

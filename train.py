@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, to_json, too_long)
+                     refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, stop_if_asked,
+                     to_json, too_long)
 from models import (EMA, INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
                     Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
                     derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
@@ -164,6 +165,7 @@ def train_epoch(step: Step, data: FoldData, rt: Runtime, key: tuple, batch_size:
     # trained side by side draw no bar; the rest draw one on a terminal only (disable=None), so logs carry none
     start = time.perf_counter()
     for idx in tqdm(batches, desc=f"epoch {key[1] + 1}", leave=False, disable=True if quiet else None):
+        stop_if_asked()
         x, target = step_inputs(step, data.train_images, data.train_targets, len(data.classes), shard(pool[idx], rt),
                                 aug_gen)
         optimise(step, x, target, rt, total)

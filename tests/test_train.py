@@ -25,7 +25,7 @@ import train
 from augment import write_augmented
 from conftest import (REPO, assert_one_line_error, drawn, group_gone, interrupt_when, killed_on_call, run_cli,
                       run_script, start_as_from_a_terminal, start_in_the_background, train_args)
-from getData import audit, index_split, list_classes
+from getData import audit, index_split, list_classes, stop_if_asked
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
 
@@ -359,6 +359,41 @@ def test_folds_trained_side_by_side_equal_folds_trained_in_turn(synthetic, tmp_p
     assert (tmp_path / "jobs" / "summary.md").read_text() == (tmp_path / "turn" / "summary.md").read_text()
     proc = run_cli("train.py", *train_args(synthetic, tmp_path / "x", "--jobs", 2))
     assert_one_line_error(proc, "--jobs 2", "--fold all")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed KeyboardInterrupt
+@pytest.mark.parametrize("script, step", [("train", "optimise"), ("simclr", "pretrain_step")])
+def test_a_ctrl_c_a_finalizer_swallowed_still_stops_the_run_within_a_step(synthetic, tmp_path, monkeypatch, script,
+                                                                          step):
+    """Python runs a signal's handler wherever the main thread is, a `__del__` included (tqdm's), which
+    drops what it raises: a run in one process went on to its end, or to a second Ctrl-C."""
+    module, calls = __import__(script), []
+    real = getattr(module, step)
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs here, and its KeyboardInterrupt goes nowhere
+                pass
+
+    def a_step_that_drops_a_finalizer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            Finalizer()
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, step, a_step_that_drops_a_finalizer)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
+    try:
+        proc = run_cli(f"{script}.py", *train_args(synthetic, tmp_path / "run", "--epochs", 3))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("interrupted: the same command with --resume continues")
+    assert len(calls) == 2  # not a step more
+    try:
+        stop_if_asked()
+    except KeyboardInterrupt:  # (raised as such, it would stop pytest itself)
+        pytest.fail("the stop outlived its run: what this process runs next (a notebook's next cell) stops too")
 
 
 def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path):
