@@ -96,8 +96,9 @@ class Terminated(KeyboardInterrupt):
 
 # The stop a signal asked for (KeyboardInterrupt or Terminated), kept beyond the exception it raises:
 # Python runs a handler wherever the main thread is, a finalizer (`__del__`) included, which drops what
-# it raises. The run then goes on and fails in its own way (under torchrun, the next collective finds
-# the other ranks gone: "Connection closed by peer"); on_interrupt then reports the stop, not that.
+# it raises. The run then goes on: training loops end it at their next step (stop_if_asked), and
+# what fails in its own way meanwhile (under torchrun, the next collective finds the other ranks gone:
+# "Connection closed by peer") on_interrupt reports as the stop, not as that.
 _stop_asked: type | None = None
 
 

@@ -109,6 +109,28 @@ def start_in_the_background(script, *args) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
 
+@contextlib.contextmanager
+def ctrl_c_as_from_a_terminal():
+    """Ctrl-C in this process as a terminal leaves it (Python's default handler), for a test's block: a
+    suite started with `nohup ... &` ignores it, and the scripts leave an ignored Ctrl-C ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def signal_in_a_finalizer(sig) -> None:
+    """`sig` to this process while a finalizer (`__del__`) runs: Python runs the signal's handler there
+    and drops what it raises, as it did inside tqdm's."""
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), sig)
+            for _ in range(1000):  # the handler runs here, and its exception goes nowhere
+                pass
+    Finalizer()
+
+
 def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool, sig=signal.SIGINT) -> list[str]:
     """Ctrl-C (or `sig`) to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process
     group as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars

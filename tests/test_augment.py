@@ -10,7 +10,8 @@ import augment
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import assert_one_line_error, interrupt_when, run_cli, start_as_from_a_terminal, start_in_the_background
+from conftest import (assert_one_line_error, ctrl_c_as_from_a_terminal, interrupt_when, run_cli,
+                      start_as_from_a_terminal, start_in_the_background)
 from getData import DataError, WriteError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
 
@@ -220,13 +221,10 @@ def test_the_writers_and_the_benchmarks_workers_are_born_deaf_to_ctrl_c():
     """Ctrl-C is the parent's to handle: a worker that took it while importing torch (its first
     seconds) printed a traceback, when the parent's stop of the pool did not kill it first (a race
     the test above cannot force). Ignored from birth, the workers report SIGINT ignored."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal, not `nohup ... &`
-    try:
+    with ctrl_c_as_from_a_terminal():
         assert list(augment._in_processes(signal.getsignal, [signal.SIGINT] * 2, 2)) == [signal.SIG_IGN] * 2
         assert [batch.tolist() for batch in augment._loader(_CtrlCProbe(), 2, 1)] == [[True, True]]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the parent's is back
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def test_writer_balance_tops_up_to_largest_class(tmp_path, synthetic):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import getData
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, ctrl_c_as_from_a_terminal, run_cli, signal_in_a_finalizer
 from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, images_under, index_split,
                      list_classes, load_image, make_synthetic, origin_stem, patient_id)
 
@@ -639,26 +639,17 @@ def test_a_stop_that_a_finalizer_swallowed_is_still_the_stop(capsys, sig, line, 
     """Python runs a signal's handler wherever the main thread is, a `__del__` included (tqdm's, seen),
     which drops what it raises: under torchrun one rank then went on into a collective with the other
     ranks gone, and printed gloo's "Connection closed by peer" traceback instead of its one line."""
-    class Bar:
-        def __del__(self):
-            os.kill(os.getpid(), sig)
-            for _ in range(1000):  # the handler runs here, and its exception goes nowhere
-                pass
-
     def body():
         with getData.on_interrupt("the same command continues it"):
-            Bar()
+            signal_in_a_finalizer(sig)
             raise RuntimeError("[gloo/transport/tcp/pair.cc:547] Connection closed by peer")
 
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (this suite may ignore it)
-    try:
+    with ctrl_c_as_from_a_terminal():
         handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
         with pytest.MonkeyPatch.context() as m:
             m.delenv("TORCHELASTIC_RUN_ID", raising=False)
             assert getData.run_main(body) == status
         assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # given back
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{line}: the same command continues it"
 
 

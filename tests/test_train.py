@@ -23,8 +23,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from augment import write_augmented
-from conftest import (REPO, assert_one_line_error, drawn, group_gone, interrupt_when, killed_on_call, run_cli,
-                      run_script, start_as_from_a_terminal, start_in_the_background, train_args)
+from conftest import (REPO, assert_one_line_error, ctrl_c_as_from_a_terminal, drawn, group_gone, interrupt_when,
+                      killed_on_call, run_cli, run_script, signal_in_a_finalizer, start_as_from_a_terminal,
+                      start_in_the_background, train_args)
 from getData import audit, index_split, list_classes, stop_if_asked
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
 from testing import evaluate
@@ -370,23 +371,14 @@ def test_a_ctrl_c_a_finalizer_swallowed_still_stops_the_run_within_a_step(synthe
     module, calls = __import__(script), []
     real = getattr(module, step)
 
-    class Finalizer:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # the handler runs here, and its KeyboardInterrupt goes nowhere
-                pass
-
-    def a_step_that_drops_a_finalizer(*args, **kwargs):
+    def a_step_during_which_a_finalizer_gets_ctrl_c(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            Finalizer()
+            signal_in_a_finalizer(signal.SIGINT)
         return real(*args, **kwargs)
-    monkeypatch.setattr(module, step, a_step_that_drops_a_finalizer)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
-    try:
+    monkeypatch.setattr(module, step, a_step_during_which_a_finalizer_gets_ctrl_c)
+    with ctrl_c_as_from_a_terminal():
         proc = run_cli(f"{script}.py", *train_args(synthetic, tmp_path / "run", "--epochs", 3))
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("interrupted: the same command with --resume continues")
     assert len(calls) == 2  # not a step more
