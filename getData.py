@@ -765,8 +765,12 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
         raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
     except UnidentifiedImageError:
         raise DataError(f"{name}: not a readable image ({_why_not_an_image(source)})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: not a readable image ({_detail(e, name)})") from None
+    except OSError as e:
+        if e.strerror:  # the system's reason ("No such file or directory"): the file is named once, by us
+            raise DataError(f"{name}: not a readable image ({e.strerror})") from None
+        raise DataError(f"{name}: not a readable image ({_why_not_an_image(source, _detail(e, name))})") from None
+    except (SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: not a readable image ({_why_not_an_image(source, _detail(e, name))})") from None
 
 
 def _a_pipe_or_device(path) -> bool:
@@ -779,10 +783,15 @@ HEIF_NOTE = ("a HEIC, HEIF or AVIF image, as iPhones save by default; send it as
 HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"}
 
 
-def _why_not_an_image(source) -> str:
-    """What a file Pillow found no image in is, from its first bytes: empty (a copy that failed), an
-    image in an ISO base media file (HEIC, HEIF, AVIF: an 'ftyp' box and its brand at bytes 4 to 12),
-    or something else."""
+SIGNATURES = {"JPEG": rb"\xff\xd8\xff", "PNG": rb"\x89PNG\r\n\x1a\n", "GIF": rb"GIF8[79]a", "WebP": rb"RIFF.{4}WEBP",
+              "TIFF": rb"II\*\x00|MM\x00\*", "BMP": rb"BM.{4}\x00{4}"}  # the first bytes of each format read
+
+
+def _why_not_an_image(source, detail: str | None = None) -> str:
+    """What a file Pillow could not read is, from its first bytes: empty (a copy that failed), an image
+    in an ISO base media file (HEIC, HEIF, AVIF: an 'ftyp' box and its brand at bytes 4 to 12), one of
+    the formats read that does not decode (most often a download cut short; `detail`: the decoder's
+    message), or something else."""
     try:
         if isinstance(source, (str, Path)):
             with open(source, "rb") as f:
@@ -796,7 +805,11 @@ def _why_not_an_image(source) -> str:
         return "an empty file, 0 bytes; was it copied or downloaded whole?"
     if head and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return HEIF_NOTE
-    return "not a JPEG, PNG, WebP, BMP, TIFF or GIF file"
+    fmt = next((f for f, sig in SIGNATURES.items() if head and re.match(sig, head, re.DOTALL)), None)
+    if fmt:
+        what = f"that Pillow cannot decode: {detail}" if detail else "whose header Pillow cannot read"
+        return f"a {fmt} file {what}; was it copied or downloaded whole?"
+    return detail or "not a JPEG, PNG, WebP, BMP, TIFF or GIF file"
 
 
 REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")  # modes Image.reduce takes
@@ -834,10 +847,7 @@ def _shrink(im: Image.Image, side: int) -> Image.Image:
 
 
 def _detail(error: Exception, name: str) -> str:
-    """The decoder's message without the repr of an in-memory file (<_io.BytesIO object at 0x...>), or
-    the system's reason alone ("No such file or directory"): the file is named once, by the caller."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
+    """The decoder's message without the repr of an in-memory file (<_io.BytesIO object at 0x...>)."""
     return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", name, str(error)) or type(error).__name__
 
 

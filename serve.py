@@ -388,9 +388,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _options(self):
         path = urlparse(self.path).path
-        if path not in ALLOWED:
+        if path != "*" and path not in ALLOWED:
             self._not_found()
-        self._json(200, {"allow": ALLOWED[path]}, {"Allow": ", ".join(ALLOWED[path])})
+        allow = ALLOWED[path] if path != "*" else sorted(set().union(*ALLOWED.values()))  # *: the server's (RFC 9110)
+        self._json(200, {"allow": allow}, {"Allow": ", ".join(allow)})
 
     def do_PUT(self):
         self._guard(self._not_allowed)

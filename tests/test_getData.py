@@ -412,6 +412,21 @@ def test_an_iphone_photo_says_what_it_is_and_what_to_send(tmp_path):
             load_image(source)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_a_photo_cut_short_says_so_whatever_its_format(fmt):
+    """A download cut short was "not a JPEG, PNG, ... file" when it broke the header, or Pillow's bare
+    "Truncated File Read": the line names the format its first bytes show and asks whether it is whole."""
+    whole = _save(Image.effect_noise((64, 64), 50).convert("RGB"), fmt)
+    name = "WebP" if fmt == "WEBP" else fmt
+    for cut in (14, len(whole) // 2):  # inside the header, inside the pixels
+        with pytest.raises(DataError, match=rf"^p: not a readable image \(a {name} file (whose header Pillow cannot "
+                                            r"read|that Pillow cannot decode: .+); was it copied or downloaded whole"):
+            load_image(whole[:cut], name="p")
+    for other in (b"GIF90a, a typo", b"RIFF\x00\x00\x00\x00WAVEfmt "):  # nearly a GIF's and a WebP's first bytes
+        with pytest.raises(DataError, match=r"\(not a JPEG, PNG, WebP, BMP, TIFF or GIF file\)$"):
+            load_image(other, name="p")
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_load_image_reads_the_formats_photos_come_in(fmt):
     im = load_image(_save(Image.new("RGB", (40, 30), (200, 100, 50)), fmt), name=f"p.{fmt.lower()}")

@@ -463,6 +463,8 @@ def test_head_options_and_what_the_standard_library_refuses_are_json(server):
     conn.close()
     status, answer = request(server, "OPTIONS", "/predict")
     assert status == 200 and answer["allow"] == ["POST", "OPTIONS"]
+    status, answer = request(server, "OPTIONS", "*")  # what the server takes at all
+    assert status == 200 and answer["allow"] == ["GET", "HEAD", "OPTIONS", "POST"]
     for method, path, code in (("BREW", "/", 501), ("GET", "/" + "x" * 70_000, 414)):
         status, answer = request(server, method, path)
         assert status == code and isinstance(answer, dict) and answer["error"], (method, answer)
