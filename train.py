@@ -594,7 +594,8 @@ def parse_args(argv=None):
     d, positive, at_least_1, at_least_0 = DEFAULTS, Number(float, 0, open_low=True), Number(int, 1), Number(float, 0)
     p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
-    p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
+    p.add_argument("--model", type=str.lower, default=d["model"],  # ResNet18 is resnet18, in config.json too
+                   help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt) "
                    "or the run directory that holds it")
     p.add_argument("--input-size", type=INPUT_SIZE, default=d["input_size"], help="override the model's input size "

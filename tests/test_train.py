@@ -186,6 +186,15 @@ def test_bad_arguments_are_one_line_errors(synthetic, tmp_path):
     assert not (tmp_path / "r" / "best.pt").exists()
 
 
+def test_a_model_name_in_any_case_is_one_model(synthetic, tmp_path):
+    """`--model LeNet` trained LeNet but wrote 'LeNet' into config.json, so the same run resumed with
+    `--model lenet` was refused as a changed flag: a name is written as models/ knows it."""
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--model", "LeNet")) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["model"] == "lenet"
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--model", "lenet", "--resume")) == 0
+    assert __import__("simclr").parse_args(["--model", "ResNet18"]).model == "resnet18"  # the other --model
+
+
 def test_balancing_helpers():
     targets = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
     w = train.class_weights(targets, 3)
