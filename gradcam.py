@@ -35,8 +35,8 @@ from tqdm import tqdm
 from getData import (FOLDS, DataError, Number, Parser, atomic_path, atomic_write, check_images, each_once, images_in,
                      index_split, load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
-                    capture_features, crop, find_checkpoints, gate, gate_by, load_classifier, mean_std, output_folder,
-                    photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
+                    capture_features, crop, drawable, find_checkpoints, gate, gate_by, load_classifier, mean_std,
+                    output_folder, photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -202,11 +202,11 @@ def _figure(e: Explained, classes, target, title) -> Figure:
     fig = Figure(figsize=(7, 3.8))
     axes = fig.subplots(1, 2)
     axes[0].imshow(e.shown)
-    axes[0].set_title(title, fontsize=8)
+    axes[0].set_title(drawable(title), fontsize=8)
     axes[1].imshow(e.overlay)
     explained = f"; map for {classes[target]}" if target is not None and target != pred else ""
-    axes[1].set_title(_caption(e, classes) + explained, fontsize=10, color="black" if e.in_distribution is not False
-                      else "tab:red")
+    axes[1].set_title(drawable(_caption(e, classes) + explained), fontsize=10,
+                      color="black" if e.in_distribution is not False else "tab:red")
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
@@ -269,8 +269,8 @@ def write_grid(results: list[Explained], names, classes, out: Path) -> None:
     for ax, e, name in zip(axes.flat, shown, names):
         ax.imshow(e.overlay)
         ood = e.in_distribution is False
-        ax.set_title(f"{'OOD ' if ood else ''}{classes[int(np.argmax(e.probs))]} {e.probs.max():.2f}\n"
-                     f"{shown_name(name)}", fontsize=7, color="tab:red" if ood else "black")
+        ax.set_title(drawable(f"{'OOD ' if ood else ''}{classes[int(np.argmax(e.probs))]} {e.probs.max():.2f}\n"
+                              f"{shown_name(name)}"), fontsize=7, color="tab:red" if ood else "black")
         if ood:  # a red frame: this photo is unlike the training photos, its map explains nothing useful
             ax.axis("on")
             ax.set_xticks([])

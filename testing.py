@@ -38,7 +38,7 @@ from getData import (FOLDS, POSITIVE_CLASS, SEED, SPLITS, SYNTHETIC_PATIENTS, Da
                      atomic_path, atomic_write, check_images, decode_all, images_in, is_synthetic, list_classes,
                      not_skin_images, patient_id, prepare, run_main, synthetic_image, to_json, usable_folds_root)
 from models import (MEMORY_FORMATS, PLAIN_VIEW, PRECISION_HELP, PRECISIONS, SCORES, TTA_VIEWS, ModelError, build_model,
-                    derived_seed, detection_metrics, embed, find_checkpoints, fit_temperature, gate_by,
+                    derived_seed, detection_metrics, drawable, embed, find_checkpoints, fit_temperature, gate_by,
                     load_checkpoint, load_classifier, logits_and_features, mean_std, mean_std_table, ood_scores,
                     output_folder, photos_seen, predict_logits, probabilities, reference_for, resize_size, save_figure,
                     select_runtime)
@@ -209,8 +209,8 @@ def plot_confusion(cm, classes, path, title="") -> None:
         ax.imshow(data, cmap="Blues", vmin=0)
         ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
                title=f"{title} {name}".strip())
-        ax.set_xticklabels(classes, rotation=45, ha="right")
-        ax.set_yticklabels(classes)
+        ax.set_xticklabels(map(drawable, classes), rotation=45, ha="right")
+        ax.set_yticklabels(map(drawable, classes))
         for i in range(len(classes)):
             for j in range(len(classes)):
                 ax.text(j, i, format(data[i, j], fmt), ha="center", va="center",
@@ -226,7 +226,7 @@ def plot_roc(y_true, probs, classes, path) -> None:
     for c, name in enumerate(classes):
         if 0 < (y_true == c).sum() < len(y_true):
             fpr, tpr, _ = roc_curve(y_true == c, probs[:, c])
-            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true == c, probs[:, c]):.3f})")
+            ax.plot(fpr, tpr, label=f"{drawable(name)} (AUC {roc_auc_score(y_true == c, probs[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="one-vs-rest ROC")
     ax.legend(loc="lower right", fontsize=8)

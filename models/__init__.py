@@ -21,8 +21,8 @@ from models.ood import (GATE_SCORE, SCORES, detection_metrics, fit_reference, ga
 from models.predict import (MEAN, PLAIN_VIEW, STD, TTA_VIEWS, capture_features, crop, device_logits, embed,
                             fit_temperature, logits_and_features, normalize, predict, predict_logits, probabilities,
                             resize_size, to_input, view)
-from models.rundir import (SaveClock, claim_run_dir, mean_std, mean_std_table, output_folder, png_bytes, save_figure,
-                           write_history)
+from models.rundir import (SaveClock, claim_run_dir, drawable, mean_std, mean_std_table, output_folder, png_bytes,
+                           save_figure, write_history)
 from models.runtime import (MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, Runtime, backend_for, batch_indices, constant,
                             derived_seed, distributed, epoch_generators, native_bf16, per_rank_batch, seed_worker,
                             select_runtime, send, set_numerics, set_seed, shard)
@@ -34,8 +34,8 @@ __all__ = ["INPUT_SIZE", "Classifier", "build_model", "load_classifier", "model_
            "gate_by", "detection_metrics", "fit_reference", "gate", "is_current", "ood_scores", "reference_for",
            "reference_from_images", "MEAN", "PLAIN_VIEW", "STD", "TTA_VIEWS", "capture_features", "crop",
            "device_logits", "embed", "fit_temperature", "logits_and_features", "normalize", "predict", "predict_logits",
-           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "output_folder",
-           "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS",
+           "probabilities", "resize_size", "to_input", "view", "SaveClock", "claim_run_dir", "drawable",
+           "output_folder", "mean_std", "mean_std_table", "png_bytes", "save_figure", "write_history", "MEMORY_FORMATS",
            "PRECISION_HELP", "PRECISIONS", "Runtime", "backend_for", "batch_indices", "constant", "derived_seed",
            "distributed", "epoch_generators", "native_bf16", "per_rank_batch", "seed_worker", "select_runtime", "send",
            "set_numerics", "set_seed", "shard"]

@@ -6,6 +6,7 @@ state, so plotting is safe from any thread and needs no display.
 """
 import contextlib
 import csv
+import functools
 import io
 import os
 import re
@@ -171,6 +172,23 @@ class SaveClock:
             self.last = time.perf_counter()
             return True
         return False
+
+
+def drawable(text: str) -> str:
+    """`text` (a class or file name) as a figure can show it: a `$` is a dollar, not the start of
+    matplotlib's maths (a photo named `a$\\frac$.jpg` stopped gradcam.py with a parser traceback), and
+    a character the figures' font lacks (a class folder named in Chinese, an emoji) is written as its
+    code point, [U+6C34], so two such classes stay two labels, not two rows of the same empty boxes."""
+    have = _font_chars()
+    return "".join("\\$" if c == "$" else c if ord(c) in have or not c.isprintable() else f"[U+{ord(c):04X}]"
+                   for c in text)
+
+
+@functools.cache
+def _font_chars() -> frozenset[int]:
+    """The characters the default font of matplotlib's figures (DejaVu Sans unless configured) has."""
+    from matplotlib import font_manager, ft2font
+    return frozenset(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
 
 
 def png_bytes(fig: "Figure", dpi: int = 100) -> bytes:

@@ -253,11 +253,16 @@ def test_a_folder_is_explained_a_batch_at_a_time_after_every_file_is_read(traine
 @pytest.mark.figures
 def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthetic, tmp_path):
     """A name of bytes that are not UTF-8 (a camera's, an old archive's) reached matplotlib's title as
-    surrogates: a TypeError traceback, and no overlay for any photo."""
+    surrogates: a TypeError traceback, and no overlay for any photo; a name with `$...$` in it was read
+    as matplotlib's maths, and one it cannot parse was a traceback too."""
     odd = tmp_path / os.fsdecode(b"HEALTHY_08_\xff1.jpg")
-    shutil.copy(next((synthetic / "fold1" / "Test" / "Healthy").iterdir()), odd)
-    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", odd, "--out", tmp_path / "cam")
+    photo = next((synthetic / "fold1" / "Test" / "Healthy").iterdir())
+    shutil.copy(photo, odd)
+    shutil.copy(photo, tmp_path / "price$\\frac$.jpg")
+    proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", odd, tmp_path / "price$\\frac$.jpg", "--out",
+                   tmp_path / "cam")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "cam" / "price$\\frac$_gradcam.png").is_file()
     assert os.listdir(os.fsencode(tmp_path / "cam")).count(b"HEALTHY_08_\xff1_gradcam.png") == 1  # its own bytes
     assert drawn(tmp_path / "cam" / "grid.png")  # titled with the name
     assert gradcam.shown_name(odd) == "HEALTHY_08_\\xff1.jpg"

@@ -9,7 +9,7 @@ from sklearn import metrics as skm
 
 from conftest import assert_one_line_error, drawn, killed_on_call, run_cli
 from getData import MSLDDataset, index_split
-from models import ModelError, mean_std_table, resize_size
+from models import ModelError, drawable, mean_std_table, resize_size
 import testing
 from testing import (CI_KEYS, bootstrap, calibration_bins, classification_metrics, confusion_matrix,
                      confusion_metrics, evaluate, gated_metrics, interval, mpox_operating_point, risk_coverage)
@@ -66,6 +66,23 @@ def test_mean_std_table():
     rows.append({"fold": 3, "best_epoch": 5})  # a fold without the figure: a dash, and the mean says over which
     table = mean_std_table(rows, ["accuracy", "best_epoch"])
     assert "| 3 | — | 5 |" in table and "| 0.6000 ± 0.1414 (2 of 3) | 4.0000 ± 1.0000 |" in table
+
+
+@pytest.mark.figures
+def test_class_names_the_font_cannot_draw_stay_apart_in_the_figures(tmp_path):
+    """Class folders named in Chinese were drawn as rows of the same empty boxes (two classes, one
+    label), with a warning per glyph; a `$` started matplotlib's maths. Each is written as it can be
+    drawn, and the confusion matrix and ROC draw without a missing-glyph warning."""
+    classes = ["水痘", "麻疹", "🦠Cowpox", "Оспа", "Mpox $5"]
+    shown = [drawable(c) for c in classes]
+    assert shown[2:] == ["[U+1F9A0]Cowpox", "Оспа", "Mpox \\$5"] and len(set(shown)) == len(classes)
+    y = np.arange(10) % 5
+    probs = np.eye(5)[(y + (np.arange(10) > 6)) % 5] * 0.8 + 0.04
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph 27700 missing from font(s) DejaVu Sans"
+        testing.plot_confusion(confusion_matrix(y, probs.argmax(1), 5), classes, tmp_path / "cm.png")
+        testing.plot_roc(y, probs, classes, tmp_path / "roc.png")
+    assert drawn(tmp_path / "cm.png") and drawn(tmp_path / "roc.png")
 
 
 @pytest.mark.figures
