@@ -336,7 +336,7 @@ def parse_args(argv=None):
     at_least_1, at_least_0 = Number(int, 1), Number(float, 0)
     p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"])
-    p.add_argument("--model", type=str.lower, default=d["model"], help="any backbone of models/ (lenet, resnet18, ...)")
+    p.add_argument("--model", default=d["model"], help="any backbone of models/ (lenet, resnet18, ...)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (or its run directory) to start from")
     p.add_argument("--input-size", type=INPUT_SIZE, default=d["input_size"], help="override the model's input size")
     p.add_argument("--fold", type=int, default=d["fold"], choices=[1, 2, 3, 4, 5],
@@ -374,7 +374,7 @@ def parse_args(argv=None):
 def run(args) -> dict:
     if args.resume and args.overwrite:
         raise DataError("--resume and --overwrite: continue the run in --out, or replace it, not both")
-    return pretrain(vars(args).copy())
+    return pretrain(dict(vars(args), model=args.model.lower()))  # as train.py: ResNet18 is resnet18
 
 
 def main(argv=None) -> int:

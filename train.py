@@ -594,8 +594,7 @@ def parse_args(argv=None):
     d, positive, at_least_1, at_least_0 = DEFAULTS, Number(float, 0, open_low=True), Number(int, 1), Number(float, 0)
     p = Parser(__doc__, __file__)
     p.add_argument("--data-root", default=d["data_root"], help="MSLD v2.0 folder (synthetic set if data/ has none)")
-    p.add_argument("--model", type=str.lower, default=d["model"],  # ResNet18 is resnet18, in config.json too
-                   help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
+    p.add_argument("--model", default=d["model"], help="lenet, resnext101_64x4d, resnet18, ... (any torchvision)")
     p.add_argument("--init", default=d["init"], help="none, imagenet, or a .pt (SimCLR encoder.pt, best.pt) "
                    "or the run directory that holds it")
     p.add_argument("--input-size", type=INPUT_SIZE, default=d["input_size"], help="override the model's input size "
@@ -691,11 +690,12 @@ def run(args) -> list[dict]:
     folds = parse_fold(args.fold)
     with distributed(args.device, args.precision, args.memory_format, args.deterministic) as rt, \
             contextlib.ExitStack() as held:
-        cfg = dict(vars(args), world_size=rt.world, backend=rt.backend)
+        # ResNet18 is resnet18, in config.json too: resumed with either spelling, the flag is the same
+        cfg = dict(vars(args), model=args.model.lower(), world_size=rt.world, backend=rt.backend)
         if args.benchmark:
             return benchmark(cfg, rt)
         folds_root, cfg["init"] = rt.from_rank0(lambda: (resolve_data_root(args.data_root), init_file(args.init)))
-        cfg["out"] = args.out or f"runs/{args.model}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
+        cfg["out"] = args.out or f"runs/{cfg['model']}-{'all' if args.fold == 'all' else 'fold' + args.fold}"
         outs = {k: Path(cfg["out"]) / (f"fold{k}" if args.fold == "all" else "") for k in folds}
         rt.from_rank0(lambda: claim_runs(cfg, outs, held))  # every rank stops on rank 0's refusal
         with resumable(cfg["out"]):
@@ -706,7 +706,7 @@ def run(args) -> list[dict]:
         if rt.rank == 0 and args.fold == "all":
             table = mean_std_table(results, ["valid_acc", "valid_bal_acc", "valid_loss", "best_epoch"])
             atomic_write(Path(cfg["out"]) / "summary.md",
-                         f"# {args.model}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
+                         f"# {cfg['model']}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
         return results
 

@@ -357,6 +357,7 @@ def test_patient_pairs_stay_in_their_split_and_single_photos_pair_with_themselve
 def test_patient_positives_pretrain(synthetic, tmp_path):
     out = tmp_path / "micle"
     assert simclr.main(["--data-root", str(synthetic), "--out", str(out), "--epochs", "2", "--positives", "patient",
-                        "--device", "cpu"]) == 0
+                        "--device", "cpu", "--model", "LeNet"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["positives"] == "patient" and 0 < config["patient_pairs"] < config["n_images"]
+    assert config["model"] == "lenet"  # as models/ names it: resumed with --model lenet or LeNet alike
