@@ -765,12 +765,9 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
         raise ImageTooLarge(f"{name}: over the {max_pixels:,}-pixel limit; send a smaller photo") from None
     except UnidentifiedImageError:
         raise DataError(f"{name}: not a readable image ({_why_not_an_image(source)})") from None
-    except OSError as e:
-        if e.strerror:  # the system's reason ("No such file or directory"): the file is named once, by us
-            raise DataError(f"{name}: not a readable image ({e.strerror})") from None
-        raise DataError(f"{name}: not a readable image ({_why_not_an_image(source, _detail(e, name))})") from None
-    except (SyntaxError, ValueError) as e:
-        raise DataError(f"{name}: not a readable image ({_why_not_an_image(source, _detail(e, name))})") from None
+    except (OSError, SyntaxError, ValueError) as e:  # the system's reason ("No such file"), or the decoder's
+        why = e.strerror if isinstance(e, OSError) and e.strerror else _why_not_an_image(source, _detail(e, name))
+        raise DataError(f"{name}: not a readable image ({why})") from None
 
 
 def _a_pipe_or_device(path) -> bool:

@@ -203,14 +203,14 @@ def svm_probabilities(classes: list, clf, x) -> np.ndarray:
 # ----------------------------------------------------------------------------- plots
 def plot_confusion(cm, classes, path, title="") -> None:
     cm = np.asarray(cm)
-    norm = _ratio(cm, cm.sum(1, keepdims=True))
+    norm, labels = _ratio(cm, cm.sum(1, keepdims=True)), [drawable(c) for c in classes]
     fig = Figure(figsize=(13, 5.5))
     for ax, data, fmt, name in zip(fig.subplots(1, 2), (cm, norm), ("d", ".2f"), ("counts", "row-normalised (recall)")):
         ax.imshow(data, cmap="Blues", vmin=0)
         ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true",
                title=f"{title} {name}".strip())
-        ax.set_xticklabels(map(drawable, classes), rotation=45, ha="right")
-        ax.set_yticklabels(map(drawable, classes))
+        ax.set_xticklabels(labels, rotation=45, ha="right")
+        ax.set_yticklabels(labels)
         for i in range(len(classes)):
             for j in range(len(classes)):
                 ax.text(j, i, format(data[i, j], fmt), ha="center", va="center",
