@@ -802,7 +802,7 @@ def _why_not_an_image(source, detail: str | None = None) -> str:
         return "an empty file, 0 bytes; was it copied or downloaded whole?"
     if head and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return HEIF_NOTE
-    fmt = next((f for f, sig in SIGNATURES.items() if head and re.match(sig, head, re.DOTALL)), None)
+    fmt = next((f for f, sig in SIGNATURES.items() if re.match(sig, head, re.DOTALL)), None) if head else None
     if fmt:
         what = f"that Pillow cannot decode: {detail}" if detail else "whose header Pillow cannot read"
         return f"a {fmt} file {what}; was it copied or downloaded whole?"

@@ -388,9 +388,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _options(self):
         path = urlparse(self.path).path
-        if path != "*" and path not in ALLOWED:
+        allow = sorted(set().union(*ALLOWED.values())) if path == "*" else ALLOWED.get(path)  # *: the server's
+        if allow is None:
             self._not_found()
-        allow = ALLOWED[path] if path != "*" else sorted(set().union(*ALLOWED.values()))  # *: the server's (RFC 9110)
         self._json(200, {"allow": allow}, {"Allow": ", ".join(allow)})
 
     def do_PUT(self):
