@@ -859,7 +859,7 @@ def check_images(paths, desc: str = "reading") -> None:
     without the GIL): a file that is not a whole image is one line before any work that needs it."""
     with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         for _ in tqdm(pool.map(lambda p: load_image(p, shrink_to=32), paths), total=len(paths), desc=desc,
-                      leave=False, disable=len(paths) < 200):
+                      leave=False, disable=True if len(paths) < 200 else None):  # None: not in a log
             pass
 
 
@@ -878,7 +878,7 @@ def decode_all(paths, size: int, workers: int | None = None, desc="decode", shri
     workers = workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc,
-                      leave=False, disable=len(paths) < 200):
+                      leave=False, disable=True if len(paths) < 200 else None):  # None: not in a log
             pass
     return out
 

@@ -368,7 +368,7 @@ def faithfulness(model, images, rt, layers, batch_size: int, seed: int = 0) -> d
     maps.update(baseline_maps(len(x), model.input_size, gen))
     out = dict(n=len(x), steps=STEPS, baseline=f"Gaussian blur, sigma {RISE_SIGMA * model.input_size / 224:.1f} px",
                maps={})
-    for name, m in tqdm(maps.items(), desc="deletion/insertion", leave=False):
+    for name, m in tqdm(maps.items(), desc="deletion/insertion", leave=False, disable=None):
         deletion, insertion = [], []
         for i in range(0, len(x), batch_size):
             d, ins = deletion_insertion(model, x[i:i + batch_size], target[i:i + batch_size], m[i:i + batch_size], rt,
@@ -425,7 +425,7 @@ def randomisation(model, images, rt, layers, batch_size: int, seed: int = 0) -> 
     # the same new weights every run, inside a fork that gives the caller its streams back unchanged
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for name, block in tqdm(cascade(random_model), desc="randomisation", leave=False):
+        for name, block in tqdm(cascade(random_model), desc="randomisation", leave=False, disable=None):
             for m in block.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -496,6 +497,18 @@ def test_users_photos_are_decoded_small_and_the_datasets_whole(tmp_path, monkeyp
     whole = getData.decode_all(paths, 40)
     assert sorted(decoded) == [(3000, 2000), (4000, 3000)]  # (threads finish in any order)
     assert (small.float() - whole.float()).abs().mean() < 2  # the same picture, grey levels 0..255
+
+
+def test_decoding_many_photos_draws_a_bar_on_a_terminal_only(synthetic, capsys, monkeypatch):
+    """A folder of photos is decoded with a bar, which a log (stderr not a terminal) never gets: it had
+    one per decode of 200 photos or more, into every `nohup ... &` log of a real run."""
+    paths = sorted(synthetic.glob("fold*/*/*/*.jpg"))[:200]
+    getData.decode_all(paths, 8)
+    getData.check_images(paths)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    getData.decode_all(paths, 8)
+    assert "decode:   0%|          | 0/200" in capsys.readouterr().err
 
 
 def test_dataset_bad_fold_and_split(synthetic):

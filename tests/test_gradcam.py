@@ -401,6 +401,7 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     assert faith["n"] == 6 and set(faith["maps"]) == {"gradcam relu2", "random", "centre"}
     assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1
     assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness and sanity results to {tmp_path / 'one'}/"
+    assert "%|" not in proc.stderr  # no progress bars where no terminal shows them
     proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness results to {tmp_path / 'all'}/"  # what was asked
