@@ -268,6 +268,23 @@ def test_a_photo_whose_name_is_not_utf8_is_explained_and_titled(trained, synthet
     assert gradcam.shown_name(odd) == "HEALTHY_08_\\xff1.jpg"
 
 
+def test_an_overlays_titles_stay_inside_its_figure_and_name_the_explained_class():
+    """A long photo name ran past both edges of its overlay figure as one line (and a long caption into
+    its neighbour's); they now fold in two lines, a name cut short, the caption whole."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    img = np.zeros((224, 224, 3), np.uint8)
+    e = gradcam.Explained(np.array([0.1, 0.2, 0.7]), img, img, in_distribution=False)
+    name = "IMG_20241201_123456_789_" * 8 + "$x$.jpg"
+    fig = gradcam._figure(e, ["Hand-foot-mouth disease", "Chickenpox", "Monkeypox"], 0, name)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    titles = [ax.title for ax in fig.axes]
+    assert titles[0].get_text().startswith("IMG_20241201_") and titles[0].get_text().count("\n") == 1
+    assert titles[1].get_text().replace("\n", " ").endswith("Monkeypox 0.70; map for Hand-foot-mouth disease")
+    left, right = (t.get_window_extent(renderer) for t in titles)
+    assert all(0 <= b.x0 and b.x1 <= fig.bbox.x1 and b.y1 <= fig.bbox.y1 for b in (left, right))
+    assert left.x1 < right.x0  # side by side, not over one another
+
+
 @pytest.mark.figures  # the overlays' pixels tell the photos apart
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
