@@ -201,7 +201,7 @@ def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="je
 def _figure(e: Explained, classes, target, title) -> Figure:
     """The crop the model sees beside its overlay, titled with the photo's name and the answer. Laid
     out once by hand, with no ticks for matplotlib to measure: tight_layout and the hidden axes' ticks
-    were half of the fifth of a second each photo cost, most of gradcam.py's time over a split."""
+    took 0.07 s of the 0.24 s a photo cost, nearly all of which is drawing (README: Grad-CAM)."""
     pred = int(np.argmax(e.probs))
     explained = f"; map for {classes[target]}" if target is not None and target != pred else ""
     fig = Figure(figsize=(7, 3.8))
