@@ -219,8 +219,10 @@ def _figure(e: Explained, classes, target, title) -> Figure:
 def _lines(text: str, width: int) -> str:
     """`text` in at most two lines of `width` characters (a long file name goes on over them otherwise,
     beyond the figure's edge), the rest elided."""
-    lines = textwrap.wrap(text, width, break_on_hyphens=False) or [""]
-    return "\n".join(lines[:2]) if len(lines) <= 2 else lines[0] + "\n" + lines[1][:width - 1] + "\u2026"
+    lines = textwrap.wrap(text, width, break_on_hyphens=False)
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][:width - 1] + "\u2026"]
+    return "\n".join(lines)
 
 
 def _caption(e: Explained, classes) -> str:
