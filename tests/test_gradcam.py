@@ -285,6 +285,17 @@ def test_an_overlays_titles_stay_inside_its_figure_and_name_the_explained_class(
     assert left.x1 < right.x0  # side by side, not over one another
 
 
+@pytest.mark.figures
+def test_the_grid_frames_in_red_the_photos_the_gate_turns_away(tmp_path):
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    for gated in (None, True, False):
+        results = [gradcam.Explained(np.array([0.2, 0.8]), grey, grey, in_distribution=k) for k in (True, gated)]
+        gradcam.write_grid(results, ["a.png", "b.png"], ["x", "y"], tmp_path / str(gated))
+        pixels = np.asarray(Image.open(tmp_path / str(gated) / "grid.png").convert("RGB")).astype(int)
+        red = (np.abs(pixels - (214, 39, 40)).sum(-1) < 60).sum()  # matplotlib's tab:red
+        assert (red > 500) == (gated is False), (gated, red)  # a frame, not a red title alone
+
+
 @pytest.mark.figures  # the overlays' pixels tell the photos apart
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
