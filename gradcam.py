@@ -212,7 +212,7 @@ def _figure(e: Explained, classes, target, title) -> Figure:
         ax.imshow(picture)
         ax.set_title(drawable(text), fontsize=size, color=colour)
         ax.set(xticks=[], yticks=[])
-        ax.set_axis_off()
+        ax.axis("off")
     return fig
 
 
