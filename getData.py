@@ -857,10 +857,7 @@ def prepare(im: Image.Image, size: int) -> torch.Tensor:
 def check_images(paths, desc: str = "reading") -> None:
     """Decode every image once, as small as its format allows, keeping none (threads: Pillow decodes
     without the GIL): a file that is not a whole image is one line before any work that needs it."""
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for _ in tqdm(pool.map(lambda p: load_image(p, shrink_to=32), paths), total=len(paths), desc=desc,
-                      leave=False, disable=True if len(paths) < 200 else None):  # None: not in a log
-            pass
+    _in_threads(lambda p: load_image(p, shrink_to=32), list(paths), min(8, os.cpu_count() or 1), desc)
 
 
 def decode_all(paths, size: int, workers: int | None = None, desc="decode", shrink=False) -> torch.Tensor:
@@ -875,12 +872,17 @@ def decode_all(paths, size: int, workers: int | None = None, desc="decode", shri
     def work(i):
         out[i] = prepare(load_image(paths[i], shrink_to=size if shrink else None), size)
 
-    workers = workers or min(8, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc,
-                      leave=False, disable=True if len(paths) < 200 else None):  # None: not in a log
-            pass
+    _in_threads(work, range(len(paths)), workers or min(8, os.cpu_count() or 1), desc)
     return out
+
+
+def _in_threads(fn, items, workers: int, desc: str) -> None:
+    """fn over items in `workers` threads, its errors raised here; a bar for 200 items or more, on a
+    terminal only (None: none in a log)."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(fn, items), total=len(items), desc=desc, leave=False,
+                      disable=True if len(items) < 200 else None):
+            pass
 
 
 class MSLDDataset(torch.utils.data.Dataset):
