@@ -1,4 +1,5 @@
 """Shared fixtures: one synthetic dataset per session, the real data when it sits beside the checkout."""
+import concurrent.futures
 import contextlib
 import importlib
 import io
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -131,33 +133,73 @@ def signal_in_a_finalizer(sig) -> None:
     Finalizer()
 
 
-def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool, sig=signal.SIGINT) -> list[str]:
+def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool, sig=signal.SIGINT, within=10) -> list[str]:
     """Ctrl-C (or `sig`) to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process
     group as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars
-    left out, once it and every process it started have ended; a failing test leaves none running."""
+    left out, once it and every process it started have ended (these `within` seconds of its own end); a
+    failing test leaves none running."""
     try:
         deadline = time.monotonic() + 120
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         (os.killpg if whole_group else os.kill)(proc.pid, sig)
         _, err = proc.communicate(timeout=30)
-        assert group_gone(proc.pid, within=10), "a process it started outlived it"
+        assert group_gone(proc.pid, within), "a process it started outlived it"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     return [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
 
 
+def at_once(fn, cases) -> list:
+    """fn(case) for every case at the same time, each in a thread, results in order: for cases that wait
+    on processes of their own, mostly importing torch, one after the other would leave a core idle."""
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(fn, cases))
+
+
 def group_gone(group: int, within: float) -> bool:
-    """Whether every process of the process group has ended within `within` seconds."""
+    """Whether every process of the process group has ended within `within` seconds. An ended process
+    its parent has not reaped (a zombie) runs nothing and counts as ended: one whose parent has left
+    waits for PID 1 to reap it, which in a container may take seconds."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        if not _running_in(group):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _running_in(group: int) -> bool:
+    """Whether a process of the process group still runs (is not a zombie); where there is no /proc,
+    whether the group has a process at all."""
+    if not Path("/proc/self/stat").is_file():
         try:
             os.killpg(group, 0)
-        except ProcessLookupError:
             return True
-        time.sleep(0.1)
+        except ProcessLookupError:
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
     return False
+
+
+@contextlib.contextmanager
+def serving(srv):
+    """srv (a socketserver) answering from a thread of its own for the block, then shut down and closed.
+    It looks for the shutdown every 10 ms, not socketserver's 0.5 s: thirty-odd servers of the suite
+    each took up to half a second to stop."""
+    threading.Thread(target=srv.serve_forever, args=(0.01,), daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def run_cli(script, *args, cwd=None):

@@ -10,7 +10,7 @@ import augment
 from augment import (OFFLINE_OPS, OP_NAMES, SIMCLR_OPS, TRAIN_OPS, TRIVIAL_OPS, TRIVIAL_TRAIN_OPS, BatchAugment,
                      TrivialAugment, augment_batch, geometric, mix_batch, simclr_transform, train_transform,
                      write_augmented)
-from conftest import (assert_one_line_error, ctrl_c_as_from_a_terminal, interrupt_when, run_cli,
+from conftest import (assert_one_line_error, at_once, ctrl_c_as_from_a_terminal, interrupt_when, run_cli,
                       start_as_from_a_terminal, start_in_the_background)
 from getData import DataError, WriteError, index_split, list_classes, load_image, origin_stem, prepare
 from models import MEAN, STD, resize_size, to_input
@@ -185,26 +185,25 @@ def test_writer_is_deterministic(tmp_path, synthetic):
         assert p.read_bytes() == (tmp_path / "b" / p.relative_to(tmp_path / "a")).read_bytes()
 
 
-def test_ctrl_c_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthetic):
+def test_ctrl_c_or_sigterm_stops_the_writer_and_its_processes_in_one_line(tmp_path, synthetic):
     """As a user runs it, in a fresh interpreter with the workers it spawns (torch warns once per
     process, so only new ones can show a warning: PyTorch's "NumPy array is not writable" came once
-    per worker): a terminal's Ctrl-C, once they write, gives one line and nothing else on stderr,
-    exit status 130, no process left, and no output folder (it appears whole or not at all)."""
-    proc = start_as_from_a_terminal("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug",
-                                    "--factor", 100, "--workers", 2)
-    lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=True)  # the workers write
-    assert proc.returncode == 130 and lines == ["interrupted"], lines
-    assert list(tmp_path.iterdir()) == []
+    per worker), once they write: a terminal's Ctrl-C, or `kill PID` of a writer started with `nohup
+    ... &` (before, its hidden temporary folder of half the copies stayed behind), gives one line and
+    nothing else on stderr, exit status 130 or 143, no process left, and no output folder (it appears
+    whole or not at all). Both writers at once: each is mostly torch imports."""
+    def stop(sig):
+        (tmp_path / sig.name).mkdir()
+        start = start_as_from_a_terminal if sig == signal.SIGINT else start_in_the_background
+        proc = start("augment.py", "--data-root", synthetic, "--out", tmp_path / sig.name / "aug", "--factor", 100,
+                     "--workers", 2)
+        lines = interrupt_when(proc, lambda: any((tmp_path / sig.name).rglob("*.jpg")),  # the workers write
+                               whole_group=sig == signal.SIGINT, sig=sig)
+        return proc.returncode, lines, list((tmp_path / sig.name).iterdir())
 
-
-def test_sigterm_stops_the_writer_and_leaves_no_half_written_folder(tmp_path, synthetic):
-    """`kill PID` of a writer started with `nohup ... &`: before, its hidden temporary folder of
-    half the copies stayed behind. Now it unwinds as on Ctrl-C: one line, exit status 143."""
-    proc = start_in_the_background("augment.py", "--data-root", synthetic, "--out", tmp_path / "aug", "--factor",
-                                   100, "--workers", 2)
-    lines = interrupt_when(proc, lambda: any(tmp_path.rglob("*.jpg")), whole_group=False, sig=signal.SIGTERM)
-    assert proc.returncode == 143 and lines == ["terminated"], lines
-    assert list(tmp_path.iterdir()) == []
+    interrupted, terminated = at_once(stop, [signal.SIGINT, signal.SIGTERM])
+    assert interrupted == (130, ["interrupted"], []), interrupted
+    assert terminated == (143, ["terminated"], []), terminated
 
 
 class _CtrlCProbe(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import getData
-from conftest import assert_one_line_error, ctrl_c_as_from_a_terminal, run_cli, signal_in_a_finalizer
+from conftest import assert_one_line_error, ctrl_c_as_from_a_terminal, run_cli, serving, signal_in_a_finalizer
 from getData import (FOLDS, SPLITS, DataError, MSLDDataset, audit, find_folds_root, images_under, index_split,
                      list_classes, load_image, make_synthetic, origin_stem, patient_id)
 
@@ -566,12 +566,12 @@ class _Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self._serving = serving(self.httpd)
+        self._serving.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return self._serving.__exit__(*exc)
 
 
 def test_download_and_extract(tmp_path):

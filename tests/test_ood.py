@@ -12,7 +12,7 @@ from sklearn.covariance import LedoitWolf
 
 import testing
 import train
-from conftest import assert_one_line_error, run_cli, train_args
+from conftest import assert_one_line_error, run_cli, serving, train_args
 from getData import NOT_SKIN, MSLDDataset, index_split, list_classes, not_skin_images
 from models import (GATE_SCORE, detection_metrics, fit_reference, gate, load_classifier, ood_scores,
                     reference_from_images, resize_size, select_runtime)
@@ -270,9 +270,7 @@ def test_predict_withholds_the_label_of_a_noise_image(trained_resnet, synthetic)
     import serve
     from test_serve import predict
     predictor = serve.Predictor(trained_resnet / "best.pt", select_runtime("cpu"))
-    srv = serve.make_server(predictor)
-    __import__("threading").Thread(target=srv.serve_forever, daemon=True).start()
-    try:
+    with serving(serve.make_server(predictor)) as srv:
         noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
         status, a = predict(srv, _png(noise), "image/png", "?gradcam=1")
         assert status == 200 and a["in_distribution"] is False and a["label"] is None and "reason" in a
@@ -282,9 +280,6 @@ def test_predict_withholds_the_label_of_a_noise_image(trained_resnet, synthetic)
         assert sum(k["in_distribution"] for k in kept) >= 15 and all(k["label"] for k in kept if k["in_distribution"])
         status, info = __import__("test_serve").request(srv, "GET", "/info")
         assert info["ood"]["score"] == GATE_SCORE and info["ood"]["keeps_of_valid"] == 0.95
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 @pytest.mark.skipif(not __import__("test_serve")._chromium(), reason="no Chromium installed (apt-get install chromium)")
@@ -292,15 +287,10 @@ def test_the_page_gives_no_diagnosis_for_a_photo_unlike_the_training_photos(trai
     import serve
     from test_serve import upload_in_browser
     predictor = serve.Predictor(trained_resnet / "best.pt", select_runtime("cpu"))
-    srv = serve.make_server(predictor)
-    __import__("threading").Thread(target=srv.serve_forever, daemon=True).start()
     noise = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(noise)
-    try:
+    with serving(serve.make_server(predictor)) as srv:
         state = upload_in_browser(srv, noise, tmp_path / "profile")
-    finally:
-        srv.shutdown()
-        srv.server_close()
     assert state["shown"] and not state["error"], state
     assert state["label"] == "No diagnosis" and state["ood"], state  # the plain words, no class named
     assert state["barsFolded"] and state["folded"] and not state["camShown"]  # probabilities only on request

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import serve
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli, serving
 from getData import DataError, load_image, prepare
 from gradcam import GradCAM
 from models import probabilities, resize_size, select_runtime, to_input
@@ -29,11 +29,9 @@ from testing import evaluate
 @pytest.fixture(scope="module")
 def server(trained):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"), max_batch=8, max_wait_ms=20)
-    srv = serve.make_server(predictor, limits=serve.Limits(max_bytes=2_000_000, timeout=1.0, deadline=3.0))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving(serve.make_server(predictor, limits=serve.Limits(max_bytes=2_000_000, timeout=1.0,
+                                                                  deadline=3.0))) as srv:
+        yield srv
 
 
 def request(srv, method, path, body=None, headers=None):
@@ -328,13 +326,15 @@ def _memory_kb(pid, key):
     return int(re.search(rf"{key}:\s+(\d+)", open(f"/proc/{pid}/status").read()).group(1))
 
 
-def test_large_uploads_at_once_stay_within_the_decode_budget(trained, synthetic, big_png):
+def test_large_uploads_at_once_stay_within_the_decode_budget_and_sigterm_ends_the_server(trained, synthetic,
+                                                                                         big_png):
     """Eight 36-megapixel PNGs posted together to a server with a 200 MB decode budget: answered (200)
     or told to retry (503 with Retry-After), and the server's peak memory grows by less than the
-    budget (without it: about 1.1 GB)."""
+    budget (without it: about 1.1 GB). Then `docker stop`, `systemctl stop`, `kill PID`: the way a
+    server is stopped, exit status 0 (one server process for both: each start is a torch import)."""
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", trained / "best.pt", "--port", "0",
                              "--device", "cpu", "--decode-mb", "200"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.PIPE, text=True)
     try:
         port = int(re.search(r":(\d+)/", proc.stdout.readline()).group(1))
         srv = type("Address", (), {"server_address": ("127.0.0.1", port)})
@@ -344,11 +344,14 @@ def test_large_uploads_at_once_stay_within_the_decode_budget(trained, synthetic,
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda _: _post_raw(port, big_png), range(8)))
         grown_mb = (_memory_kb(proc.pid, "VmHWM") - base) / 1024
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert {status for status, _ in replies} <= {200, 503} and any(status == 200 for status, _ in replies)
     assert all(headers.get("Retry-After") == "1" for status, headers in replies if status == 503)
     assert grown_mb < 200, grown_mb
+    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 def _post_raw(port, body):
@@ -439,20 +442,18 @@ def test_a_slow_client_is_cut_off_at_the_deadline_while_others_are_served(server
 
 def test_connections_over_the_limit_get_503_and_the_rest_are_served(trained, synthetic):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
-    srv = serve.make_server(predictor, limits=serve.Limits(max_connections=2, deadline=2.0, timeout=2.0))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]  # each holds a slot
-    try:
-        time.sleep(0.2)
-        status, answer = request(srv, "GET", "/health")
-        assert status == 503 and "too many connections" in answer["error"]
-    finally:
-        for s in idle:
-            s.close()
-    time.sleep(0.3)
-    assert predict(srv, photo(synthetic))[0] == 200
-    srv.shutdown()
-    srv.server_close()
+    with serving(serve.make_server(predictor, limits=serve.Limits(max_connections=2, deadline=2.0,
+                                                                  timeout=2.0))) as srv:
+        idle = [socket.create_connection(srv.server_address[:2]) for _ in range(2)]  # each holds a slot
+        try:
+            time.sleep(0.2)
+            status, answer = request(srv, "GET", "/health")
+            assert status == 503 and "too many connections" in answer["error"]
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.3)
+        assert predict(srv, photo(synthetic))[0] == 200
 
 
 def test_head_options_and_what_the_standard_library_refuses_are_json(server):
@@ -499,11 +500,8 @@ def test_errors_never_show_the_repr_of_an_in_memory_file(server):
 def test_scores_that_are_not_numbers_are_a_valid_json_500(trained, synthetic, tmp_path):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
     predictor.temperature = float("nan")  # as a broken model would give
-    srv = serve.make_server(predictor)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    status, answer = predict(srv, photo(synthetic))
-    srv.shutdown()
-    srv.server_close()
+    with serving(serve.make_server(predictor)) as srv:
+        status, answer = predict(srv, photo(synthetic))
     assert status == 500 and "not numbers" in answer["error"]  # json.loads in request() parsed it
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     for key, value in (("temperature", float("nan")), ("state_dict", None)):
@@ -611,11 +609,8 @@ def test_a_client_that_connects_while_the_model_loads_is_answered_once_it_is_rea
             time.sleep(0.3)
             assert not early.done()  # waits in the listen queue: neither refused nor answered yet
             srv.predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
-            threading.Thread(target=srv.serve_forever, daemon=True).start()
-            try:
+            with serving(srv):
                 assert early.result(timeout=30) == (200, {"status": "ready", "model_loaded": True})
-            finally:
-                srv.shutdown()
 
 
 def test_a_client_that_asks_before_sending_is_refused_before_it_sends(server, synthetic):
@@ -670,12 +665,8 @@ def test_info_answers_when_the_test_scores_hold_an_undefined_number(trained, tmp
     metrics = json.loads((run / "test" / "metrics.json").read_text())
     (run / "test" / "metrics.json").write_text(json.dumps(dict(metrics, mpox_sensitivity=float("nan"))))
     predictor = serve.Predictor(run / "best.pt", select_runtime("cpu"))
-    with serve.make_server(predictor) as srv:
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        try:
-            status, text = request(srv, "GET", "/info", headers={"Accept": "application/json"})
-        finally:
-            srv.shutdown()
+    with serving(serve.make_server(predictor)) as srv:
+        status, text = request(srv, "GET", "/info", headers={"Accept": "application/json"})
     assert status == 200 and text["test"]["mpox_sensitivity"] is None
     assert text["test"]["accuracy"] == metrics["accuracy"]
 
@@ -692,19 +683,6 @@ def test_a_loopback_server_answers_only_to_loopback_names(server, host, status):
         assert "answers only to localhost" in body["error"]
 
 
-def test_sigterm_stops_the_server_as_a_normal_end(trained):
-    """`docker stop`, `systemctl stop`, `kill PID`: the way a server is stopped, exit status 0."""
-    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", trained / "best.pt", "--port", "0",
-                             "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().startswith("serving ")
-        proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0 and "Traceback" not in err, err
-
-
 def test_a_server_listens_on_ipv6_loopback_as_on_ipv4(trained):
     """`--host ::1` (or `::`): the stdlib's server is IPv4 only and refused the address."""
     try:
@@ -713,23 +691,15 @@ def test_a_server_listens_on_ipv6_loopback_as_on_ipv4(trained):
     except OSError:
         pytest.skip("this machine has no IPv6 loopback")
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
-    with serve.make_server(predictor, host="::1") as srv:
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        try:
-            port = srv.server_address[1]
-            assert request(srv, "GET", "/health", headers={"Host": f"[::1]:{port}"})[0] == 200
-            assert request(srv, "GET", "/health", headers={"Host": "evil.example"})[0] == 400  # loopback rules
-        finally:
-            srv.shutdown()
+    with serving(serve.make_server(predictor, host="::1")) as srv:
+        port = srv.server_address[1]
+        assert request(srv, "GET", "/health", headers={"Host": f"[::1]:{port}"})[0] == 200
+        assert request(srv, "GET", "/health", headers={"Host": "evil.example"})[0] == 400  # loopback rules
     assert serve.url_host("::1") == "[::1]" and serve.url_host("127.0.0.1") == "127.0.0.1"
 
 
 def test_a_server_on_every_address_answers_to_any_name(trained):
     predictor = serve.Predictor(trained / "best.pt", select_runtime("cpu"))
-    with serve.make_server(predictor, host="0.0.0.0") as srv:
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        try:
-            address = type("Address", (), {"server_address": ("127.0.0.1", srv.server_address[1])})
-            assert request(address, "GET", "/health", headers={"Host": "lab-machine.example:8000"})[0] == 200
-        finally:
-            srv.shutdown()
+    with serving(serve.make_server(predictor, host="0.0.0.0")) as srv:
+        address = type("Address", (), {"server_address": ("127.0.0.1", srv.server_address[1])})
+        assert request(address, "GET", "/health", headers={"Host": "lab-machine.example:8000"})[0] == 200

@@ -1,4 +1,3 @@
-import contextlib
 import csv
 import fcntl
 import json
@@ -10,7 +9,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 import zipfile
 
 import numpy as np
@@ -23,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from augment import write_augmented
-from conftest import (REPO, assert_one_line_error, ctrl_c_as_from_a_terminal, drawn, group_gone, interrupt_when,
+from conftest import (REPO, assert_one_line_error, at_once, ctrl_c_as_from_a_terminal, drawn, interrupt_when,
                       killed_on_call, run_cli, run_script, signal_in_a_finalizer, start_as_from_a_terminal,
                       start_in_the_background, train_args)
 from getData import audit, index_split, list_classes, stop_if_asked
@@ -396,48 +394,31 @@ def test_a_ctrl_c_a_finalizer_swallowed_still_stops_the_run_within_a_step(synthe
         pytest.fail("the stop outlived its run: what this process runs next (a notebook's next cell) stops too")
 
 
-def test_ctrl_c_stops_folds_side_by_side_at_once_in_one_line(synthetic, tmp_path):
-    """`kill -INT` of the parent alone (a terminal's Ctrl-C reaches the folds' processes too: the test
-    below) stops the run within seconds (the pool would otherwise train the running folds to their
-    end, and hand out the next), says how to go on, and leaves no process or temporary file."""
-    out = tmp_path / "r"
-    proc = start_as_from_a_terminal("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
-                                                              "--epochs", 100_000))
-    lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False)  # both train
-    assert proc.returncode == 130 and lines == [f"interrupted: the same command with --resume continues {out} "
-                                                "from its last saved epoch"], lines
-    assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))  # none started after
+def test_folds_side_by_side_stop_however_the_run_is_stopped(synthetic, tmp_path):
+    """Three `--fold all --jobs 2` runs (at once: each is mostly torch imports), stopped once two folds train:
+    - `kill -INT` of the parent alone (a terminal's Ctrl-C reaches the folds' processes too: the test
+      below) stops the run within seconds (the pool would otherwise train the running folds to their
+      end, and hand out the next), says how to go on, and leaves no process or temporary file;
+    - `kill PID` (a scheduler's time limit, `timeout`) of a run started with `nohup ... &`: met as Ctrl-C
+      is, the folds' processes stopped too (before, they went on training every remaining fold,
+      orphaned, into a run directory no process held), one line, status 143, and --resume continues;
+    - `kill -9`, which cannot pass anything on: its folds' processes stop themselves."""
+    def stop(sig):
+        out = tmp_path / sig.name
+        start = start_as_from_a_terminal if sig == signal.SIGINT else start_in_the_background
+        proc = start("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2, "--epochs", 100_000))
+        lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False, sig=sig,
+                               within=15)  # (after kill -9, a fold's process sees its parent gone within a second)
+        assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json")), sig  # none started after
+        return proc.returncode, lines
 
-
-def test_sigterm_stops_folds_side_by_side_where_ctrl_c_is_ignored(synthetic, tmp_path):
-    """`kill PID` (a scheduler's time limit, `timeout`) of a run started with `nohup ... &`: met as Ctrl-C
-    is, the folds' processes stopped too (before, they went on training every remaining fold, orphaned,
-    into a run directory no process held), one line, status 143, and --resume continues."""
-    out = tmp_path / "r"
-    proc = start_in_the_background("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
-                                                              "--epochs", 100_000))
-    lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False,
-                           sig=signal.SIGTERM)
-    assert proc.returncode == 143 and lines == [f"terminated: the same command with --resume continues {out} "
-                                                "from its last saved epoch"], lines
-    assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json"))
-
-
-def test_folds_side_by_side_stop_when_the_run_is_killed_outright(synthetic, tmp_path):
-    """`kill -9` of the run's process, which cannot pass anything on: its folds' processes stop themselves."""
-    out = tmp_path / "r"
-    proc = start_in_the_background("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2,
-                                                              "--epochs", 100_000))
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("fold*/best.pt"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.kill()
-        proc.communicate(timeout=30)
-        assert group_gone(proc.pid, within=15), "a fold's process outlived the run"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    def go_on(sig):
+        return f"the same command with --resume continues {tmp_path / sig.name} from its last saved epoch"
+    interrupted, terminated, killed = at_once(stop, [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+    assert interrupted == (130, [f"interrupted: {go_on(signal.SIGINT)}"]), interrupted
+    assert terminated == (143, [f"terminated: {go_on(signal.SIGTERM)}"]), terminated
+    assert killed[0] == -signal.SIGKILL and "Traceback" not in "\n".join(killed[1]), killed  # the standard
+    # library's resource tracker may say it cleans up the semaphores the killed process left: its job
 
 
 def test_resume_with_other_flags_is_refused_before_any_fold_trains(trained_all, tmp_path, monkeypatch):
@@ -481,17 +462,18 @@ print("still here", flush=True)
 """
 
 
-@pytest.mark.parametrize("moment", ["starting", "during", "between"])
-def test_a_fold_process_leaves_quietly_on_ctrl_c_during_a_fold_or_between_two(moment):
+def test_a_fold_process_leaves_quietly_on_ctrl_c_during_a_fold_or_between_two():
     """--jobs N's process for folds: Ctrl-C during a fold unwinds it (its files are cleaned up) and
     leaves; between folds (waiting for the next from the pool) it leaves at once; stopped while it
     started (deaf to Ctrl-C, importing torch) it leaves once ready; always with no traceback (the
-    parent prints the one line) and without taking another fold."""
+    parent prints the one line) and without taking another fold. The three moments at once."""
     cfg = dict(device="cpu", precision="fp32", memory_format="contiguous", deterministic=False)
-    proc = subprocess.run([sys.executable, "-c", FOLD_PROCESS.format(cfg=cfg), moment], cwd=REPO, text=True,
-                          capture_output=True, timeout=120)
-    assert proc.returncode == 130 and proc.stderr == "", proc.stderr[-2000:]
-    assert proc.stdout == ("unwound\n" if moment == "during" else "")
+    moments = ["starting", "during", "between"]
+    procs = at_once(lambda moment: subprocess.run([sys.executable, "-c", FOLD_PROCESS.format(cfg=cfg), moment],
+                                                  cwd=REPO, text=True, capture_output=True, timeout=120), moments)
+    for moment, proc in zip(moments, procs):
+        assert proc.returncode == 130 and proc.stderr == "", (moment, proc.stderr[-2000:])
+        assert proc.stdout == ("unwound\n" if moment == "during" else ""), moment
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
