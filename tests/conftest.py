@@ -136,8 +136,8 @@ def signal_in_a_finalizer(sig) -> None:
 def interrupt_when(proc: subprocess.Popen, ready, whole_group: bool, sig=signal.SIGINT, within=10) -> list[str]:
     """Ctrl-C (or `sig`) to `proc` (from start_as_from_a_terminal) once ready() holds: to its whole process
     group as a terminal sends it, or to `proc` alone as `kill -INT` does. Returns its stderr's lines, bars
-    left out, once it and every process it started have ended (these `within` seconds of its own end); a
-    failing test leaves none running."""
+    left out, once it and every process it started have ended (those within `within` seconds of its
+    end); a failing test leaves none running."""
     try:
         deadline = time.monotonic() + 120
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
