@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
@@ -139,7 +140,11 @@ def run_main(body, *args) -> int:
     takes_sigint = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not if ignored (nohup)
     before_sigint = signal.signal(signal.SIGINT, _interrupted) if takes_sigint else None
     try:
-        body(*args)
+        with warnings.catch_warnings():  # restored when the command ends (a notebook, a test goes on)
+            # Pillow's plugins warn about the file they read ("Truncated File Read", "Corrupt EXIF data"),
+            # ahead of load_image's own line naming that file, or of a decode that succeeds anyway
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            body(*args)
         return 0
     except UserError as e:
         if not e.quiet:

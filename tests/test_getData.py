@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -427,6 +428,20 @@ def test_a_photo_cut_short_says_so_whatever_its_format(fmt):
     for other in (b"GIF90a, a typo", b"RIFF\x00\x00\x00\x00WAVEfmt "):  # nearly a GIF's and a WebP's first bytes
         with pytest.raises(DataError, match=r"\(not a JPEG, PNG, WebP, BMP, TIFF or GIF file\)$"):
             load_image(other, name="p")
+
+
+def test_a_command_given_a_photo_cut_short_says_one_line_not_pillows_warning_first(trained, tmp_path):
+    """A TIFF cut inside its tags: Pillow warned "Truncated File Read" (and its source line) ahead of the
+    one line that names the file. Every script's main() leaves Pillow's warnings about a file unsaid."""
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(_save(Image.effect_noise((64, 64), 50).convert("RGB"), "TIFF")[:100])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        proc = run_cli("gradcam.py", "--checkpoint", trained, cut, "--out", tmp_path / "g")
+        kept = [f for f in warnings.filters if "PIL" in str(getattr(f[3], "pattern", f[3]))]
+    assert_one_line_error(proc, f"{cut}: not a readable image (a TIFF file whose header Pillow cannot read")
+    assert not [w for w in said if "PIL" in w.filename], [str(w.message) for w in said]
+    assert not kept, kept  # the filter ends with the command: a notebook's own decoding still hears Pillow
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
