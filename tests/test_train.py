@@ -408,7 +408,7 @@ def test_folds_side_by_side_stop_however_the_run_is_stopped(synthetic, tmp_path)
         start = start_as_from_a_terminal if sig == signal.SIGINT else start_in_the_background
         proc = start("train.py", *train_args(synthetic, out, "--fold", "all", "--jobs", 2, "--epochs", 100_000))
         lines = interrupt_when(proc, lambda: len(list(out.glob("fold*/best.pt"))) == 2, whole_group=False, sig=sig,
-                               within=15)  # (after kill -9, a fold's process sees its parent gone within a second)
+                               within=15)  # after kill -9 a fold's process looks for its parent each second
         assert not list(out.rglob("*.tmp")) and not list(out.glob("fold[345]/config.json")), sig  # none started after
         return proc.returncode, lines
 
