@@ -205,7 +205,8 @@ def set_numerics(bf16: bool, deterministic: bool = False) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS' deterministic workspace
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if deterministic or torch.are_deterministic_algorithms_enabled():  # the call imports inductor: 1.5 s
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def backend_for(device: torch.device) -> str:
