@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from getData import (AUG_TAG, FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_path, check_folder,
-                   check_space, decode_all, index_split, list_classes, load_image, outside_datasets, refuse_unused,
-                   run_main, spawned_deaf_to_ctrl_c, to_json, usable_folds_root)
+                   check_space, decode_all, index_split, list_classes, load_image, outside_datasets, quiet_pillow,
+                   refuse_unused, run_main, spawned_deaf_to_ctrl_c, to_json, usable_folds_root)
 from models import MEAN, STD, constant, derived_seed, normalize, resize_size, seed_worker, send, to_input
 
 DEFAULTS = dict(data_root="data", fold=1, factor=5, ops="all", seed=0, workers=0, size=224, batch_size=64,
@@ -566,6 +566,7 @@ def _write_one(task):
 
 def _init_worker():
     torch.set_num_threads(1)  # one process per core instead of threads fighting over cores
+    quiet_pillow()
 
 
 def _in_processes(fn, tasks, workers: int):

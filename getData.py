@@ -141,9 +141,7 @@ def run_main(body, *args) -> int:
     before_sigint = signal.signal(signal.SIGINT, _interrupted) if takes_sigint else None
     try:
         with warnings.catch_warnings():  # restored when the command ends (a notebook, a test goes on)
-            # Pillow's plugins warn about the file they read ("Truncated File Read", "Corrupt EXIF data"),
-            # ahead of load_image's own line naming that file, or of a decode that succeeds anyway
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            quiet_pillow()
             body(*args)
         return 0
     except UserError as e:
@@ -166,6 +164,14 @@ def run_main(body, *args) -> int:
             signal.signal(signal.SIGTERM, before)
         if takes_sigint:
             signal.signal(signal.SIGINT, before_sigint)
+
+
+def quiet_pillow() -> None:
+    """Leave Pillow's warnings about a file unsaid in this process: its plugins warn ("Truncated File
+    Read", "Corrupt EXIF data") ahead of load_image's own line naming that file, or of a decode that
+    succeeds anyway. For a command's length in run_main; for their life in the processes a command
+    spawns (a spawned process starts with the default filters, not its parent's)."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def too_long(e: OSError) -> str:

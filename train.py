@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from augment import TRAIN_AUGMENTS, BatchAugment, apply_mix, draw_mix
 from getData import (FOLDS, SEED, DataError, MSLDDataset, Number, Parser, atomic_write, list_classes, patient_id,
-                     refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c, stop_if_asked,
-                     to_json, too_long)
+                     quiet_pillow, refuse_unused, resolve_data_root, resumable, run_main, spawned_deaf_to_ctrl_c,
+                     stop_if_asked, to_json, too_long)
 from models import (EMA, INPUT_SIZE, LEARNING_RATE, MEMORY_FORMATS, OPTIMIZERS, PRECISION_HELP, PRECISIONS, ModelError,
                     Runtime, SaveClock, batch_indices, build_model, check_resumable, checkpoint_dict, claim_run_dir,
                     derived_seed, distributed, epoch_generators, fit_temperature, init_file, is_current,
@@ -765,6 +765,7 @@ def _start_job(threads: int, takes_ctrl_c: bool, stopped, parent: int) -> None:
     first, so that a stop after the check reaches them), or whenever the run's process is gone."""
     torch.set_num_threads(threads)  # the CPU's cores shared out between the folds, not each taking all
     tqdm.set_lock(threading.RLock())  # not tqdm's default, a semaphore that os._exit (below) would leave behind
+    quiet_pillow()
     if takes_ctrl_c:
         signal.signal(signal.SIGINT, _leave)
     signal.signal(signal.SIGTERM, _leave)

@@ -444,6 +444,21 @@ def test_a_command_given_a_photo_cut_short_says_one_line_not_pillows_warning_fir
     assert not kept, kept  # the filter ends with the command: a notebook's own decoding still hears Pillow
 
 
+def test_the_processes_a_command_spawns_leave_pillows_warning_unsaid_too(synthetic, tmp_path, capfd):
+    """The writer's workers and the folds' processes are spawned: they start with Python's filters, not
+    the command's, and Pillow's "Truncated File Read" came ahead of the one line naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic, data)
+    cut = data / "fold1" / "Train" / "Monkeypox" / "zz_cut.tif"
+    cut.write_bytes(_save(Image.effect_noise((64, 64), 50).convert("RGB"), "TIFF")[:100])
+    for script, args in (("augment.py", ["--out", tmp_path / "aug", "--factor", 1, "--workers", 2]),
+                         ("train.py", ["--out", tmp_path / "run", "--fold", "all", "--jobs", 2, "--epochs", 1,
+                                       "--device", "cpu"])):
+        proc = run_cli(script, "--data-root", data, *args)
+        assert_one_line_error(proc, f"{cut}: not a readable image (a TIFF file whose header Pillow cannot read")
+        assert "Warning" not in capfd.readouterr().err  # what the spawned processes wrote to this process's stderr
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_load_image_reads_the_formats_photos_come_in(fmt):
     im = load_image(_save(Image.new("RGB", (40, 30), (200, 100, 50)), fmt), name=f"p.{fmt.lower()}")
