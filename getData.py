@@ -769,7 +769,10 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS, sh
                 im.draft(None, (shrink_to, shrink_to))  # JPEG: decode at 1/2, 1/4 or 1/8 scale (no-op otherwise)
             with budget.reserve(decoded_bytes(im, bool(shrink_to))) if budget else contextlib.nullcontext():
                 im.load()  # raises on truncated data
-                return _to_rgb(ImageOps.exif_transpose(_shrink(im, shrink_to) if shrink_to else im))
+                try:
+                    return _to_rgb(ImageOps.exif_transpose(_shrink(im, shrink_to) if shrink_to else im))
+                finally:  # the decoded pixels are freed inside their reservation (exif_transpose copies)
+                    im.close()
     except DataError:
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, above ours: the same answer
