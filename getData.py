@@ -863,9 +863,10 @@ def _detail(error: Exception, name: str) -> str:
 
 
 def prepare(im: Image.Image, size: int) -> torch.Tensor:
-    """Resize the short side to `size`, centre-crop a square: uint8 tensor (3, size, size)."""
+    """Resize the short side to `size`, centre-crop a square: uint8 tensor (3, size, size). Laid out by
+    NumPy, not by a torch kernel: serve.py prepares in each connection's thread (gradcam.overlay, why)."""
     im = ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)))
 
 
 def check_images(paths, desc: str = "reading") -> None:

@@ -150,9 +150,13 @@ def _has_module(model: nn.Module, path: str) -> bool:
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """uint8 RGB (H, W, 3) + CAM (h, w) in [0, 1] -> uint8 RGB blend at the image's size."""
-    cam_t = torch.as_tensor(cam, dtype=torch.float32)[None, None]
-    cam = F.interpolate(cam_t, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+    """uint8 RGB (H, W, 3) + CAM (h, w) in [0, 1] -> uint8 RGB blend at the image's size. The map is
+    enlarged by Pillow's bilinear filter (F.interpolate's pixel-centred bilinear, to 1e-7) and never by
+    a torch kernel: serve.py draws in each connection's thread, and a live thread that has run one keeps
+    an OpenMP team of its own, and the inference thread pays for it (README: Web service)."""
+    height, width = image.shape[:2]
+    cam = np.asarray(Image.fromarray(np.ascontiguousarray(cam, dtype=np.float32)).resize(
+        (width, height), Image.Resampling.BILINEAR))
     heat = matplotlib.colormaps[cmap](cam)[..., :3]
     return (255 * ((1 - alpha) * image / 255.0 + alpha * heat)).clip(0, 255).astype(np.uint8)
 

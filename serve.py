@@ -88,10 +88,14 @@ def model_facts(checkpoint: Path, ckpt: dict, digest: str) -> dict:
     return facts
 
 
+CLOSED = object()  # queued by Predictor.close after the last request
+
+
 class Predictor:
     """Owns the model; a single worker thread turns queued requests into batched forward passes.
     Each answer (label, calibrated probabilities and, if asked, the Grad-CAM of the returned class)
-    comes from one forward pass of its batch."""
+    comes from one forward pass of its batch. `close()` (or leaving a `with` block) answers what was
+    queued, then ends the thread, which lets the model go."""
 
     def __init__(self, checkpoint, rt, threshold=0.6, max_batch=16, max_wait_ms=5.0, tta=False, ood_score=None):
         model, ckpt = load_classifier(checkpoint, rt)
@@ -121,19 +125,32 @@ class Predictor:
         self.queue.put((prepare(image, resize_size(size)), shown, future))
         return future
 
+    def close(self) -> None:
+        self.queue.put(CLOSED)
+        self.worker.join()
+
+    def __enter__(self) -> "Predictor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _gather(self) -> list:
+        """The next batch: what arrives within max_wait of its first request; empty once closed."""
         batch = [self.queue.get()]
         deadline = time.perf_counter() + self.max_wait
-        while len(batch) < self.max_batch:
+        while len(batch) < self.max_batch and batch[-1] is not CLOSED:
             try:
                 batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
             except queue.Empty:
                 break
+        if batch[-1] is CLOSED:
+            batch.pop()
+            self.queue.put(CLOSED)  # the batch before it is answered first
         return batch
 
     def _loop(self):
-        while True:
-            batch = self._gather()
+        while batch := self._gather():
             try:
                 results = self._run(batch)
                 for (_, _, future), result in zip(batch, results):
@@ -700,7 +717,8 @@ def run(args) -> None:
     load = functools.partial(Predictor, checkpoint, rt, args.threshold, args.max_batch, args.max_wait_ms, args.tta,
                              args.ood_score)
     if args.benchmark:
-        benchmark(args, load())
+        with load() as predictor:
+            benchmark(args, predictor)
         return
     limits = Limits(**{k: getattr(args, k) for k in Limits().describe()})
     try:  # before the model loads: a port in use is refused at once, not after a large network is read

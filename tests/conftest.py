@@ -191,15 +191,17 @@ def _running_in(group: int) -> bool:
 
 @contextlib.contextmanager
 def serving(srv):
-    """srv (a socketserver) answering from a thread of its own for the block, then shut down and closed.
-    It looks for the shutdown every 10 ms, not socketserver's 0.5 s: each server of the suite took up to
-    half a second to stop, 10 s in all."""
+    """srv (a socketserver) answering from a thread of its own for the block, then shut down and closed,
+    and its Predictor too (serve.py). It looks for the shutdown every 10 ms, not socketserver's 0.5 s:
+    each server of the suite took up to half a second to stop, 10 s in all."""
     threading.Thread(target=srv.serve_forever, args=(0.01,), daemon=True).start()
     try:
         yield srv
     finally:
         srv.shutdown()
         srv.server_close()
+        if getattr(srv, "predictor", None):  # its thread left running slowed every later test (test_serve.py)
+            srv.predictor.close()
 
 
 def run_cli(script, *args, cwd=None):

@@ -38,8 +38,8 @@ def test_every_script_runs_end_to_end_on_cuda(synthetic, tmp_path):
                    "--device", "cuda", "--out", tmp_path / "cam").returncode == 0
     assert len(list((tmp_path / "cam").glob("*_gradcam.png"))) == 4
     import serve
-    predictor = serve.Predictor(tmp_path / "r" / "best.pt", select_runtime("cuda"))
-    answer = predictor.answer(predictor.submit(load_image(next(synthetic.rglob("MKP_*.jpg"))), True).result())
+    with serve.Predictor(tmp_path / "r" / "best.pt", select_runtime("cuda")) as predictor:
+        answer = predictor.answer(predictor.submit(load_image(next(synthetic.rglob("MKP_*.jpg"))), True).result())
     assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-4) and answer["gradcam_png"]
 
 

@@ -151,11 +151,10 @@ def test_gradcam_py_explains_on_the_runtime_device(trained, synthetic, tmp_path,
 
 
 def test_serve_py_answers_on_the_runtime_device(trained, synthetic, on_meta):
-    predictor = serve.Predictor(trained / "best.pt", on_meta)
     image = load_image(next(synthetic.rglob("MKP_*.jpg")))
     shown = gradcam.display_crop(image, 32)
     batch = [(prepare(image, resize_size(32)), shown, None), (prepare(image, resize_size(32)), None, None)]
-    with pytest.raises(ReachedHost), watching() as w:
+    with serve.Predictor(trained / "best.pt", on_meta) as predictor, pytest.raises(ReachedHost), watching() as w:
         predictor._run(batch)  # one pass with Grad-CAM, as the inference worker runs it
     assert aten.convolution_backward.default in w.ops
 

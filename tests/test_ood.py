@@ -220,9 +220,9 @@ def test_an_older_checkpoint_gets_its_reference_from_its_data_or_gates_as_it_can
                         (malformed, "no OOD gate")):
         ckpt["config"]["data_root"] = str(tmp_path / "gone")
         torch.save(ckpt, tmp_path / "orphan.pt")
-        predictor = serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu"))
-        assert f"its data is not at hand: {gates}" in capsys.readouterr().out
-        assert (predictor.info["ood"] is None) == (gates == "no OOD gate")
+        with serve.Predictor(tmp_path / "orphan.pt", select_runtime("cpu")) as predictor:
+            assert f"its data is not at hand: {gates}" in capsys.readouterr().out
+            assert (predictor.info["ood"] is None) == (gates == "no OOD gate")
 
 
 def test_ood_score_chooses_the_gate_in_testing_and_serve(trained, tmp_path):
@@ -234,9 +234,10 @@ def test_ood_score_chooses_the_gate_in_testing_and_serve(trained, tmp_path):
         kept = [float(r["ood_score"]) <= stored["thresholds"][score] for r in rows]
         assert [r["in_distribution"] == "True" for r in rows] == kept and sum(kept) == m["gate"]["n_kept"]
     import serve
-    info = serve.Predictor(trained / "best.pt", select_runtime("cpu"), ood_score="knn").info["ood"]
-    assert info["score"] == "knn" and info["threshold"] == stored["thresholds"]["knn"]
-    assert serve.Predictor(trained / "best.pt", select_runtime("cpu")).info["ood"]["score"] == stored["score"]
+    for asked, score in (("knn", "knn"), (None, stored["score"])):
+        with serve.Predictor(trained / "best.pt", select_runtime("cpu"), ood_score=asked) as predictor:
+            info = predictor.info["ood"]
+        assert info["score"] == score and info["threshold"] == stored["thresholds"][score]
     assert_one_line_error(run_cli("testing.py", "--checkpoint", trained / "best.pt", "--ood-score", "distance"),
                           "--ood-score", "knn")
 

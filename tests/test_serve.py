@@ -74,19 +74,50 @@ def test_info_shows_test_scores_of_this_very_checkpoint(trained, tmp_path):
     run.mkdir()
     shutil.copy(trained / "best.pt", run / "best.pt")
     rt = select_runtime("cpu")
-    assert serve.Predictor(run / "best.pt", rt).info["test"] is None  # not evaluated yet
+    def test_scores(checkpoint):
+        with serve.Predictor(checkpoint, rt) as predictor:
+            return predictor.info["test"]
+    assert test_scores(run / "best.pt") is None  # not evaluated yet
     m = evaluate(run / "best.pt", rt=rt, resamples=50)["softmax"].metrics  # writes run/test/metrics.json
-    test = serve.Predictor(run / "best.pt", rt).info["test"]
+    test = test_scores(run / "best.pt")
     assert test["accuracy"] == m["accuracy"] and test["ci95"] == m["ci95"] and test["n"] == m["n"]
     folds = tmp_path / "all"  # a --fold all run: testing.py writes all/test/fold1/metrics.json
     (folds / "fold1").mkdir(parents=True)
     shutil.copy(run / "best.pt", folds / "fold1" / "best.pt")
     evaluate(folds, rt=rt, resamples=50)
-    assert serve.Predictor(folds / "fold1" / "best.pt", rt).info["test"]["accuracy"] == m["accuracy"]
+    assert test_scores(folds / "fold1" / "best.pt")["accuracy"] == m["accuracy"]
     other = torch.load(run / "best.pt", weights_only=True)
     other["epoch"] += 1  # another file, the same metrics.json beside it: no Test scores claimed for it
     torch.save(other, run / "best.pt")
-    assert serve.Predictor(run / "best.pt", rt).info["test"] is None
+    assert test_scores(run / "best.pt") is None
+
+
+def test_a_closed_predictor_answers_what_was_queued_and_lets_its_thread_go(trained, synthetic):
+    """A notebook or a program that makes one Predictor after another held every model before, each
+    with a thread waiting on its queue for good."""
+    with serve.Predictor(trained / "best.pt", select_runtime("cpu"), max_batch=2, max_wait_ms=50) as predictor:
+        futures = [predictor.submit(load_image(photo_path)) for photo_path in sorted(synthetic.rglob("*.jpg"))[:3]]
+    assert not predictor.worker.is_alive()
+    assert all(f.done() and f.result()["probs"].shape == (6,) for f in futures)  # in two batches: 2, then 1
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one core: an OpenMP team is one thread, none to count")
+def test_a_connections_thread_runs_no_torch_kernel(server, synthetic):
+    """A connection's thread decodes, crops and draws its overlay with Pillow and NumPy. A live thread
+    that has run a torch kernel keeps an OpenMP team of its own (its threads are the process's OS
+    threads), and with more OpenMP threads than cores libgomp throttles every team: the inference
+    thread's forward passes, and a notebook's or this suite's training, ran twice as slow while
+    keep-alive connections stayed open or Predictors were left running."""
+    server.predictor.submit(load_image(io.BytesIO(photo(synthetic))), True).result()  # the inference thread's team
+    before = set(os.listdir("/proc/self/task"))
+    conn = http.client.HTTPConnection(*server.server_address, timeout=30)
+    try:
+        conn.request("POST", "/predict?gradcam=1", photo(synthetic), {"Content-Type": "image/jpeg"})
+        assert "gradcam_png" in json.loads(conn.getresponse().read())
+        started = set(os.listdir("/proc/self/task")) - before
+        assert len(started) == 1, started  # the connection's own, waiting for its next request (measured: 2 then)
+    finally:
+        conn.close()
 
 
 def test_one_pass_gives_label_probabilities_and_the_map_of_that_label(server, synthetic):
