@@ -250,6 +250,29 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
     return found
 
 
+RETURN_BYTES = 8 * 2**20  # decoded bytes (a 2-megapixel PNG, five phone JPEGs at the scale decoded) between returns
+
+
+def return_freed_memory() -> None:
+    """glibc keeps what is freed in per-thread heaps for the next allocation: a server decoding large
+    uploads, one per connection thread, grew as if it decoded them all at once (measured: 410 MB for a
+    200 MB budget). malloc_trim hands the freed pages back. Not after every upload: the inference
+    thread's tensors are freed memory too, faulted in again after each return (as a fixed mmap
+    threshold made every large tensor a fresh mapping: about 30% fewer requests a second at 4 and 16
+    clients on CPU, README: Web service)."""
+    trim = _malloc_trim()
+    if trim:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (macOS, musl): its allocator is left as it is
+
+
 class Busy(Exception):
     """The decode budget is spent: answered 503 with Retry-After."""
 
@@ -541,29 +564,6 @@ def url_host(host: str) -> str:
 def make_server(predictor: Predictor | None, host="127.0.0.1", port=0, limits: Limits | None = None) -> "Server":
     """Listening at once; it answers once serve_forever runs, with `server.predictor` set by then."""
     return Server((host, port), predictor, limits or Limits())
-
-
-RETURN_BYTES = 8 * 2**20  # decoded bytes (a 2-megapixel PNG, five phone JPEGs at the scale decoded) between returns
-
-
-def return_freed_memory() -> None:
-    """glibc keeps what is freed in per-thread heaps for the next allocation: a server decoding large
-    uploads, one per connection thread, grew as if it decoded them all at once (measured: 410 MB for a
-    200 MB budget). malloc_trim hands the freed pages back. Not after every upload: the inference
-    thread's tensors are freed memory too, faulted in again after each return (as a fixed mmap
-    threshold made every large tensor a fresh mapping: about 30% fewer requests a second at 4 and 16
-    clients on CPU, README: Web service)."""
-    trim = _malloc_trim()
-    if trim:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc (macOS, musl): its allocator is left as it is
 
 
 class Server(http.server.ThreadingHTTPServer):
