@@ -363,7 +363,7 @@ def test_large_uploads_at_once_stay_within_the_decode_budget_and_sigterm_ends_th
     """Eight 36-megapixel PNGs posted together to a server with a 200 MB decode budget: answered (200)
     or told to retry (503 with Retry-After), and the server's peak memory grows by less than the
     budget (without it: about 1.1 GB), by one decode at a time (144 MB) and what serving costs besides
-    (measured 142 to 159 MB; 190 to 276 when a decode's pixels outlived its reservation). Then
+    (measured 142 to 159 MB; 187 and 192 when a decode's pixels outlived its reservation). Then
     `docker stop`, `systemctl stop`, `kill PID`: the way a server is stopped, exit status 0 (one
     server process for both: each start is a torch import)."""
     proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", trained / "best.pt", "--port", "0",
