@@ -1294,9 +1294,17 @@ def make_synthetic(path, seed: int = 0) -> Path:
     Patient-grouped 5-fold split: fold k tests group k, validates on group k+1, trains on the rest,
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
-    path = outside_datasets(check_folder(path), "--synthetic")  # a file there, a folder we cannot write in
+    path, written = Path(path), _synthetic_seed(path)
+    if written == seed:  # the setup command run again: these are the very files it would write
+        print(f"{path}/ holds the synthetic demo set (--seed {seed}) already: nothing to write")
+        return path
+    if written is not None:
+        raise DataError(f"{path}: holds the synthetic set of --seed {written}; delete it to write --seed {seed}, "
+                        "or choose another folder")
+    check_folder(path)  # a file there, a folder we cannot write in
     if path.exists() and any(path.iterdir()):
         raise DataError(f"{path}: exists and is not an empty folder; choose another folder or delete it")
+    outside_datasets(path, "--synthetic")
     rng = np.random.default_rng(seed)
     images = []
     for cls, patient, n_images, group in _synthetic_patients(rng):
@@ -1315,6 +1323,15 @@ def make_synthetic(path, seed: int = 0) -> Path:
                                             "not medical data.\n")
     print(f"wrote {len(images)} synthetic images x 5 folds to {path}/")
     return path
+
+
+def _synthetic_seed(path) -> int | None:
+    """The --seed the synthetic set at `path` was written with (its marker says); None where none is."""
+    try:
+        found = re.search(r"--seed (\d+)`", (Path(path) / SYNTHETIC_MARKER).read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(found[1]) if found else None
 
 
 # ----------------------------------------------------------------------------- images that are not skin

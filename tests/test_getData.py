@@ -139,6 +139,18 @@ def test_synthetic_refuses_non_empty_folder(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def test_the_synthetic_set_written_again_is_left_as_it_is_or_refused_for_another_seed(synthetic, capsys):
+    """The setup command run twice was refused as "inside the dataset ..., choose a folder outside it"."""
+    before = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")}
+    assert getData.main(["--synthetic", str(synthetic)]) == 0
+    assert capsys.readouterr().out == f"{synthetic}/ holds the synthetic demo set (--seed 0) already: nothing to " \
+                                      "write\n"
+    assert run_cli("getData.py", "--synthetic", synthetic, "--seed", 0).returncode == 0  # --seed 0 spelled out
+    assert_one_line_error(run_cli("getData.py", "--synthetic", synthetic, "--seed", 3),
+                          f"{synthetic}: holds the synthetic set of --seed 0; delete it to write --seed 3")
+    assert {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")} == before
+
+
 def test_the_main_job_on_a_fresh_clone_says_what_to_delete_when_the_synthetic_folder_is_not_the_set(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
