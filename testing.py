@@ -736,6 +736,13 @@ def evaluate(checkpoints, out=None, config: dict | None = None, **kw) -> dict:
             result = evaluate_folds(checkpoints, found, folder, **kw)
         if config is not None:
             atomic_write(folder / "config.json", to_json(dict(config, out=str(out)), indent=2, default=str))
+    if single:  # a --fold all run printed its summary over the folds
+        print("\n".join(report_markdown(r.metrics) for r in result.values()))
+        if len(result) > 1:
+            print(heads_table({h: r.metrics for h, r in result.items()}))
+    what = "report.md, metrics.json, predictions.csv and the" if single else \
+        "summary.md and each fold's report, metrics, predictions and"
+    print(f"wrote {what} figures to {out}/")
     return result
 
 
@@ -804,15 +811,9 @@ def parse_args(argv=None):
 def run(args) -> dict:
     rt = select_runtime(args.device, args.precision, args.memory_format)
     config = dict(vars(args), runtime=rt.describe())
-    result = evaluate(args.checkpoint, args.out, config, data_root=args.data_root, fold=args.fold,
-                      split=args.split, threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm,
-                      tta=args.tta, resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir,
-                      ood_score=args.ood_score)
-    if all(isinstance(v, FoldResult) for v in result.values()):  # one fold
-        print("\n".join(report_markdown(r.metrics) for r in result.values()))
-        if len(result) > 1:
-            print(heads_table({h: r.metrics for h, r in result.items()}))
-    return result
+    return evaluate(args.checkpoint, args.out, config, data_root=args.data_root, fold=args.fold, split=args.split,
+                    threshold=args.threshold, rt=rt, batch_size=args.batch_size, svm=args.svm, tta=args.tta,
+                    resamples=args.bootstrap, seed=args.seed, ood_dirs=args.ood_dir, ood_score=args.ood_score)
 
 
 def main(argv=None) -> int:

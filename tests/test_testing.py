@@ -100,6 +100,8 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
         assert m["split"] == "Test" and m["fold"] == k and m["gated"]["threshold"] == 0.3
         report = (d / "report.md").read_text()  # a gate that covers no image: a dash, not 'nan' (2 epochs: none at 0.9)
         assert "| 0.9 | 0.000 | — |" in report and not re.search(r"\bnan\b", report), report
+    assert proc.stdout.splitlines()[-1] == f"wrote summary.md and each fold's report, metrics, predictions and " \
+                                           f"figures to {out}/"  # where to look, as the other scripts say
     config = json.loads((out / "config.json").read_text())  # what made these outputs
     assert config["threshold"] == 0.3 and config["checkpoint"] == [str(trained_all)] and config["out"] == str(out)
     summary = (out / "summary.md").read_text()
@@ -127,9 +129,12 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     assert np.sum(pooled) == sum(json.loads((out / f"fold{k}" / "metrics.json").read_text())["n"] for k in range(1, 6))
 
 
-def test_calibration_changes_confidence_not_answers(trained, tmp_path):
+def test_calibration_changes_confidence_not_answers(trained, tmp_path, capsys):
     from models import load_classifier, predict, select_runtime
     r = evaluate(trained / "best.pt", tmp_path / "t", resamples=20)["softmax"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("# lenet fold 1 Test, softmax head") and printed[-1] == \
+        f"wrote report.md, metrics.json, predictions.csv and the figures to {tmp_path / 't'}/"
     model, ckpt = load_classifier(trained / "best.pt", select_runtime("cpu"))
     ds = MSLDDataset(ckpt["config"]["data_root"], 1, "Test", cache_size=resize_size(32))
     raw = predict(model, ds.images, select_runtime("cpu")).numpy()
