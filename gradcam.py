@@ -6,7 +6,8 @@ that a map explains anything.
     python gradcam.py --checkpoint runs/x/best.pt --target-class Monkeypox --layer layer3 photo.jpg
     python gradcam.py --checkpoint runs/recipe --faithfulness --sanity --limit 500   # every fold's Test split
 
-Per image: a PNG with the photo, the heat-map overlay and the predicted class with its probability;
+Per image: a PNG with the photo, the heat-map overlay and the predicted class with its probability
+(calibrated by the checkpoint's temperature, as testing.py and serve.py give it);
 plus grid.png for the whole set (photos the out-of-distribution gate turns away framed in red).
 --faithfulness: deletion and insertion curves (Petsiuk et al. 2018) of Grad-CAM at each layer against
 a random map and a centred blob; --sanity: cascading randomisation (Adebayo et al. 2018). Written to
@@ -37,7 +38,8 @@ from getData import (FOLDS, DataError, Number, Parser, atomic_path, atomic_write
                      index_split, load_image, prepare, refuse_unused, run_main, to_json, usable_folds_root)
 from models import (MEAN, MEMORY_FORMATS, PRECISION_HELP, PRECISIONS, SCORES, STD, ModelError, Runtime,
                     capture_features, crop, drawable, find_checkpoints, gate, gate_by, load_classifier, mean_std,
-                    output_folder, photos_seen, reference_for, resize_size, save_figure, select_runtime, to_input)
+                    output_folder, photos_seen, probabilities, reference_for, resize_size, save_figure, select_runtime,
+                    to_input)
 
 DEFAULTS = dict(checkpoint=None, out=None, fold=None, split="Test", limit=None, layer=None, target_class=None,
                 alpha=0.45, cmap="jet", device="auto", precision="auto", memory_format="auto", batch_size=16,
@@ -185,8 +187,9 @@ class Explained:
 
 
 def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="jet", batch_size=16,
-                reference=None) -> list[Explained]:
-    """PIL images -> their explanations; with an OOD `reference` (models.ood) each is also gated."""
+                reference=None, temperature: float = 1.0) -> list[Explained]:
+    """PIL images -> their explanations; with an OOD `reference` (models.ood) each is also gated. The
+    probabilities are calibrated by the checkpoint's `temperature`, as testing.py's and serve.py's are."""
     results, size = [], model.input_size
     with GradCAM(model, layer) as cam, capture_features(model) as features:
         for i in range(0, len(images), batch_size):
@@ -194,7 +197,7 @@ def run_gradcam(model, images, rt, target=None, layer=None, alpha=0.45, cmap="je
             x = to_input(torch.stack([prepare(im, resize_size(size)) for im in chunk]), size).to(rt.device)
             tgt = None if target is None else torch.full((len(chunk),), target, dtype=torch.long)
             logits = cam.forward(x, rt)
-            maps, probs = cam.maps(logits, tgt), logits.softmax(1).detach()
+            maps, probs = cam.maps(logits, tgt), probabilities(logits.detach()[None], temperature)  # one view
             kept = gate(reference, features[-1], logits.detach())[1].cpu().tolist() if reference else [None] * len(x)
             shown = [display_crop(im, size) for im in chunk]
             results += [Explained(p.cpu().numpy(), overlay(s, m.cpu().numpy(), alpha, cmap), s, k)
@@ -699,7 +702,8 @@ def run(args) -> list:
     check_images(paths)  # every file read once first: a bad one stops the run before any output
     reference = gate_by(reference_for(ckpt, model, rt, checkpoint), args.ood_score)
     explain = functools.partial(run_gradcam, model, rt=rt, target=target, layer=layer, alpha=args.alpha,
-                                cmap=args.cmap, batch_size=args.batch_size, reference=reference)
+                                cmap=args.cmap, batch_size=args.batch_size, reference=reference,
+                                temperature=ckpt.get("temperature") or 1.0)
     with atomic_path(out, folder=True) as folder:  # out's earlier overlays go whole, once these are all written
         results = write_overlays(explain, paths, model.input_size, args.batch_size, classes, folder, target)
         write_grid(results, [str(p) for p in paths], classes, folder)

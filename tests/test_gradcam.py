@@ -296,6 +296,25 @@ def test_the_grid_frames_in_red_the_photos_the_gate_turns_away(tmp_path):
         assert (red > 500) == (gated is False), (gated, red)  # a frame, not a red title alone
 
 
+def test_the_overlays_probabilities_are_the_calibrated_ones_serve_gives(trained, synthetic, tmp_path):
+    """gradcam.py printed the network's raw softmax (Monkeypox 0.68) for a photo that serve.py and
+    testing.py, dividing the logits by the checkpoint's temperature, call Monkeypox 0.96."""
+    import serve
+    paths = sorted(synthetic.glob("fold1/Test/*/*.jpg"))[::4]
+    rt = select_runtime("cpu")
+    model, ckpt = load_classifier(trained / "best.pt", rt)
+    with serve.Predictor(trained / "best.pt", rt) as predictor:
+        served = [predictor.submit(load_image(p)).result()["probs"] for p in paths]
+    explained = gradcam.run_gradcam(model, [load_image(p) for p in paths], rt, temperature=ckpt["temperature"])
+    assert ckpt["temperature"] != pytest.approx(1, abs=0.05)  # else this test could not tell the two apart
+    assert all(np.allclose(e.probs, s, atol=1e-6) for e, s in zip(explained, served))
+    proc = run_cli("gradcam.py", "--checkpoint", trained, *paths, "--out", tmp_path / "g")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()[:-1]  # "PATH: [OOD: ...; ]CLASS P" a photo, then where they were written
+    assert len(lines) == len(paths) and all(line.startswith(f"{p}: ") and line.endswith(
+        f" {gradcam._caption(e, ckpt['classes'])}") for line, p, e in zip(lines, paths, explained)), lines
+
+
 @pytest.mark.figures  # the overlays' pixels tell the photos apart
 def test_each_photo_is_explained_once_and_no_overlay_replaces_another(trained, synthetic, tmp_path):
     """A photo named twice (itself, and the folder holding it) is explained once; two photos of one
