@@ -15,6 +15,7 @@ Writes runs/simclr/{config.json, files.txt, history.csv, loss.png, last.pt, enco
 import contextlib
 import hashlib
 import math
+import shlex
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -297,7 +298,18 @@ def _pretrain(cfg: dict, folds_root: Path, rt: Runtime) -> dict:
             print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {row['loss']:.4f}{knn} | {row['images_per_s']:.0f} img/s")
     if rt.world > 1:
         dist.barrier()
+    if rt.rank == 0:
+        print(closing_line(cfg, encoder.input_size))
     return history[-1] if history else {}
+
+
+def closing_line(cfg: dict, input_size: int) -> str:
+    """Where the encoder is, and the train.py command that fine-tunes it (on the fold it never saw the
+    Test photos of, as the network it was trained as)."""
+    flags = dict(data_root=cfg["data_root"], fold=cfg["fold"], model=cfg["model"], input_size=input_size,
+                 init=Path(cfg["out"]) / "encoder.pt")
+    command = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in flags.items())
+    return f"wrote encoder.pt and the run's files to {cfg['out']}/; fine-tune it: python train.py {command}"
 
 
 def _start(out: Path, config: dict, files, left_out: dict, encoder, model, opt, sched, monitor, rt: Runtime):

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import re
+import shlex
 import signal
 import threading
 import time
@@ -708,7 +709,15 @@ def run(args) -> list[dict]:
             atomic_write(Path(cfg["out"]) / "summary.md",
                          f"# {cfg['model']}: best epoch per fold (Valid split; Test: run testing.py)\n\n{table}")
             print(table)
+        if rt.rank == 0:
+            print(closing_line(cfg["out"], args.fold == "all"))
         return results
+
+
+def closing_line(out, every_fold: bool) -> str:
+    """Where the run is, and the command that evaluates it on the Test split."""
+    files = "summary.md and fold1..5/" if every_fold else "best.pt, last.pt, history.csv and curves.png"
+    return f"wrote {files} to {out}/; evaluate on Test: python testing.py --checkpoint {shlex.quote(str(out))}"
 
 
 def claim_runs(cfg: dict, outs: dict[int, Path], held: contextlib.ExitStack) -> None:

@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -201,6 +202,17 @@ def test_pretraining_improves_knn_and_feeds_train(synthetic, tmp_path):
         train.run(train.parse_args(train_args(synthetic, tmp_path / "dir", "--epochs", 1, "--resume")))
     proc = run_cli("testing.py", "--checkpoint", out, "--out", tmp_path / "t")  # the run stands for its encoder
     assert_one_line_error(proc, f"{out / 'encoder.pt'}: a SimCLR encoder has no classifier head; evaluate it with")
+
+
+def test_a_run_ends_saying_where_the_encoder_is_and_the_command_that_fine_tunes_it(synthetic, tmp_path):
+    out = tmp_path / "a run"  # a space: the command is quoted for a shell
+    proc = run_cli("simclr.py", "--data-root", synthetic, "--fold", 2, "--epochs", 1, "--device", "cpu", "--out", out)
+    last = proc.stdout.splitlines()[-1]
+    assert last == f"wrote encoder.pt and the run's files to {out}/; fine-tune it: python train.py --data-root " \
+                   f"{synthetic} --fold 2 --model lenet --input-size 32 --init '{out / 'encoder.pt'}'"
+    command = shlex.split(last.split(": ", 1)[1])
+    tuned = run_cli(*command[1:], "--epochs", 1, "--device", "cpu", "--out", tmp_path / "tuned")
+    assert tuned.returncode == 0, tuned.stderr  # the command it says works: the right fold, network and size
 
 
 def test_last_pt_is_written_at_most_every_save_every_seconds_and_at_the_end(synthetic, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import pty
+import shlex
 import shutil
 import signal
 import struct
@@ -173,6 +174,17 @@ def test_main_job_falls_back_to_synthetic_data(tmp_path):
     assert (tmp_path / "runs" / "lenet-fold1" / "best.pt").is_file()
 
 
+@pytest.mark.parametrize("fold", ["1", "all"])
+def test_a_run_ends_saying_where_it_is_and_the_command_that_evaluates_it(synthetic, tmp_path, fold):
+    out = tmp_path / "a run"  # a space: the command is quoted for a shell
+    proc = run_cli("train.py", *train_args(synthetic, out, "--epochs", 1, "--fold", fold))
+    written = "summary.md and fold1..5/" if fold == "all" else "best.pt, last.pt, history.csv and curves.png"
+    assert proc.stdout.splitlines()[-1] == f"wrote {written} to {out}/; evaluate on Test: python testing.py " \
+                                           f"--checkpoint '{out}'"
+    command = shlex.split(proc.stdout.splitlines()[-1].split(": ", 1)[1])
+    assert run_cli(*command[1:], "--bootstrap", 10).returncode == 0  # the command it says works
+
+
 def test_bad_arguments_are_one_line_errors(synthetic, tmp_path):
     base = ("train.py", "--data-root", synthetic, "--out", tmp_path / "r", "--epochs", "1")
     assert_one_line_error(run_cli("train.py", "--data-root", tmp_path / "missing"), "no such folder")
@@ -269,8 +281,9 @@ def test_console_ends_with_clean_summaries_on_a_terminal(synthetic, tmp_path):
     assert proc.wait() == 0
     assert b"it/s]" in raw or b"s/it]" in raw  # a bar was drawn
     screen = _screen(raw)
-    assert screen[-1].startswith("fold 1 epoch 2/2: train loss") and "%|" not in screen[-1], screen[-3:]
-    assert screen[-2].startswith("fold 1 epoch 1/2: train loss") and "%|" not in screen[-2], screen[-3:]
+    assert screen[-1].startswith("wrote best.pt") and screen[-2].startswith("fold 1 epoch 2/2: train loss") \
+        and "%|" not in screen[-2], screen[-3:]
+    assert screen[-3].startswith("fold 1 epoch 1/2: train loss") and "%|" not in screen[-3], screen[-3:]
     logged = run_cli("train.py", *train_args(synthetic, tmp_path / "log", "--epochs", 1))  # output not a terminal
     assert logged.returncode == 0 and "%|" not in logged.stderr + logged.stdout  # no bars in logs
 
