@@ -85,7 +85,6 @@ def test_class_names_the_font_cannot_draw_stay_apart_in_the_figures(tmp_path):
     assert drawn(tmp_path / "cm.png") and drawn(tmp_path / "roc.png")
 
 
-@pytest.mark.figures
 def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     out = tmp_path / "eval"
     proc = run_cli("testing.py", "--checkpoint", trained_all, "--out", out, "--threshold", "0.3")
@@ -119,14 +118,24 @@ def test_evaluate_fold_all_run_writes_every_output(trained_all, tmp_path):
     probs = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows])  # the calibrated probabilities
     y = np.array([CLASSES.index(r["true"]) for r in rows])
     assert calibration_bins(y, probs)[0] == pytest.approx(m["ece"], abs=1e-4)
-    figures = {p.name for p in (out / "fold1").glob("*.png")}
-    assert figures == {"confusion.png", "roc.png", "reliability.png", "risk_coverage.png", "ood.png"}, figures
-    assert all(drawn(out / "fold1" / name) for name in figures)
+    assert {p.name for p in (out / "fold1").glob("*.png")} == FOLD_FIGURES  # drawn: the test below
     numbers = json.loads((out / "summary.json").read_text())
     assert numbers["distinct"]["n"] == numbers["distinct"]["entries"]  # the synthetic Test sets are disjoint
-    assert drawn(out / "confusion_pooled.png")
+    assert {p.name for p in out.glob("*.png")} == {"confusion_pooled.png", "reliability_pooled.png"}
     pooled = json.loads((out / "summary.json").read_text())["pooled_confusion"]
     assert np.sum(pooled) == sum(json.loads((out / f"fold{k}" / "metrics.json").read_text())["n"] for k in range(1, 6))
+
+
+FOLD_FIGURES = {"confusion.png", "roc.png", "reliability.png", "risk_coverage.png", "ood.png"}
+
+
+@pytest.mark.figures
+def test_a_folds_figures_are_drawn(trained, tmp_path):
+    """One fold's: a --fold all run draws them with the same functions for each fold, and its pooled
+    confusion matrix and reliability diagram with the fold's two."""
+    evaluate(trained / "best.pt", tmp_path / "t", resamples=10)
+    figures = {p.name for p in (tmp_path / "t").glob("*.png")}
+    assert figures == FOLD_FIGURES and all(drawn(tmp_path / "t" / name) for name in figures), figures
 
 
 def test_calibration_changes_confidence_not_answers(trained, tmp_path, capsys):
