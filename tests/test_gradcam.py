@@ -436,7 +436,7 @@ def test_randomising_the_network_drops_the_maps_correlation(trained_resnet, synt
 
 
 @pytest.mark.figures
-def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, synthetic, tmp_path):
+def test_faithfulness_and_sanity_from_the_command_line(trained, tmp_path):
     proc = run_cli("gradcam.py", "--checkpoint", trained / "best.pt", "--faithfulness", "--sanity", "--limit", 6,
                    "--out", tmp_path / "one")
     assert proc.returncode == 0, proc.stderr
@@ -449,6 +449,10 @@ def test_faithfulness_and_sanity_from_the_command_line(trained, trained_all, syn
     assert len(faith["maps"]["random"]["deletion_curve"]) == faith["steps"] + 1
     assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness and sanity results to {tmp_path / 'one'}/"
     assert "%|" not in proc.stderr  # no progress bars where no terminal shows them
+
+
+def test_faithfulness_of_a_fold_all_run_is_per_fold_and_overlay_flags_are_refused(trained, trained_all, synthetic,
+                                                                                  tmp_path):
     proc = run_cli("gradcam.py", "--checkpoint", trained_all, "--faithfulness", "--limit", 3, "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == f"wrote the faithfulness results to {tmp_path / 'all'}/"  # what was asked
