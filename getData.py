@@ -1295,7 +1295,7 @@ def make_synthetic(path, seed: int = 0) -> Path:
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
     path, written = Path(path), _synthetic_seed(path)
-    if written == seed:  # the setup command run again: these are the very files it would write
+    if written == seed:  # the setup command run again: the set it wrote is left as it is
         print(f"{path}/ holds the synthetic demo set (--seed {seed}) already: nothing to write")
         return path
     if written is not None:
