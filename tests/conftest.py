@@ -86,12 +86,6 @@ def real_root() -> Path:
     return find_folds_root(REAL_DATA)
 
 
-def run_script(*args, cwd=REPO, timeout=600):
-    """Run a repository script as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def start_as_from_a_terminal(script, *args) -> subprocess.Popen:
     """A script (or `-m MODULE`) started in a process group of its own with Ctrl-C not ignored, as from a terminal
     (anything started with `nohup ... &`, this suite perhaps, ignores it). os.killpg(proc.pid,

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from augment import write_augmented
 from conftest import (REPO, assert_one_line_error, at_once, ctrl_c_as_from_a_terminal, drawn, interrupt_when,
-                      killed_on_call, run_cli, run_script, signal_in_a_finalizer, start_as_from_a_terminal,
+                      killed_on_call, run_cli, signal_in_a_finalizer, start_as_from_a_terminal,
                       start_in_the_background, train_args)
 from getData import audit, index_split, list_classes, stop_if_asked
 from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
@@ -162,18 +162,6 @@ def test_ddp_two_gloo_processes_match_one_process(synthetic, tmp_path):
     assert config["world_size"] == 2 and config["backend"] == "gloo"
 
 
-def test_main_job_falls_back_to_synthetic_data(tmp_path):
-    (tmp_path / "data").mkdir()
-    with zipfile.ZipFile(tmp_path / "data" / "archive.zip", "w") as z:  # the download, not yet extracted
-        z.writestr("readme.txt", "MSLD v2.0")
-    proc = run_script(REPO / "train.py", "--epochs", 1, "--device", "cpu", cwd=tmp_path)
-    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr
-    assert "no MSLD v2.0 found under data/" in proc.stdout
-    assert "python getData.py --extract 'data/archive.zip'" in proc.stdout  # and how to use the download
-    assert (tmp_path / "data" / "synthetic" / "SYNTHETIC.txt").is_file()
-    assert (tmp_path / "runs" / "lenet-fold1" / "best.pt").is_file()
-
-
 @pytest.mark.parametrize("fold", ["1", "all"])
 def test_a_run_ends_saying_where_it_is_and_the_command_that_evaluates_it(synthetic, tmp_path, fold):
     out = tmp_path / "a run"  # a space: the command is quoted for a shell
@@ -263,12 +251,18 @@ def _screen(raw: bytes) -> list[str]:
     return [ln for ln in lines if ln.strip()]
 
 
-def test_console_ends_with_clean_summaries_on_a_terminal(synthetic, tmp_path):
-    """Progress bars draw on a terminal and are wiped before each epoch's summary line."""
+def test_a_fresh_clones_main_job_in_a_terminal_falls_back_to_synthetic_data_and_wipes_its_bars(synthetic, tmp_path):
+    """`python train.py` where data/ holds no dataset (here the download, not yet extracted): it says
+    so and how to use the download, writes the synthetic set and trains on it, with no warning; on a
+    terminal its progress bars are wiped before each epoch's summary line, and its last line says
+    where the run is. (One process for both: a fresh interpreter is 2 s of torch import.)"""
+    (tmp_path / "data").mkdir()
+    with zipfile.ZipFile(tmp_path / "data" / "archive.zip", "w") as z:
+        z.writestr("readme.txt", "MSLD v2.0")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
-    args = train_args(synthetic, tmp_path / "r", "--epochs", 2)
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=REPO, stdout=follower, stderr=follower)
+    proc = subprocess.Popen([sys.executable, REPO / "train.py", "--epochs", "2", "--device", "cpu"], cwd=tmp_path,
+                            stdout=follower, stderr=follower)
     os.close(follower)
     raw = b""
     while True:
@@ -279,9 +273,13 @@ def test_console_ends_with_clean_summaries_on_a_terminal(synthetic, tmp_path):
         if not chunk:
             break
         raw += chunk
-    assert proc.wait() == 0
+    assert proc.wait() == 0, raw[-3000:]
     assert b"it/s]" in raw or b"s/it]" in raw  # a bar was drawn
     screen = _screen(raw)
+    assert "Warning" not in "\n".join(screen) and "no MSLD v2.0 found under data/" in screen[0], screen
+    assert "python getData.py --extract 'data/archive.zip'" in screen[0]  # and how to use the download
+    assert (tmp_path / "data" / "synthetic" / "SYNTHETIC.txt").is_file()
+    assert (tmp_path / "runs" / "lenet-fold1" / "best.pt").is_file()
     assert screen[-1].startswith("wrote best.pt") and screen[-2].startswith("fold 1 epoch 2/2: train loss") \
         and "%|" not in screen[-2], screen[-3:]
     assert screen[-3].startswith("fold 1 epoch 1/2: train loss") and "%|" not in screen[-3], screen[-3:]
