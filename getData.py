@@ -1295,6 +1295,9 @@ def make_synthetic(path, seed: int = 0) -> Path:
     so Test sets are disjoint and every image is tested once (unlike MSLD v2.0, see the audit).
     """
     path, written = Path(path), _synthetic_seed(path)
+    if written is not None and not _has_folds(path):
+        raise DataError(f"{path}: holds part of a synthetic set, not all five folds; delete it, and the same command "
+                        "writes the set again")
     if written == seed:  # the setup command run again: the set it wrote is left as it is
         print(f"{path}/ holds the synthetic demo set (--seed {seed}) already: nothing to write")
         return path

@@ -139,7 +139,7 @@ def test_synthetic_refuses_non_empty_folder(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
-def test_the_synthetic_set_written_again_is_left_as_it_is_or_refused_for_another_seed(synthetic, capsys):
+def test_the_synthetic_set_written_again_is_left_as_it_is_or_refused_for_another_seed(synthetic, tmp_path, capsys):
     """The setup command run twice was refused as "inside the dataset ..., choose a folder outside it"."""
     before = {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")}
     assert getData.main(["--synthetic", str(synthetic)]) == 0
@@ -149,6 +149,9 @@ def test_the_synthetic_set_written_again_is_left_as_it_is_or_refused_for_another
     assert_one_line_error(run_cli("getData.py", "--synthetic", synthetic, "--seed", 3),
                           f"{synthetic}: holds the synthetic set of --seed 0; delete it to write --seed 3")
     assert {p: p.stat().st_mtime_ns for p in synthetic.rglob("*")} == before
+    part = shutil.copytree(synthetic, tmp_path / "part")
+    shutil.rmtree(part / "fold3")  # a fold deleted by hand is not the set: said so, not left as it is
+    assert_one_line_error(run_cli("getData.py", "--synthetic", part), f"{part}: holds part of a synthetic set")
 
 
 def test_the_main_job_on_a_fresh_clone_says_what_to_delete_when_the_synthetic_folder_is_not_the_set(
