@@ -256,10 +256,10 @@ RETURN_BYTES = 8 * 2**20  # decoded bytes (a 2-megapixel PNG, five phone JPEGs a
 def return_freed_memory() -> None:
     """glibc keeps what is freed in per-thread heaps for the next allocation: a server decoding large
     uploads, one per connection thread, grew as if it decoded them all at once (measured: 323 MB for a
-    200 MB budget, tests/test_serve.py). malloc_trim hands the freed pages back. Not after every upload: the inference
-    thread's tensors are freed memory too, faulted in again after each return (as a fixed mmap
-    threshold made every large tensor a fresh mapping: about 30% fewer requests a second at 4 and 16
-    clients on CPU, README: Web service)."""
+    200 MB budget, tests/test_serve.py). malloc_trim hands the freed pages back. Not after every
+    upload: the inference thread's tensors are freed memory too, faulted in again after each return
+    (as a fixed mmap threshold made every large tensor a fresh mapping: about 30% fewer requests a
+    second at 4 and 16 clients on CPU, README: Web service)."""
     trim = _malloc_trim()
     if trim:
         trim(0)
