@@ -49,13 +49,13 @@ def test_batch_augment_on_cuda_equals_the_cpu_path(ops):
     x = torch.randint(0, 256, (16, 3, 73, 73), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     aug = BatchAugment(64, ops)
     cpu = aug(x, torch.Generator().manual_seed(1))
-    gpu = aug(x.cuda(), torch.Generator().manual_seed(1)).cpu()
+    gpu = aug(x.to("cuda"), torch.Generator().manual_seed(1)).cpu()
     assert torch.allclose(cpu, gpu, atol=2e-3), (cpu - gpu).abs().max()
 
 
 def test_checkpoints_move_between_cuda_and_cpu(synthetic, tmp_path):
-    for device, other in (("cuda", "cpu"), ("cpu", "cuda")):
-        out = tmp_path / device
+    for k, (device, other) in enumerate((("cuda", "cpu"), ("cpu", "cuda"))):
+        out = tmp_path / f"run{k}"  # not named by its device: README's dry run on CPU reads "cuda" as "cpu"
         args = train_args(synthetic, out, "--epochs", 1)
         assert train.main([a if a != "cpu" else device for a in args]) == 0
         images = torch.randint(0, 256, (8, 3, 37, 37), dtype=torch.uint8)
