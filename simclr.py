@@ -53,10 +53,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     """NT-Xent (Chen et al. 2020, eq. 1) for N positive pairs (z1[i], z2[i]); N is read from the batch.
 
     Each of the 2N views is classified against the other 2N - 1 by cosine similarity / temperature,
-    with its partner as the answer. Computed in float32 even under autocast: exp(sim / 0.1) overflows
-    bf16's 8-bit mantissa precision long before fp32's range. Under torch.distributed, embeddings
-    from every rank are gathered with gradients, so the negatives are the global batch's; each rank
-    scores its own anchors and DDP's gradient average makes the step that of the whole batch.
+    with its partner as the answer. Computed in float32 even under autocast: bf16 keeps 8 significant
+    bits, so logits near 1 / temperature blur together (at 0.1: 9.99, 10.0 and 10.02 are all 10.0
+    in bf16). Under torch.distributed, embeddings from every rank are gathered with gradients, so
+    the negatives are the global batch's; each rank scores its own anchors and DDP's gradient
+    average makes the step that of the whole batch.
     The default temperature 0.5 is the paper's choice for small datasets (CIFAR-10, appendix B.9).
     """
     n = z1.shape[0]
