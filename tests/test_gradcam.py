@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-
-import torch.nn.functional as F
 
 import gradcam
 from conftest import assert_one_line_error, drawn, run_cli, strict_json
 from getData import index_split, list_classes, load_image, to_json
-from gradcam import GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
+from gradcam import STEPS, GradCAM, baseline_maps, blurred, curve_area, deletion_insertion, overlay_png, spearman
 from models import build_model, checkpoint_dict, load_classifier, save_checkpoint, select_runtime
 
 
@@ -407,6 +406,13 @@ def test_deletion_by_the_map_beats_a_random_map_where_the_answer_is_known():
     blurred_image = model(blurred(x)).softmax(1)[:, 1]
     for d, i in curves.values():  # and at the blurred image's at the other end
         assert torch.allclose(d[:, -1], blurred_image, atol=1e-5) and torch.allclose(i[:, 0], blurred_image, atol=1e-5)
+
+
+def test_curve_areas_are_over_the_fraction_of_pixels_as_sklearn_computes_them():
+    from sklearn.metrics import auc
+    curves = torch.rand(4, STEPS + 1, generator=torch.Generator().manual_seed(0))
+    fraction = np.linspace(0, 1, STEPS + 1)  # 0%, 4%, ... 100% of the pixels deleted or inserted
+    assert curve_area(curves).numpy() == pytest.approx([auc(fraction, c) for c in curves.numpy()], abs=1e-6)
 
 
 def test_spearman_ranks_ties_as_scipy_does():
