@@ -210,9 +210,12 @@ def _near_duplicate(root):
 
 
 def _patients(root):
+    """Another photo of a Test patient in Train (fold 1), and of a Valid patient in Test (fold 2)."""
     test_patient = patient_id(_first(root, 1, "Test", "Monkeypox"))
     _variant(_first(root, 1, "Train", "Monkeypox"), root / "fold1" / "Train" / "Monkeypox" / f"{test_patient}_09.jpg")
-    return [test_patient, "Train and Test"]
+    valid_patient = patient_id(_first(root, 2, "Valid", "Cowpox"))
+    _variant(_first(root, 2, "Test", "Cowpox"), root / "fold2" / "Test" / "Cowpox" / f"{valid_patient}_09.jpg")
+    return [test_patient, "Train and Test", valid_patient, "Valid and Test"]
 
 
 def _test_overlap(root):
@@ -773,6 +776,20 @@ def test_real_cli_prints_table_and_audit(real_root):
     proc = run_cli("getData.py", "--data-root", Path(__file__).resolve().parents[2] / "shared" / "data")
     assert proc.returncode == 0, proc.stderr
     assert "Monkeypox          202/55/27" in proc.stdout and "[WARN] duplicate content" in proc.stdout
+
+
+def test_a_near_duplicate_of_one_patient_in_two_splits_is_a_leak_too(tmp_path, synthetic):
+    """A Valid photo resized and re-compressed, filed in Test as a new photo of the same patient: one
+    patient, but the network is tested on a copy of what selected it."""
+    root = _copy(synthetic, tmp_path)
+    src = _first(root, 2, "Valid", "Cowpox")
+    im = Image.open(src)
+    im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(root / "fold2" / "Test" / "Cowpox" /
+                                                            f"{patient_id(src)}_09.jpg", quality=60)
+    near = next(c for c in audit(root)["checks"] if c["check"] == "near-duplicate images")
+    pair, = near["pairs"]
+    assert near["verdict"] != "PASS" and pair["patients"] == [patient_id(src)], near
+    assert pair["split_across"] == ["fold2 Valid/Test"], pair
 
 
 def test_near_duplicate_pairs_are_in_the_json_report(tmp_path, synthetic):

@@ -388,6 +388,34 @@ def test_large_uploads_at_once_stay_within_the_decode_budget_and_sigterm_ends_th
     assert proc.returncode == 0 and "Traceback" not in err, err
 
 
+def test_the_decode_budget_gives_back_what_each_decode_reserved():
+    """The room a decode reserves comes back when it ends, failed or not; a request that finds none
+    waits for it, and is told to retry (Busy: 503) only when none comes in time."""
+    budget = serve.DecodeBudget(100, wait_s=5)
+    for _ in range(3):
+        with budget.reserve(80):
+            pass
+    with pytest.raises(DataError), budget.reserve(80):
+        raise DataError("a photo that does not decode")
+    assert budget.free == 100
+    entered = threading.Event()
+
+    def decode():
+        with budget.reserve(80):
+            entered.set()
+            time.sleep(0.2)
+    first = threading.Thread(target=decode)
+    first.start()
+    entered.wait(5)
+    with budget.reserve(80):  # waits for the first decode to end, then takes its room
+        assert budget.free == 20
+    first.join()
+    busy = serve.DecodeBudget(100, wait_s=0.1)
+    with busy.reserve(80), pytest.raises(serve.Busy), busy.reserve(30):
+        pass
+    assert busy.free == 100
+
+
 def test_serving_leaves_the_process_reusing_the_memory_its_tensors_free(server, big_png):
     """glibc hands a freed buffer to the next allocation of its size. serve.py fixed its mmap threshold
     (for a server's memory to stay bounded) and so made every large tensor of a forward pass a fresh

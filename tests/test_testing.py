@@ -50,6 +50,15 @@ def test_metrics_match_scikit_learn_including_a_never_predicted_class():
     assert m["per_class"]["Cowpox"]["precision"] == 0 and m["per_class"]["Cowpox"]["recall"] == 0
 
 
+def test_balanced_accuracy_averages_the_classes_present_as_scikit_learn_does():
+    """Three of six classes in the Test split (a subset, or a class left out): the recall of a class with
+    no image is no score, and balanced accuracy is over the three (also when an absent class is predicted)."""
+    y, pred = np.array([1, 1, 2, 2, 3, 3]), np.array([1, 0, 2, 2, 3, 1])
+    m = classification_metrics(y, np.eye(6)[pred], CLASSES)
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred)) == (0.5 + 1 + 0.5) / 3
+
+
 def test_confidence_gate_coverage_and_covered_metrics():
     y, probs = _hand_made(1)
     g = gated_metrics(y, probs, CLASSES, 0.6)

@@ -26,7 +26,7 @@ from conftest import (REPO, assert_one_line_error, at_once, ctrl_c_as_from_a_ter
                       killed_on_call, run_cli, signal_in_a_finalizer, start_as_from_a_terminal,
                       start_in_the_background, train_args)
 from getData import audit, index_split, list_classes, stop_if_asked
-from models import ModelError, build_model, checkpoint_dict, save_checkpoint, warmup_cosine
+from models import ModelError, build_model, checkpoint_dict, save_checkpoint, select_runtime, warmup_cosine
 from testing import evaluate
 
 
@@ -191,6 +191,21 @@ def test_a_model_name_in_any_case_is_one_model(synthetic, tmp_path):
     assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--model", "LeNet")) == 0
     assert json.loads((tmp_path / "r" / "config.json").read_text())["model"] == "lenet"
     assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--model", "lenet", "--resume")) == 0
+
+
+def test_clipping_bounds_the_gradient_a_step_takes():
+    """--clip-grad: with plain SGD at learning rate 1 a step moves the weights by the gradient, so the
+    step's length is the gradient's norm: the bound when clipped, more without."""
+    x = 100 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))  # large inputs: a large gradient
+    lengths = {}
+    for clip in (0.0, 0.01):
+        net = nn.Linear(4, 3)
+        before = torch.cat([p.detach().flatten() for p in net.parameters()])
+        step = train.Step(net, torch.optim.SGD(net.parameters(), lr=1.0), None, nn.CrossEntropyLoss(), aug=None,
+                          clip_grad=clip)
+        train.optimise(step, x, torch.arange(8) % 3, select_runtime("cpu", "fp32"), torch.zeros(3))
+        lengths[clip] = float((torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm())
+    assert lengths[0.01] == pytest.approx(0.01, rel=1e-4) and lengths[0.0] > 1, lengths
 
 
 def test_balancing_helpers():
