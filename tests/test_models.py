@@ -1,6 +1,8 @@
 import io
+import random
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from torch import nn
 from models import (EMA, PLAIN_VIEW, TTA_VIEWS, ModelError, backend_for, batch_indices, build_model,
                     checkpoint_dict, crop, epoch_generators, fit_temperature, load_checkpoint, load_classifier,
                     make_optimizer, model_names, param_groups, per_rank_batch, predict, predict_logits, probabilities,
-                    save_checkpoint, select_runtime, shard, to_input, unwrap, view)
+                    save_checkpoint, select_runtime, set_seed, shard, to_input, unwrap, view)
 
 REQUIRED = ["lenet", "resnext101_64x4d", "resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16",
             "swin_t"]
@@ -189,6 +191,16 @@ def test_ema_follows_its_formula_and_copies_integer_buffers():
     assert restored.updates == 201 and torch.equal(restored.module.weight, ema.module.weight)
 
 
+def test_set_seed_repeats_what_python_numpy_and_torch_draw():
+    draws = []
+    for _ in range(2):
+        set_seed(7)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.randn(()))))
+    assert draws[0] == draws[1]
+    set_seed(8)
+    assert all(a != b for a, b in zip(draws[0], (random.random(), np.random.rand(), torch.rand(()), torch.randn(()))))
+
+
 # ----------------------------------------------------------------------------- predict
 def test_views_crop_where_they_say_and_flip():
     x = torch.arange(5 * 5, dtype=torch.uint8).view(1, 1, 5, 5).expand(1, 3, 5, 5)
@@ -197,7 +209,7 @@ def test_views_crop_where_they_say_and_flip():
     assert crop(x, 3, "top-right")[0, 0, 0].tolist() == [2, 3, 4] and crop(x, 3, "bottom-left")[0, 0, -1, 0] == 20
     assert torch.equal(view(x, 3, "center", "h"), view(x, 3).flip(-1))
     assert torch.equal(view(x, 3, "center", "hv"), view(x, 3).flip(-1).flip(-2))
-    assert len(TTA_VIEWS) == 8 and TTA_VIEWS[0] == PLAIN_VIEW[0]
+    assert len(set(TTA_VIEWS)) == 8 and TTA_VIEWS[0] == PLAIN_VIEW[0]  # eight different views
 
 
 def test_tta_with_one_view_is_the_plain_prediction():

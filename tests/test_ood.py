@@ -78,7 +78,21 @@ def test_the_multilayer_score_flags_what_only_an_early_stage_sees():
         gaussian = LedoitWolf(assume_centered=True).fit((features - means[labels]).numpy())
         direct.append(distance(early_only[name], gaussian, means)
                       / torch.quantile(distance(valid_features[name], gaussian, means), 0.95))
+        if name == "head":  # the mahalanobis score: the last stage's distance, unscaled
+            assert torch.allclose(scores["in"]["mahalanobis"].double(), distance(inside[name], gaussian, means),
+                                  rtol=1e-3)
     assert torch.allclose(scores["out"]["multilayer"].double(), torch.stack(direct).amax(0), rtol=1e-3)
+
+
+def test_energy_and_msp_are_their_formulas_with_the_calibrated_temperature_for_msp():
+    labels = torch.arange(400) % 4
+    train_features, valid_features = (_layers(400, labels, seed=s) for s in (5, 6))
+    logits = 3 * _features(400, d=4, seed=10)
+    scores = ood_scores(fit_reference(train_features, labels, valid_features, logits, temperature=2.0),
+                        valid_features, logits)
+    energy = -torch.tensor([np.log(np.exp(row).sum()) for row in logits.double().numpy()])  # Liu et al., T = 1
+    assert torch.allclose(scores["energy"].double(), energy, atol=1e-5)
+    assert torch.allclose(scores["msp"], -F.softmax(logits / 2.0, dim=1).max(1).values, atol=1e-6)
 
 
 def test_detection_metrics_read_the_scores_the_right_way_round():

@@ -259,6 +259,20 @@ def test_bootstrap_intervals_contain_the_estimate_and_narrow_with_more_patients(
     assert set(ci) == set(CI_KEYS) - {"mpox_sensitivity"}
 
 
+def test_bootstrap_draws_whole_patients():
+    """Four photos per patient, right or wrong together (one lesion, photographed four times): drawn by
+    patient, 30 patients are 30 observations, not 120, and the interval is about twice as wide."""
+    rng = np.random.default_rng(0)
+    right = np.repeat(rng.random(30) < 0.6, 4)
+    y = np.repeat(rng.integers(0, 6, 30), 4)
+    probs = np.eye(6)[np.where(right, y, (y + 1) % 6)]
+    width = {}
+    for unit, groups in (("patient", np.repeat(np.arange(30), 4)), ("photo", np.arange(120))):
+        ci = interval(bootstrap(y, probs, groups, 6, 5, 2000, seed=0))
+        width[unit] = ci["accuracy"][1] - ci["accuracy"][0]
+    assert width["patient"] > 1.6 * width["photo"], width
+
+
 def test_batched_confusion_metrics_equal_one_at_a_time():
     rng = np.random.default_rng(0)
     cms = rng.integers(0, 9, (5, 6, 6))
