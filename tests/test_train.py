@@ -217,6 +217,24 @@ def test_balancing_helpers():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
 
 
+def test_the_loss_smooths_labels_and_balances_classes_as_asked():
+    """--label-smoothing e: the target is 1 - e on the class and e / C on every class (Szegedy et al.
+    2016); --balance loss weights each image by its class's inverse frequency, sampler draws by it."""
+    data = type("Fold", (), dict(train_labels=torch.tensor([0] * 8 + [1] * 2), classes=["a", "b"]))
+    rt, logits, y = select_runtime("cpu", "fp32"), torch.tensor([[2.0, -1.0], [0.5, 1.5]]), torch.tensor([0, 1])
+    log_p = logits.log_softmax(1)
+    for e in (0.0, 0.2):
+        loss_fn, _ = train.balancing("none", e, data, rt)
+        target = (1 - e) * F.one_hot(y, 2) + e / 2
+        assert float(loss_fn(logits, y)) == pytest.approx(float(-(target * log_p).sum(1).mean()))
+    loss_fn, none = train.balancing("loss", 0.0, data, rt)
+    w = torch.tensor([10 / 16, 10 / 4])  # n / (C n_c)
+    weighted = -(w[y] * log_p[[0, 1], y]).sum() / w[y].sum()
+    assert none is None and float(loss_fn(logits, y)) == pytest.approx(float(weighted))
+    _, per_image = train.balancing("sampler", 0.0, data, rt)
+    assert torch.allclose(per_image, w[data.train_labels] / w.mean())
+
+
 def test_aug_dir_copies_join_training(synthetic, tmp_path):
     write_augmented(synthetic, 1, tmp_path / "aug", factor=1, ops="hflip", workers=1)
     assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--aug-dir", tmp_path / "aug")) == 0
