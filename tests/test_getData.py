@@ -738,6 +738,25 @@ def test_zip_slip_is_refused_and_nothing_is_left(tmp_path):
     assert [p.name for p in (tmp_path / "data").iterdir()] == [".evil.zip.part"]  # no half-extracted folder
 
 
+def _symlink(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = 0o120777 << 16  # the Unix mode of a symbolic link, as `zip --symlinks` stores it
+    return info
+
+
+@pytest.mark.parametrize("member", ["../../escaped.txt", "/tmp/escaped.txt", "link"])
+def test_an_archive_member_outside_the_target_or_a_link_is_refused_before_a_byte_is_written(tmp_path, member):
+    """A link is refused whatever it points to: unzip and most extractors create it, and the next member
+    written through it lands where it points."""
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok.txt", b"fine")
+        z.writestr(_symlink(member), "/etc") if member == "link" else z.writestr(member, b"evil")
+    with pytest.raises(DataError, match=f"member '{member}' would escape the target folder"):
+        getData.safe_extract(archive, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
 def test_kaggle_download_sends_credentials(tmp_path, monkeypatch):
     payload = _zip_bytes({"Original Images/FOLDS/readme.txt": b"hi"})
     monkeypatch.setenv("KAGGLE_USERNAME", "alice")
