@@ -124,3 +124,13 @@ def test_every_script_imports_and_locks_its_run_directory_where_fcntl_is_missing
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.fullmatch(rf"{re.escape(str(tmp_path / 'run'))}: in use by another run \(process \d+\); .*\n",
                         proc.stdout), proc.stdout
+
+
+def test_every_mutant_still_matches_the_code_it_breaks():
+    """tests/mutants.py breaks the code in named places to show the tests catch it: a place edited
+    since is named here (run `python tests/mutants.py --only N` for the mutants of a changed file)."""
+    from mutants import MUTANTS
+    stale = [(i, file, code[:60]) for i, (file, code, bug, _, tests) in enumerate(MUTANTS)
+             if (REPO / file).read_text().count(code) != 1 or bug == code
+             or not all((REPO / "tests" / t).is_file() for t in tests.split())]
+    assert not stale, f"update these mutants in tests/mutants.py: {stale}"
