@@ -751,7 +751,10 @@ def test_an_archive_member_outside_the_target_or_a_link_is_refused_before_a_byte
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("ok.txt", b"fine")
-        z.writestr(_symlink(member), "/etc") if member == "link" else z.writestr(member, b"evil")
+        if member == "link":
+            z.writestr(_symlink(member), "/etc")
+        else:
+            z.writestr(member, b"evil")
     with pytest.raises(DataError, match=f"member '{member}' would escape the target folder"):
         getData.safe_extract(archive, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
