@@ -217,15 +217,15 @@ def resume(path, config: dict, runtime_keys, flags, model: nn.Module, opt=None, 
     """Restore the model, optimizer, scheduler and `modules` from last.pt; refuse a changed
     configuration. Returns the checkpoint (its "epoch", "history" and "best" say where to go on)."""
     ckpt = load_checkpoint(path)
+    parts = {name: part for name, part in dict(optimizer=opt, scheduler=sched, **modules).items() if part is not None}
+    if missing := [name for name in parts if name not in ckpt]:  # e.g. a best.pt copied over last.pt
+        raise ModelError(f"{path}: holds no {missing[0]} state, so --resume cannot continue from it (best.pt keeps "
+                         "the weights only, last.pt the whole training state); start afresh with --overwrite")
     check_resumable(ckpt, config, runtime_keys, flags, path)
     model = unwrap(model)
-    (model.backbone if ckpt["kind"] == "encoder" else model).load_state_dict(ckpt["state_dict"])
-    if opt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-    if sched is not None:
-        sched.load_state_dict(ckpt["scheduler"])
-    for name, m in modules.items():
-        m.load_state_dict(ckpt[name])
+    load_state(model.backbone if ckpt["kind"] == "encoder" else model, ckpt["state_dict"], path, "its")
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
     return ckpt
 
 

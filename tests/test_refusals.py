@@ -367,9 +367,14 @@ def test_an_init_or_a_resume_that_says_wrong_things_of_itself_is_one_line(synthe
         assert_one_line_error(run_cli(script, *args, "--init", bad), "edited.pt", "its fold 'abc' is not one of 1..5")
     run = tmp_path / "edited-run"
     run.mkdir()
-    torch.save(_edit(torch.load(trained / "last.pt", weights_only=True), "config", None), run / "last.pt")
-    assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 1, "--resume")),
-                          "last.pt", "its config is not a dict")
+    last = torch.load(trained / "last.pt", weights_only=True)
+    for ckpt, *says in ((_edit(last, "config", None), "its config is not a dict"),
+                        (_edit(last, "state_dict", lambda s: dict(list(s.items())[1:])),
+                         "its weights do not fit this model", "Missing key(s)"),
+                        (torch.load(trained / "best.pt", weights_only=True), "holds no optimizer state, so --resume")):
+        torch.save(ckpt, run / "last.pt")  # the last: a best.pt copied over last.pt (a KeyError traceback before)
+        assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 40, "--batch-size", 16,
+                                                              "--resume")), "last.pt", *says)  # `trained`'s flags
 
 
 def test_another_projects_checkpoint_says_how_to_pass_its_weights(synthetic, tmp_path):
