@@ -66,6 +66,8 @@ def test_confidence_gate_coverage_and_covered_metrics():
     assert g["coverage"] == pytest.approx(covered.mean()) and 0 < g["coverage"] < 1
     assert g["accuracy"] == pytest.approx(skm.accuracy_score(y[covered], probs[covered].argmax(1)))
     assert gated_metrics(y, probs, CLASSES, 1.01)["n_covered"] == 0
+    at = np.array([[0.6, 0.4, 0, 0, 0, 0]])  # the gate answers a top probability that reaches it, as serve.py does
+    assert gated_metrics([0], at, CLASSES, 0.6)["n_covered"] == 1
 
 
 def test_mean_std_table():
@@ -300,6 +302,19 @@ def test_risk_coverage_and_the_mpox_operating_point():
     t = op["threshold"]
     assert op["test_sensitivity"] == pytest.approx(np.mean(probs[y == 5, 5] >= t))
     assert op["test_specificity"] == pytest.approx(np.mean(probs[y != 5, 5] < t))
+    same = mpox_operating_point(valid_y, valid_p, valid_y, valid_p, positive=5)  # Mpox at p >= t on Test as on
+    assert same["test_sensitivity"] == same["valid_sensitivity"]  # Valid: the photo that set t is called Mpox too
+
+
+def test_a_95_percent_interval_is_as_wide_as_the_binomials():
+    """One photo per patient, 70% of them right: the bootstrap's 95% interval of the accuracy is the
+    binomial's, 2 x 1.96 x sqrt(p(1 - p) / n) wide (a 90% interval is 16% narrower)."""
+    n, rng = 400, np.random.default_rng(0)
+    y, right = rng.integers(0, 6, n), rng.random(n) < 0.7
+    low, high = interval(bootstrap(y, np.eye(6)[np.where(right, y, (y + 1) % 6)], np.arange(n), 6, 5, 4000,
+                                   seed=0))["accuracy"]
+    p = right.mean()
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(p * (1 - p) / n), rel=0.06)
 
 
 def test_a_run_trained_from_a_relative_data_root_is_evaluated_from_any_folder(synthetic, tmp_path):
