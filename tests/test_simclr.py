@@ -141,6 +141,10 @@ def test_knn_accuracy_on_separable_features():
     x = torch.cat([torch.randn(20, 4) + 5 * torch.eye(4)[i] for i in range(3)])
     y = torch.arange(3).repeat_interleave(20)
     assert knn_accuracy(x, y, x + 0.01, y, k=5) == 1.0
+    near = torch.tensor([[1.0, 0.0], [1.0, 0.2], [1.0, -0.2], [1.0, 0.25]])  # the nearest is of class 0, the next
+    y = torch.tensor([0, 1, 1, 1])  # two of class 1: a majority of the k nearest votes, not the nearest alone
+    assert knn_accuracy(near, y, near[:1], torch.tensor([1]), k=3) == 1.0
+    assert knn_accuracy(near, y, near[:1], torch.tensor([1]), k=1) == 0.0
 
 
 def test_unlabeled_images_leave_out_the_test_split(synthetic, tmp_path):

@@ -164,6 +164,18 @@ def test_calibration_changes_confidence_not_answers(trained, tmp_path, capsys):
     assert r.metrics["ece"] != r.metrics["ece_raw"]
 
 
+def test_tta_averages_eight_views_with_a_temperature_fitted_for_them(trained, tmp_path):
+    from models import TTA_VIEWS, fit_temperature, load_classifier, predict_logits, probabilities, select_runtime
+    r = evaluate(trained / "best.pt", tmp_path / "t", tta=True, resamples=20)["softmax"]
+    rt = select_runtime("cpu")
+    model, ckpt = load_classifier(trained / "best.pt", rt)
+    valid, test = (MSLDDataset(ckpt["config"]["data_root"], 1, split, cache_size=resize_size(32))
+                   for split in ("Valid", "Test"))
+    t = fit_temperature(predict_logits(model, valid.images, rt, views=TTA_VIEWS), valid.targets)
+    assert len(TTA_VIEWS) == 8 and t != ckpt["temperature"] and r.metrics["temperature"] == pytest.approx(t)
+    assert np.allclose(r.probs, probabilities(predict_logits(model, test.images, rt, views=TTA_VIEWS), t), atol=1e-6)
+
+
 def test_an_ensemble_averages_its_members(trained_all, tmp_path):
     single = evaluate(trained_all / "fold2" / "best.pt", tmp_path / "one", resamples=20)["softmax"]
     copy = shutil.copytree(trained_all, tmp_path / "copy")  # the same weights in other files

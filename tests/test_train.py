@@ -348,6 +348,17 @@ def test_bf16_channels_last_and_compile_run_on_cpu(synthetic, tmp_path):
         assert np.isfinite(float(row["train_loss"])) and float(row["valid_acc"]) > 0
 
 
+def test_with_ema_best_pt_holds_the_average_it_was_chosen_on(synthetic, tmp_path):
+    """--ema validates the averaged weights, so best.pt holds them; last.pt holds the raw weights and
+    the average beside them, for --resume."""
+    assert train.main(train_args(synthetic, tmp_path / "r", "--epochs", 1, "--ema", 0.9)) == 0
+    best, last = (torch.load(tmp_path / "r" / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    average = last["ema"]["module"]
+    assert best["state_dict"].keys() == average.keys()
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in average.items())
+    assert not all(torch.equal(last["state_dict"][k], v) for k, v in average.items())
+
+
 def test_benchmark_prints_every_precision_and_layout(monkeypatch, capsys):
     monkeypatch.setattr(train, "BENCHMARK_SECONDS", 0.05)
     rows = train.run(train.parse_args(["--benchmark", "--model", "lenet", "--batch-size", "8", "--device", "cpu"]))
