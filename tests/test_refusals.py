@@ -375,6 +375,9 @@ def test_an_init_or_a_resume_that_says_wrong_things_of_itself_is_one_line(synthe
         torch.save(ckpt, run / "last.pt")  # the last: a best.pt copied over last.pt (a KeyError traceback before)
         assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 40, "--batch-size", 16,
                                                               "--resume")), "last.pt", *says)  # `trained`'s flags
+    torch.save(last, run / "last.pt")  # whole, but without the average that --ema added on resuming would need
+    assert_one_line_error(run_cli("train.py", *train_args(synthetic, run, "--epochs", 40, "--batch-size", 16,
+                                                          "--resume", "--ema", 0.9)), "last.pt: --ema was 0.0, now 0.9")
 
 
 def test_another_projects_checkpoint_says_how_to_pass_its_weights(synthetic, tmp_path):
