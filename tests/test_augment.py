@@ -93,6 +93,19 @@ def test_batch_path_matches_torchvision_distribution():
     assert torch.allclose(b[9:], torch.tensor([0.5, 0.5]), atol=0.05)  # flips happen half the time
 
 
+@pytest.mark.parametrize("name", list(augment.TRAIN_AUGMENTS))
+def test_every_training_augmentation_normalises_as_evaluation_does(name):
+    """Whatever a batch's last operation (colour jitter folds the normalisation into its matrix, the
+    others normalise after it), the network trains on the scale it is evaluated on: pixels in [0, 1]
+    in training and normalised ones in testing would test it on another distribution."""
+    cached = _gradient(side=resize_size(32))[None].expand(400, -1, -1, -1)
+    trained = BatchAugment(32, augment.TRAIN_AUGMENTS[name])(cached, torch.Generator().manual_seed(0))
+    seen = to_input(cached[:1], 32)
+    assert torch.allclose(trained.mean((0, 2, 3)), seen.mean((0, 2, 3)), atol=0.1)
+    ratio = trained.std((0, 2, 3)) / seen.std((0, 2, 3))
+    assert ((ratio > 0.8) & (ratio < 1.5)).all(), ratio  # crops and colour spread it a little
+
+
 def _gradient(side=48, texture=0.0):
     yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
     img = torch.stack([0.2 + 0.6 * xx, 0.3 + 0.5 * yy, 0.5 * (xx + yy)])

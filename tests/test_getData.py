@@ -529,6 +529,16 @@ def test_dataset_cache_matches_uncached_and_returns_paths(synthetic):
     assert torch.equal(x, getData.prepare(img, 40))
 
 
+def test_the_cache_keeps_a_photos_centre_square_not_its_whole_squashed():
+    """Short side to the size, then the centre square, in landscape and portrait: a lesion keeps its
+    shape (squashing a 2:1 photo makes a round lesion an oval) and the edges of the frame are left out."""
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:, :40], wide[:, 40:160], wide[:, 160:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)  # 40 | 120 | 40 px
+    for im in (Image.fromarray(wide), Image.fromarray(wide.transpose(1, 0, 2).copy())):
+        x = getData.prepare(im, 50)
+        assert x.shape == (3, 50, 50) and (x[1] == 255).all() and (x[[0, 2]] == 0).all()  # the middle 100 px only
+
+
 def test_users_photos_are_decoded_small_and_the_datasets_whole(tmp_path, monkeypatch):
     """testing.py --ood-dir and simclr.py --extra decoded a phone's 12-megapixel photos whole (48 MB and
     more a thread) to keep 128 x 128 of them; the dataset's photos stay decoded whole, as README's figures."""
