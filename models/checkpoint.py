@@ -220,8 +220,8 @@ def resume(path, config: dict, runtime_keys, flags, model: nn.Module, opt=None, 
     check_resumable(ckpt, config, runtime_keys, flags, path)  # first: --ema added on resuming is a changed flag
     parts = {name: part for name, part in dict(optimizer=opt, scheduler=sched, **modules).items() if part is not None}
     if missing := [name for name in parts if name not in ckpt]:  # e.g. a best.pt copied over last.pt
-        raise ModelError(f"{path}: holds no {missing[0]} state, so --resume cannot continue from it (best.pt keeps "
-                         "the weights only, last.pt the whole training state); start afresh with --overwrite")
+        raise ModelError(f"{path}: holds no {missing[0]} state, so --resume cannot continue from it (best.pt and "
+                         "encoder.pt keep weights only, last.pt the training state); start afresh with --overwrite")
     model = unwrap(model)
     load_state(model.backbone if ckpt["kind"] == "encoder" else model, ckpt["state_dict"], path, "its")
     for name, part in parts.items():

@@ -1,7 +1,7 @@
 """Break the code on purpose and check that a test fails: each mutant below is one small, plausible
 bug (a sign, a forgotten step, a check skipped); the tests named beside it must catch it.
 
-    python tests/mutants.py              # every mutant, a table (14 minutes on 2 cores)
+    python tests/mutants.py              # every mutant, a table (25 minutes on 2 cores)
     python tests/mutants.py --only 3 7   # those two
     python tests/mutants.py --list
 
