@@ -215,6 +215,17 @@ def test_balancing_helpers():
     assert torch.allclose(w * torch.bincount(targets), torch.full((3,), float((w * torch.bincount(targets))[0])))
     f = warmup_cosine(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.0)
+    absent = train.class_weights(torch.tensor([0] * 80 + [2] * 20), 3)  # mean 1 over the classes present
+    assert absent[1] == 0 and (absent[0] + absent[2]) / 2 == pytest.approx(1.0)
+
+
+def test_the_warm_up_lasts_its_epochs(trained):
+    """--warmup-epochs counts epochs (3 by default), not steps: the learning rate at each epoch's start
+    rises until the fourth, which starts the cosine at the full rate."""
+    lr, top = [float(row["lr"]) for row in _history(trained)], 2e-3
+    steps = round(top / (3 * lr[0]))  # per epoch: the first step runs at top / (3 x steps)
+    assert steps > 1 and lr[:3] == pytest.approx([top * (k * steps + 1) / (3 * steps) for k in range(3)])
+    assert lr[3] == pytest.approx(top) and lr[4] < lr[3]
 
 
 def test_the_loss_smooths_labels_and_balances_classes_as_asked():
