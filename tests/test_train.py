@@ -220,12 +220,13 @@ def test_balancing_helpers():
 
 
 def test_the_warm_up_lasts_its_epochs(trained):
-    """--warmup-epochs counts epochs (3 by default), not steps: the learning rate at each epoch's start
-    rises until the fourth, which starts the cosine at the full rate."""
-    lr, top = [float(row["lr"]) for row in _history(trained)], 2e-3
-    steps = round(top / (3 * lr[0]))  # per epoch: the first step runs at top / (3 x steps)
-    assert steps > 1 and lr[:3] == pytest.approx([top * (k * steps + 1) / (3 * steps) for k in range(3)])
-    assert lr[3] == pytest.approx(top) and lr[4] < lr[3]
+    """--warmup-epochs counts epochs (`trained` has the default, 3), not steps: the learning rate at each
+    epoch's start rises until the one after the warm-up, which starts the cosine at the full rate."""
+    lr = [float(row["lr"]) for row in _history(trained)]
+    top, warm = train.DEFAULTS["lr"], train.DEFAULTS["warmup_epochs"]
+    steps = round(top / (warm * lr[0]))  # per epoch: the first step runs at top / (warm x steps)
+    assert steps > 1 and lr[:warm] == pytest.approx([top * (k * steps + 1) / (warm * steps) for k in range(warm)])
+    assert lr[warm] == pytest.approx(top) and lr[warm + 1] < lr[warm]
 
 
 def test_the_loss_smooths_labels_and_balances_classes_as_asked():
